@@ -1,0 +1,416 @@
+"""The leader's logic with no I/O: who has joined, the window of counts, when to rebalance,
+the running epoch and the history. The sidecar driver feeds it events and carries out what it
+returns: messages to broadcast, messages to one worker, and plan computations to run in an
+executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
+from eplb.coordinator.planner import PlanResult
+from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
+                            validate_placement)
+from eplb.proto import Counts, Done, Heartbeat, Hello, Message, Plan, PlanAck, Promise, Refuse
+
+log = logging.getLogger("eplb.leader")
+
+
+@dataclass(frozen=True)
+class LeaderConfig:
+    """Rebalance policy. Steps are decode steps as the workers count them."""
+
+    interval_steps: int = 1000
+    window_steps: int = 1000
+    min_gain: float = 0.01
+    min_margin: int = 2
+    max_retries: int = 3
+    layers_per_chunk: int = 1
+    timeouts: AgreementTimeouts = field(default_factory=AgreementTimeouts)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send ``msg`` to every worker."""
+
+    msg: Message
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """Run :func:`eplb.coordinator.planner.plan_rebalance` off the event loop, then call
+    :meth:`LeaderCore.on_plan_result` with ``request_id``. ``load: [L, E]``, ``current: [L, P]``."""
+
+    request_id: int
+    load: torch.Tensor
+    current: torch.Tensor
+    num_gpus: int
+    min_gain: float
+    force: bool
+
+
+Output = Broadcast | ComputePlan
+
+
+@dataclass
+class WorkerInfo:
+    rank: int
+    node: int
+    step: int
+    last_seen: float
+
+
+@dataclass
+class EpochRecord:
+    """One line of history: what happened to a rebalance attempt."""
+
+    epoch: int | None
+    outcome: str  # committed | skipped | aborted | failed | plan_error
+    reason: str = ""
+    started_at_step: int = 0
+    switch_step: int | None = None
+    margin: int | None = None
+    balancedness_before: float | None = None
+    balancedness_predicted: float | None = None
+    balancedness_observed: float | None = None
+    experts_moved: int = 0
+    plan_ms: float | None = None
+    agreement_ms: float | None = None
+    bytes_received: int = 0
+    max_hold_ms: float = 0.0
+    forced: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class LeaderCore:
+    """Everything the leader decides, fed by the driver.
+
+    Args:
+        config: the policy.
+    """
+
+    def __init__(self, config: LeaderConfig) -> None:
+        self.config = config
+        self.workers: dict[int, WorkerInfo] = {}
+        self.world_size: int | None = None
+        self.shape: tuple[int, int, int] | None = None  # (L, E, P)
+        self.bytes_per_expert = 0
+        self.placement: torch.Tensor | None = None  # [L, P]
+        self.unsafe_reason = ""
+        self.history: list[EpochRecord] = []
+        self.agreement: EpochAgreement | None = None
+        self.counters: dict[str, int] = {"started": 0, "committed": 0, "aborted": 0, "skipped": 0,
+                                         "failed": 0, "rejected_hello": 0}
+        self._window: deque[Counts] = deque()
+        self._after_switch: list[Counts] = []
+        self._next_epoch = 1
+        self._next_request = 1
+        self._pending: tuple[int, bool] | None = None  # (request_id, forced) of the plan running
+        self._plan_result: PlanResult | None = None
+        self._retries = 0
+        self._margin = config.min_margin
+        self._next_trigger_step = config.interval_steps
+        self._force_requested = False
+        self._forced_flag = False
+        self._switch_end = 0
+        self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
+        self._current: EpochRecord | None = None
+
+    # --- membership -----------------------------------------------------------------------------
+
+    def on_hello(self, hello: Hello, now: float) -> str:
+        """A worker joins. Returns an error message (empty when accepted)."""
+        shape = (hello.num_layers, hello.num_experts, hello.num_physical)
+        try:
+            validate_placement(hello.phys2log, hello.num_experts, hello.num_physical,
+                               hello.world_size, hello.num_layers)
+        except InvalidPlacement as exc:
+            self.counters["rejected_hello"] += 1
+            return f"rank {hello.rank} serves an invalid placement: {exc}"
+        if self.shape is None:
+            self.shape, self.world_size = shape, hello.world_size
+            self.bytes_per_expert = hello.bytes_per_expert
+            self.placement = hello.phys2log.clone()
+        elif shape != self.shape or hello.world_size != self.world_size:
+            self.counters["rejected_hello"] += 1
+            return (f"rank {hello.rank} reports (L, E, P)={shape}, world_size={hello.world_size}; "
+                    f"the group has {self.shape}, world_size={self.world_size}")
+        elif placement_hash(hello.phys2log) != placement_hash(self.placement):
+            self.counters["rejected_hello"] += 1
+            return (f"rank {hello.rank} serves placement {placement_hash(hello.phys2log)}, the group "
+                    f"serves {placement_hash(self.placement)}; restart it with the group's placement")
+        self.workers[hello.rank] = WorkerInfo(hello.rank, 0, hello.step, now)
+        log.info("rank %d joined (%d/%d workers)", hello.rank, len(self.workers), self.world_size)
+        return ""
+
+    def on_worker_left(self, rank: int, why: str, now: float) -> list[Output]:
+        """A worker is gone: it leaves the group; an epoch in flight aborts (or fails if committed)."""
+        if self.workers.pop(rank, None) is None:
+            return []
+        log.warning("rank %d left: %s", rank, why)
+        if not self.workers and self.agreement is None and self._pending is None:
+            # Everyone is gone (an engine restart): the next HELLO defines the group anew.
+            self.shape = self.world_size = self.placement = None
+            self._window.clear()
+        if self.agreement is None:
+            return []
+        return self._broadcast(self.agreement.on_worker_left(rank, why, now), now)
+
+    @property
+    def group_complete(self) -> bool:
+        return self.world_size is not None and len(self.workers) == self.world_size
+
+    # --- worker messages ------------------------------------------------------------------------
+
+    def on_message(self, msg: Message, now: float) -> list[Output]:
+        """A validated worker message (HELLO goes to :meth:`on_hello`)."""
+        rank = getattr(msg, "rank", None)
+        info = self.workers.get(rank) if rank is not None else None
+        if info is None:
+            return []
+        info.last_seen = now
+        if isinstance(msg, Heartbeat):
+            self._progress(info, msg.step, now)
+        elif isinstance(msg, Counts):
+            self._on_counts(msg, info, now)
+        elif isinstance(msg, PlanAck):
+            self._progress(info, msg.step, now)
+        if isinstance(msg, (PlanAck, Promise, Refuse, Done)) and self.agreement is not None:
+            return self._broadcast(self.agreement.on_message(msg, now), now)
+        return []
+
+    def _progress(self, info: WorkerInfo, step: int, now: float) -> None:
+        info.step = max(info.step, step)
+        if info.rank == min(self.workers):
+            self._rate_samples.append((now, info.step))
+
+    def _on_counts(self, msg: Counts, info: WorkerInfo, now: float) -> None:
+        assert self.shape is not None
+        if list(msg.counts.shape) != [self.shape[0], self.shape[1]]:
+            log.warning("rank %d sent counts of shape %s, expected [%d, %d]; dropped", msg.rank,
+                        list(msg.counts.shape), self.shape[0], self.shape[1])
+            self.counters["rejected_counts"] = self.counters.get("rejected_counts", 0) + 1
+            return
+        self._progress(info, msg.to_step, now)
+        self._window.append(msg)
+        newest = max(c.to_step for c in self._window)
+        while self._window and self._window[0].to_step <= newest - self.config.window_steps:
+            self._window.popleft()
+        self._observe_after_switch(msg)
+
+    def steps_per_second(self) -> float:
+        """Decode rate measured from the lowest rank's progress reports."""
+        if len(self._rate_samples) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = self._rate_samples[0], self._rate_samples[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def min_step(self) -> int:
+        return min((w.step for w in self.workers.values()), default=0)
+
+    def max_step(self) -> int:
+        return max((w.step for w in self.workers.values()), default=0)
+
+    def window_load(self) -> torch.Tensor:
+        """``[L, E]`` int64: counts of every rank over the window."""
+        assert self.shape is not None
+        total = torch.zeros(self.shape[0], self.shape[1], dtype=torch.int64)
+        for c in self._window:
+            total += c.counts
+        return total
+
+    # --- triggering and planning ----------------------------------------------------------------
+
+    def request_rebalance(self, force: bool) -> tuple[bool, str]:
+        """``eplbctl rebalance``: start an epoch at the next tick. Returns (accepted, message)."""
+        if self.unsafe_reason:
+            return False, f"the instance is unsafe after a failed epoch: {self.unsafe_reason}"
+        if not self.group_complete:
+            return False, (f"only {len(self.workers)}/{self.world_size or '?'} workers have joined; "
+                           "a rebalance needs the whole group")
+        if self.agreement is not None or self._pending is not None:
+            return False, "a rebalance is already in progress"
+        self._force_requested = True
+        self._forced_flag = force
+        return True, "rebalance requested"
+
+    def on_tick(self, now: float) -> list[Output]:
+        """Advance time: end overdue phases, retry aborted epochs, start new ones when due."""
+        out: list[Output] = []
+        if self.agreement is not None:
+            out += self._broadcast(self.agreement.on_tick(now), now)
+        if self.agreement is not None or self._pending is not None or self.unsafe_reason:
+            return out
+        if not self.group_complete or not self._window:
+            return out
+        forced = False
+        if self._force_requested:
+            forced = self._forced_flag
+            self._force_requested = False
+        elif self.min_step() < self._next_trigger_step:
+            return out
+        assert self.placement is not None and self.world_size is not None
+        request_id = self._next_request
+        self._next_request += 1
+        self._pending = (request_id, forced)
+        self._next_trigger_step = self.min_step() + self.config.interval_steps
+        out.append(ComputePlan(request_id, self.window_load(), self.placement.clone(),
+                               self.world_size, self.config.min_gain, forced))
+        return out
+
+    def on_plan_result(self, request_id: int, result: PlanResult | BaseException,
+                       now: float) -> list[Output]:
+        """The executor finished planning: skip, or start the epoch's agreement."""
+        if self._pending is None or self._pending[0] != request_id:
+            return []
+        forced = self._pending[1]
+        self._pending = None
+        if isinstance(result, BaseException):
+            self.history.append(EpochRecord(None, "plan_error", f"{type(result).__name__}: {result}",
+                                            started_at_step=self.min_step(), forced=forced))
+            log.error("planning failed: %s", result)
+            return []
+        record = EpochRecord(None, "skipped", result.skip_reason, started_at_step=self.min_step(),
+                             balancedness_before=result.balancedness_before,
+                             balancedness_predicted=result.balancedness_after,
+                             experts_moved=result.experts_moved,
+                             plan_ms=result.plan_seconds * 1e3, forced=forced)
+        if result.skip_reason:
+            self.counters["skipped"] += 1
+            self.history.append(record)
+            log.info("rebalance skipped: %s", result.skip_reason)
+            return []
+        self._plan_result = result
+        self._retries = 0
+        self._margin = self.config.min_margin
+        return self._start_epoch(record, now)
+
+    def _start_epoch(self, record: EpochRecord, now: float) -> list[Output]:
+        assert self._plan_result is not None
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        plan = Plan(epoch=epoch, phys2log=self._plan_result.phys2log,
+                    plan_hash=placement_hash(self._plan_result.phys2log),
+                    layers_per_chunk=self.config.layers_per_chunk)
+        self.agreement = EpochAgreement(plan, frozenset(self.workers), self._margin,
+                                        self.steps_per_second(), now, self.config.timeouts)
+        record.epoch = epoch
+        record.outcome = "in_progress"
+        record.started_at_step = self.max_step()
+        self._current = record
+        self.counters["started"] += 1
+        log.info("epoch %d: PLAN to %d workers (margin >= %d, retry %d)", epoch, len(self.workers),
+                 self._margin, self._retries)
+        return [Broadcast(m) for m in self.agreement.start()]
+
+    def _broadcast(self, msgs: list[Message], now: float) -> list[Output]:
+        out: list[Output] = [Broadcast(m) for m in msgs]
+        if self.agreement is not None and self.agreement.finished:
+            out += self._epoch_ended(now)
+        return out
+
+    def _epoch_ended(self, now: float) -> list[Output]:
+        agreement, record = self.agreement, self._current
+        assert agreement is not None and record is not None
+        self.agreement, self._current = None, None
+        record.switch_step = agreement.switch_step
+        record.margin = agreement.effective_margin or None
+        if agreement.agreement_seconds is not None:
+            record.agreement_ms = agreement.agreement_seconds * 1e3
+        record.bytes_received = sum(d.bytes_received for d in agreement.done.values())
+        record.max_hold_ms = max((d.hold_seconds for d in agreement.done.values()), default=0) * 1e3
+        record.reason = agreement.reason
+        if agreement.phase is Phase.SUCCEEDED:
+            assert self._plan_result is not None
+            self.placement = self._plan_result.phys2log.clone()
+            record.outcome = "committed"
+            self.counters["committed"] += 1
+            self._after_switch = []
+            self._switch_end = self.max_step()
+            log.info("epoch %d: committed at S=%s; placement adopted", agreement.epoch,
+                     agreement.switch_step)
+            self.history.append(record)
+            return []
+        if agreement.phase is Phase.FAILED:
+            record.outcome = "failed"
+            self.counters["failed"] += 1
+            self.unsafe_reason = f"epoch {agreement.epoch}: {agreement.reason}"
+            log.critical("epoch %d FAILED after commit: %s. The instance is unsafe to serve; stop "
+                         "the engine and restart it from a known placement.", agreement.epoch,
+                         agreement.reason)
+            self.history.append(record)
+            return []
+        record.outcome = "aborted"
+        self.counters["aborted"] += 1
+        self.history.append(record)
+        log.warning("epoch %d aborted: %s", agreement.epoch, agreement.reason)
+        if agreement.retryable and self._retries < self.config.max_retries and self.group_complete:
+            self._retries += 1
+            self._margin = max(self._margin * 2, agreement.effective_margin * 2, 4)
+            retry = EpochRecord(None, "in_progress", "", forced=record.forced,
+                                balancedness_before=record.balancedness_before,
+                                balancedness_predicted=record.balancedness_predicted,
+                                experts_moved=record.experts_moved, plan_ms=record.plan_ms)
+            return self._start_epoch(retry, now)
+        return []
+
+    def _observe_after_switch(self, msg: Counts) -> None:
+        """Fill in the measured balancedness of the last committed epoch from counts taken
+        entirely after its switch."""
+        last = next((r for r in reversed(self.history) if r.outcome == "committed"), None)
+        if last is None or last.balancedness_observed is not None or self.placement is None:
+            return
+        if msg.from_step < self._switch_end:
+            return
+        self._after_switch.append(msg)
+        covered = max(c.to_step for c in self._after_switch) - min(c.from_step for c in self._after_switch)
+        if covered >= max(1, min(self.config.interval_steps, self.config.window_steps) // 2):
+            load = sum((c.counts for c in self._after_switch), torch.zeros_like(msg.counts))
+            last.balancedness_observed = overall_balancedness(load, self.placement, self.world_size)
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``eplbctl status`` shows (plain JSON-able values)."""
+        current = None
+        if self.placement is not None and self._window and self.world_size:
+            current = overall_balancedness(self.window_load(), self.placement, self.world_size)
+        agreement = self.agreement
+        return {
+            "world_size": self.world_size,
+            "workers": sorted(self.workers),
+            "shape": list(self.shape) if self.shape else None,
+            "min_step": self.min_step(),
+            "max_step": self.max_step(),
+            "steps_per_second": round(self.steps_per_second(), 2),
+            "placement_hash": placement_hash(self.placement) if self.placement is not None else None,
+            "balancedness": current,
+            "unsafe": self.unsafe_reason,
+            "epoch_in_flight": None if agreement is None else {
+                "epoch": agreement.epoch, "phase": agreement.phase.value,
+                "switch_step": agreement.switch_step,
+                "waiting_for": sorted(self._waiting_for(agreement)),
+            },
+            "planning": self._pending is not None,
+            "next_trigger_step": self._next_trigger_step,
+            "counters": dict(self.counters),
+            "history": [r.as_dict() for r in self.history[-50:]],
+        }
+
+    @staticmethod
+    def _waiting_for(agreement: EpochAgreement) -> set[int]:
+        if agreement.phase is Phase.PLANNED:
+            return set(agreement.ranks - set(agreement.acked_steps))
+        if agreement.phase is Phase.PREPARING:
+            return set(agreement.ranks - agreement.promised)
+        if agreement.phase is Phase.COMMITTED:
+            return set(agreement.ranks - set(agreement.done))
+        return set()

@@ -1,0 +1,498 @@
+"""The sidecar daemon: the I/O around :class:`~eplb.coordinator.leader.LeaderCore`.
+
+Every node runs one. It binds a ROUTER on ``ipc://<run_dir>/workers.sock`` for the node's
+workers (identity = global rank) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
+``eplbctl``. Node 0 is the leader: it binds a ROUTER on the TCP ``--leader`` address and runs the
+leader logic; the other nodes connect a DEALER to it and relay their workers' frames as
+``[Relay header, worker frame]``. All decisions live in the sans-IO core; this module only moves
+frames, watches liveness and runs the planner in an executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from eplb import __version__
+from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output
+from eplb.coordinator.planner import plan_rebalance
+from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
+from eplb.proto import (Bye, ControlReply, ControlRequest, Heartbeat, Hello, Message,
+                        NodeHeartbeat, NodeHello, ProtocolError, Relay, Welcome, WorkerLeft,
+                        decode, encode)
+
+log = logging.getLogger("eplb.sidecar")
+
+BROADCAST = -1
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """One sidecar's settings (see ``eplb-sidecar --help``)."""
+
+    node_rank: int
+    num_nodes: int
+    leader_address: str
+    run_dir: Path
+    leader: LeaderConfig = field(default_factory=LeaderConfig)
+    bind_address: str | None = None  # leader only; defaults to leader_address
+    heartbeat_s: float = 0.5
+    worker_timeout_s: float = 3.0
+    node_timeout_s: float = 3.0
+    tick_s: float = 0.02
+    control_timeout_s: float = 5.0
+    planner_executor: str = "process"  # or "thread"
+    group_access: bool = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.node_rank == 0
+
+
+class Sidecar:
+    """Run with ``await Sidecar(config).run(stop_event)``."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.ctx = zmq.asyncio.Context()
+        self.core = LeaderCore(config.leader) if config.is_leader else None
+        self.local: dict[int, float] = {}  # local rank -> last seen (monotonic)
+        self.rejected: Counter[str] = Counter()
+        self.started = time.monotonic()
+        # leader: follower node -> (zmq identity, last seen); rank -> node
+        self.nodes: dict[int, list] = {}
+        self.rank_node: dict[int, int] = {}
+        # follower: pending control requests forwarded to the leader
+        self.pending_control: dict[str, tuple[bytes, float]] = {}
+        self.leader_seen = 0.0
+        self._executor: concurrent.futures.Executor | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        cfg = self.config
+        ensure_private_dir(cfg.run_dir, cfg.group_access)
+        self._refuse_if_running()
+        self.workers = self.ctx.socket(zmq.ROUTER)
+        self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.workers.setsockopt(zmq.LINGER, 200)
+        self.workers.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 4096)
+        self._bind_ipc(self.workers, workers_endpoint(cfg.run_dir))
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 200)
+        self.control.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+        self._bind_ipc(self.control, control_endpoint(cfg.run_dir))
+        if cfg.is_leader:
+            self.peers = self.ctx.socket(zmq.ROUTER)
+            self.peers.setsockopt(zmq.LINGER, 200)
+            self.peers.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self.peers.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 4096)
+            address = cfg.bind_address or cfg.leader_address
+            try:
+                self.peers.bind(address)
+            except zmq.ZMQError as exc:
+                raise SystemExit(f"eplb-sidecar: cannot bind the leader address {address}: {exc}. "
+                                 "Is another sidecar running, or is the port taken?") from None
+        else:
+            self.up = self.ctx.socket(zmq.DEALER)
+            self.up.setsockopt(zmq.IDENTITY, f"node-{cfg.node_rank}-{self.incarnation}".encode())
+            self.up.setsockopt(zmq.LINGER, 200)
+            self.up.setsockopt(zmq.SNDHWM, 100000)
+            self.up.connect(cfg.leader_address)
+
+    def _bind_ipc(self, sock: zmq.Socket, endpoint: str) -> None:
+        path = endpoint.removeprefix("ipc://")
+        if os.path.exists(path):
+            os.unlink(path)  # left by a dead sidecar; _refuse_if_running checked none is alive
+        sock.bind(endpoint)
+
+    def _refuse_if_running(self) -> None:
+        """Stop if a live sidecar already answers on this run directory's control socket."""
+        endpoint = control_endpoint(self.config.run_dir)
+        if not os.path.exists(endpoint.removeprefix("ipc://")):
+            return
+        probe = zmq.Context.instance().socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.connect(endpoint)
+            probe.send(encode(ControlRequest(request_id="probe", op="status",
+                                             args={"local": True})), zmq.NOBLOCK)
+            alive = probe.poll(500) != 0
+        except zmq.ZMQError:
+            alive = False
+        finally:
+            probe.close()
+        if alive:
+            raise SystemExit(f"eplb-sidecar: another sidecar answers on {endpoint}; stop it or "
+                             "use another --run-dir")
+
+    # --- main loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._bind()
+        cfg = self.config
+        role = "leader" if cfg.is_leader else "follower"
+        log.info("node %d/%d: sidecar %s (%s) up; workers on %s, control on %s, leader %s",
+                 cfg.node_rank, cfg.num_nodes, self.incarnation, role,
+                 workers_endpoint(cfg.run_dir), control_endpoint(cfg.run_dir), cfg.leader_address)
+        loops = [self._worker_loop(), self._control_loop(), self._tick_loop()]
+        loops.append(self._peer_loop() if cfg.is_leader else self._up_loop())
+        if not cfg.is_leader:
+            await self._send_up([encode(NodeHello(node=cfg.node_rank, pid=os.getpid(),
+                                                  incarnation=self.incarnation))])
+        if cfg.is_leader:
+            self._start_executor()
+        tasks = [asyncio.ensure_future(c) for c in loops]
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait(tasks + [stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks + [stopper] + list(self._tasks):
+            task.cancel()
+        for task in done:
+            if task is not stopper and not task.cancelled() and task.exception():
+                log.error("node %d: a sidecar loop failed", cfg.node_rank,
+                          exc_info=task.exception())
+        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self.ctx.destroy(linger=200)
+        for endpoint in (workers_endpoint(self.config.run_dir), control_endpoint(self.config.run_dir)):
+            try:
+                os.unlink(endpoint.removeprefix("ipc://"))
+            except FileNotFoundError:
+                pass
+        log.info("node %d: sidecar stopped", self.config.node_rank)
+
+    def _reject(self, where: str, exc: ProtocolError) -> None:
+        """Invariant I4: a bad frame is counted and logged, and changes nothing."""
+        self.rejected[exc.reason] += 1
+        log.warning("node %d: dropped a bad frame from %s (%s): %s", self.config.node_rank, where,
+                    exc.reason, exc)
+
+    # --- local workers --------------------------------------------------------------------------
+
+    async def _worker_loop(self) -> None:
+        while True:
+            parts = await self.workers.recv_multipart(copy=True)
+            if len(parts) != 2:
+                self._reject("a local worker", ProtocolError(f"expected 2 parts, got {len(parts)}"))
+                continue
+            identity, frame = parts
+            try:
+                msg = decode(frame)
+                rank = int(identity.decode()) if identity.isdigit() else None
+                if rank is None or getattr(msg, "rank", None) != rank:
+                    raise _Spoof(f"socket identity {identity[:16]!r} does not match the "
+                                 f"message's rank {getattr(msg, 'rank', None)}")
+            except ProtocolError as exc:
+                self._reject(f"worker identity {identity[:16]!r}", exc)
+                continue
+            await self._on_local_worker(rank, msg, frame)
+
+    async def _on_local_worker(self, rank: int, msg: Message, frame: bytes) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Bye):
+            self.local.pop(rank, None)
+            await self._worker_left(rank, "said goodbye")
+            return
+        if isinstance(msg, Hello):
+            if msg.node != self.config.node_rank:
+                log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
+                            rank, msg.node, self.config.node_rank)
+            log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step)
+        elif rank not in self.local:
+            return  # no HELLO yet (or it was declared gone): ignore until it says hello
+        self.local[rank] = now
+        if self.core is None:
+            await self._send_up([encode(Relay(node=self.config.node_rank, rank=rank)), frame])
+        else:
+            await self._leader_receive(0, msg, now)
+
+    async def _worker_left(self, rank: int, why: str) -> None:
+        log.warning("node %d: rank %d left: %s", self.config.node_rank, rank, why)
+        if self.core is None:
+            await self._send_up([encode(WorkerLeft(node=self.config.node_rank, rank=rank,
+                                                   reason=why))])
+        else:
+            await self._execute(self.core.on_worker_left(rank, f"{why} (node 0)", time.monotonic()))
+
+    async def _to_local(self, rank: int, frame: bytes) -> None:
+        targets = list(self.local) if rank == BROADCAST else [rank]
+        for target in targets:
+            try:
+                await self.workers.send_multipart([str(target).encode(), frame])
+            except zmq.ZMQError as exc:
+                log.warning("node %d: cannot reach rank %d: %s", self.config.node_rank, target, exc)
+
+    # --- leader side ----------------------------------------------------------------------------
+
+    async def _leader_receive(self, node: int, msg: Message, now: float) -> None:
+        assert self.core is not None
+        if isinstance(msg, Hello):
+            if node != 0 and self.rank_node.get(msg.rank, node) != node:
+                log.warning("rank %d moved from node %d to node %d", msg.rank,
+                            self.rank_node[msg.rank], node)
+            error = self.core.on_hello(msg, now)
+            if not error:
+                self.rank_node[msg.rank] = node
+            else:
+                log.error("rank %d refused: %s", msg.rank, error)
+                if node == 0:
+                    self.local.pop(msg.rank, None)
+            await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,
+                                                                 error=error)))
+            return
+        if self.rank_node.get(getattr(msg, "rank", -1)) != node:
+            return  # a rank that has not joined through this node
+        await self._execute(self.core.on_message(msg, now))
+
+    async def _to_worker(self, node: int, rank: int, frame: bytes) -> None:
+        if node == 0:
+            await self._to_local(rank, frame)
+        elif node in self.nodes:
+            await self.peers.send_multipart([self.nodes[node][0], encode(Relay(node=0, rank=rank)),
+                                             frame])
+
+    async def _execute(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Broadcast):
+                frame = encode(out.msg)
+                header = encode(Relay(node=0, rank=BROADCAST))
+                await self._to_local(BROADCAST, frame)
+                for identity, _ in list(self.nodes.values()):
+                    await self.peers.send_multipart([identity, header, frame])
+            elif isinstance(out, ComputePlan):
+                task = asyncio.ensure_future(self._plan(out))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _start_executor(self) -> None:
+        """Leader: start the planner's executor now, so the first plan does not pay for it."""
+        if self.config.planner_executor == "process":
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._executor.submit(_warm_up)  # imports torch and the planner in the child
+        else:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    async def _plan(self, req: ComputePlan) -> None:
+        """Run the planner off the event loop, then hand the result to the core."""
+        assert self.core is not None and self._executor is not None
+        loop = asyncio.get_running_loop()
+        try:
+            result: Any = await loop.run_in_executor(self._executor, plan_rebalance, req.load,
+                                                     req.current, req.num_gpus, req.min_gain,
+                                                     req.force)
+        except Exception as exc:  # planner bug or dead pool: record it, keep serving
+            result = exc
+        await self._execute(self.core.on_plan_result(req.request_id, result, time.monotonic()))
+
+    async def _peer_loop(self) -> None:
+        """Leader: frames from follower sidecars."""
+        assert self.core is not None
+        while True:
+            parts = await self.peers.recv_multipart(copy=True)
+            identity, frames = parts[0], parts[1:]
+            try:
+                if not frames:
+                    raise _Malformed("empty message")
+                header = decode(frames[0])
+                await self._on_peer(identity, header, frames[1:])
+            except ProtocolError as exc:
+                self._reject(f"peer {identity[:24]!r}", exc)
+
+    async def _on_peer(self, identity: bytes, header: Message, rest: list[bytes]) -> None:
+        assert self.core is not None
+        now = time.monotonic()
+        if isinstance(header, ControlRequest):
+            reply = await self._control(header)
+            await self.peers.send_multipart([identity, encode(reply)])
+            return
+        node = getattr(header, "node", None)
+        if isinstance(header, (NodeHello, NodeHeartbeat)):
+            if not 0 < node < self.config.num_nodes:
+                raise _Invalid(f"node {node} outside [1, {self.config.num_nodes})")
+            known = self.nodes.get(node)
+            if known is None or known[0] != identity:
+                if known is not None:
+                    await self._node_lost(node, "its sidecar restarted")
+                log.info("node %d: sidecar joined", node)
+            self.nodes[node] = [identity, now]
+            return
+        if node not in self.nodes or self.nodes[node][0] != identity:
+            raise _Invalid(f"{header.TYPE} from node {node}, which has not said NODE_HELLO")
+        self.nodes[node][1] = now
+        if isinstance(header, WorkerLeft):
+            if self.rank_node.get(header.rank) == node:
+                await self._execute(self.core.on_worker_left(
+                    header.rank, f"{header.reason} (node {node})", now))
+        elif isinstance(header, Relay):
+            if len(rest) != 1:
+                raise _Malformed(f"RELAY needs exactly one worker frame, got {len(rest)}")
+            msg = decode(rest[0])
+            if getattr(msg, "rank", None) != header.rank:
+                raise _Spoof(f"relayed frame of rank {getattr(msg, 'rank', None)} in an envelope "
+                             f"for rank {header.rank}")
+            await self._leader_receive(node, msg, now)
+        else:
+            raise _Invalid(f"unexpected {header.TYPE} from a follower")
+
+    async def _node_lost(self, node: int, why: str) -> None:
+        assert self.core is not None
+        self.nodes.pop(node, None)
+        ranks = [r for r, n in self.rank_node.items() if n == node]
+        log.error("node %d lost (%s); its ranks %s leave the group", node, why, ranks)
+        for rank in ranks:
+            del self.rank_node[rank]
+            await self._execute(self.core.on_worker_left(rank, f"node {node} lost: {why}",
+                                                         time.monotonic()))
+
+    # --- follower side --------------------------------------------------------------------------
+
+    async def _send_up(self, parts: list[bytes]) -> None:
+        try:
+            await self.up.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("node %d: leader not keeping up; dropped a frame", self.config.node_rank)
+
+    async def _up_loop(self) -> None:
+        """Follower: frames from the leader."""
+        while True:
+            parts = await self.up.recv_multipart(copy=True)
+            try:
+                header = decode(parts[0])
+                self.leader_seen = time.monotonic()
+                if isinstance(header, Relay) and len(parts) == 2:
+                    inner = decode(parts[1])  # never pass on what a worker would have to drop
+                    await self._to_local(header.rank, parts[1])
+                    if isinstance(inner, Welcome) and not inner.ok:
+                        self.local.pop(inner.rank, None)  # refused: not one of our workers
+                elif isinstance(header, ControlReply):
+                    client = self.pending_control.pop(header.request_id, None)
+                    if client is not None:
+                        await self.control.send_multipart([client[0], parts[0]])
+                elif not isinstance(header, NodeHeartbeat):
+                    raise _Invalid(f"unexpected {header.TYPE} from the leader")
+            except ProtocolError as exc:
+                self._reject("the leader", exc)
+
+    # --- ticks: time-outs, heartbeats, policy ---------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        cfg = self.config
+        next_beat = 0.0
+        while True:
+            await asyncio.sleep(cfg.tick_s)
+            now = time.monotonic()
+            for rank, seen in list(self.local.items()):
+                if now - seen > cfg.worker_timeout_s:
+                    del self.local[rank]
+                    await self._worker_left(rank, f"no heartbeat for {now - seen:.1f}s "
+                                                  f"(limit {cfg.worker_timeout_s:g}s)")
+            if self.core is not None:
+                for node, (_, seen) in list(self.nodes.items()):
+                    if now - seen > cfg.node_timeout_s:
+                        await self._node_lost(node, f"no heartbeat for {now - seen:.1f}s "
+                                                    f"(limit {cfg.node_timeout_s:g}s)")
+                await self._execute(self.core.on_tick(now))
+            for request_id, (client, asked) in list(self.pending_control.items()):
+                if now - asked > cfg.control_timeout_s:
+                    del self.pending_control[request_id]
+                    await self.control.send_multipart([client, encode(ControlReply(
+                        request_id=request_id, ok=False, result={},
+                        error=f"the leader at {cfg.leader_address} did not answer within "
+                              f"{cfg.control_timeout_s:g}s"))])
+            if now >= next_beat:
+                next_beat = now + cfg.heartbeat_s
+                beat = encode(NodeHeartbeat(node=cfg.node_rank, ranks=tuple(sorted(self.local))))
+                if self.core is None:
+                    await self._send_up([beat])
+                else:
+                    for identity, _ in list(self.nodes.values()):
+                        await self.peers.send_multipart([identity, beat])
+
+    # --- control --------------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            parts = await self.control.recv_multipart(copy=True)
+            identity, frames = parts[0], parts[1:]
+            try:
+                if len(frames) != 1:
+                    raise _Malformed(f"expected 1 frame, got {len(frames)}")
+                msg = decode(frames[0])
+                if not isinstance(msg, ControlRequest):
+                    raise _Invalid(f"expected CONTROL, got {msg.TYPE}")
+            except ProtocolError as exc:
+                self._reject("a control client", exc)
+                await self.control.send_multipart([identity, encode(ControlReply(
+                    request_id="", ok=False, result={}, error=f"bad request: {exc}"))])
+                continue
+            if self.core is None:
+                if msg.op == "status" and msg.args.get("local"):
+                    await self.control.send_multipart([identity, encode(ControlReply(
+                        request_id=msg.request_id, ok=True, result=self.local_status(), error=""))])
+                    continue
+                self.pending_control[msg.request_id] = (identity, time.monotonic())
+                await self._send_up([frames[0]])
+            else:
+                reply = await self._control(msg)
+                await self.control.send_multipart([identity, encode(reply)])
+
+    async def _control(self, msg: ControlRequest) -> ControlReply:
+        assert self.core is not None
+        if msg.op == "status":
+            result = self.core.status()
+            result["leader"] = self.local_status()
+            result["nodes"] = {str(n): round(time.monotonic() - seen, 3)
+                               for n, (_, seen) in self.nodes.items()}
+            return ControlReply(request_id=msg.request_id, ok=True, result=result, error="")
+        accepted, text = self.core.request_rebalance(bool(msg.args.get("force", False)))
+        return ControlReply(request_id=msg.request_id, ok=accepted, result={"message": text},
+                            error="" if accepted else text)
+
+    def local_status(self) -> dict[str, Any]:
+        """This sidecar's own view (no leader state)."""
+        return {
+            "node": self.config.node_rank, "num_nodes": self.config.num_nodes,
+            "role": "leader" if self.config.is_leader else "follower",
+            "incarnation": self.incarnation, "version": __version__, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "local_workers": sorted(self.local),
+            "frames_rejected": dict(self.rejected),
+            "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
+                                   if self.leader_seen else None),
+        }
+
+
+def _warm_up() -> None:
+    """Runs in the planner's process at start: the imports are done before the first plan."""
+    import eplb.coordinator.planner  # noqa: F401
+
+
+class _Spoof(ProtocolError):
+    reason = "identity_mismatch"
+
+
+class _Malformed(ProtocolError):
+    reason = "malformed"
+
+
+class _Invalid(ProtocolError):
+    reason = "invalid_field"

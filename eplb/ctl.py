@@ -1,0 +1,95 @@
+"""``eplbctl``: status, rebalance, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eplb.control_client import ControlError, control_call
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = control_call("status", {"local": args.local}, args.run_dir, args.timeout)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    if args.local and "leader" not in result:
+        for key, value in result.items():
+            print(f"{key:>20}: {value}")
+        return 0
+    c = result["counters"]
+    bal = result["balancedness"]
+    flight = result["epoch_in_flight"]
+    rows = [
+        ("workers", f"{len(result['workers'])}/{result['world_size'] or '?'} {result['workers']}"),
+        ("model (L, E, P)", result["shape"]),
+        ("steps", f"{result['min_step']}..{result['max_step']} at {result['steps_per_second']}/s"),
+        ("balancedness", "-" if bal is None else f"{bal:.4f}"),
+        ("placement", result["placement_hash"]),
+        ("epoch in flight", "-" if not flight else
+         f"{flight['epoch']} {flight['phase']} S={flight['switch_step']} waiting for "
+         f"{flight['waiting_for']}"),
+        ("epochs", f"{c['committed']} committed, {c['skipped']} skipped, {c['aborted']} aborted, "
+                   f"{c['failed']} failed"),
+        ("next rebalance at step", result["next_trigger_step"]),
+        ("follower sidecars", result.get("nodes")),
+        ("frames rejected", result.get("leader", {}).get("frames_rejected")),
+    ]
+    if result["unsafe"]:
+        rows.append(("UNSAFE", result["unsafe"]))
+    for key, value in rows:
+        print(f"{key:>24}: {value}")
+    return 0
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    result = control_call("rebalance", {"force": args.force}, args.run_dir, args.timeout)
+    print(result.get("message", "ok"))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from eplb.demo.run import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(steps=args.steps, interval=args.interval, window=args.interval,
+                                step_ms=args.step_ms, seed=args.seed, keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eplbctl", description="Control and inspect eplb sidecars.")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="the sidecar's run directory (default: as eplb-sidecar's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="show the cluster's state (asked of the leader)")
+    s.add_argument("--json", action="store_true", help="print the full status as JSON")
+    s.add_argument("--local", action="store_true", help="only this sidecar's own view")
+    s.set_defaults(func=_status)
+    s = sub.add_parser("rebalance", help="start a rebalance now")
+    s.add_argument("--force", action="store_true",
+                   help="carry it out even if the predicted gain is below --min-gain")
+    s.set_defaults(func=_rebalance)
+    s = sub.add_parser("demo", help="run a local 2-node x 2-worker cluster on synthetic load",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--steps", type=int, default=2000, help="decode steps to run")
+    s.add_argument("--interval", type=int, default=300, help="steps between rebalances")
+    s.add_argument("--step-ms", type=float, default=2.0, help="simulated step time when balanced")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--keep", action="store_true", help="keep the run directory and logs")
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ControlError as exc:
+        print(f"eplbctl: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Start and stop a local cluster of sidecars and worker processes (the demo and the tests use it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eplb.control_client import ControlError, control_call
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    """``num_nodes`` sidecars on this machine, each with its own run directory.
+
+    Args:
+        sidecar_args: extra ``eplb-sidecar`` flags for every sidecar.
+        base_dir: where run directories and logs go (a new temporary directory by default).
+    """
+
+    num_nodes: int
+    sidecar_args: list[str] = field(default_factory=list)
+    base_dir: Path | None = None
+    sidecars: list[subprocess.Popen] = field(default_factory=list)
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.base_dir is None:
+            # Short: ipc socket paths must stay under 107 bytes.
+            self.base_dir = Path(tempfile.mkdtemp(prefix="eplb-", dir="/tmp"))
+        self.leader = f"tcp://127.0.0.1:{free_port()}"
+        self.log_dir = self.base_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run_dir(self, node: int) -> Path:
+        return self.base_dir / f"n{node}"
+
+    def start_sidecar(self, node: int, extra: list[str] | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "eplb.coordinator", "--node-rank", str(node),
+               "--num-nodes", str(self.num_nodes), "--leader", self.leader,
+               "--run-dir", str(self.run_dir(node)), *self.sidecar_args, *(extra or [])]
+        log = open(self.log_dir / f"sidecar{node}.log", "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        if node < len(self.sidecars):
+            self.sidecars[node] = proc
+        else:
+            self.sidecars.append(proc)
+        return proc
+
+    def start(self) -> None:
+        for node in range(self.num_nodes):
+            self.start_sidecar(node)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until every sidecar answers on its control socket (and followers see the leader)."""
+        deadline = time.monotonic() + timeout_s
+        for node in range(self.num_nodes):
+            while True:
+                proc = self.sidecars[node]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"sidecar {node} exited with {proc.returncode}; see "
+                                       f"{self.log_dir / f'sidecar{node}.log'}")
+                try:
+                    local = control_call("status", {"local": True}, self.run_dir(node), timeout_s=1.0)
+                    if node == 0 or local.get("leader_last_seen_s") is not None:
+                        break
+                except ControlError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sidecar {node} not ready within {timeout_s:g}s")
+                time.sleep(0.05)
+
+    def start_worker(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
+                     module: str = "eplb.demo.worker") -> subprocess.Popen:
+        log = open(self.log_dir / log_name, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def status(self, node: int = 0, timeout_s: float = 5.0) -> dict[str, Any]:
+        return control_call("status", {}, self.run_dir(node), timeout_s=timeout_s)
+
+    def wait_for(self, predicate, timeout_s: float, what: str, node: int = 0) -> dict[str, Any]:
+        """Poll the leader's status until ``predicate(status)`` holds; raise TimeoutError naming
+        ``what`` and the last status otherwise."""
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.status(node, timeout_s=2.0)
+                if predicate(last):
+                    return last
+            except ControlError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{what}: not within {timeout_s:g}s; last status: {last}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM everything, then SIGKILL what is still alive after ``timeout_s``."""
+        procs = self.workers + self.sidecars
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)
+                    proc.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

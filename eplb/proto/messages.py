@@ -1,0 +1,501 @@
+"""Every message of the rebalance protocol, its encoding and its validation.
+
+A frame is one msgpack map with at least ``v`` (the protocol version, :data:`PROTOCOL_VERSION`)
+and ``type`` (a key of :data:`MESSAGE_TYPES`). Tensors travel as maps
+``{"dtype": str, "shape": [int, ...], "data": bytes}`` holding raw little-endian bytes.
+
+:func:`decode` turns bytes into one of the frozen dataclasses below, or raises a subclass of
+:class:`ProtocolError`; it never returns a half-checked message, so a bad frame changes no state
+(invariant I4). :func:`encode` is its inverse. Nothing here touches a socket.
+
+Who sends what (DESIGN.md §4):
+
+=================  ====================  ===========================================
+message            direction             meaning
+=================  ====================  ===========================================
+Hello              worker → sidecar      join: shape of the model, current placement
+Welcome            leader → worker       the join was accepted, or why not
+Heartbeat          worker → sidecar      alive, at decode step ``step``
+Counts             worker → leader       expert selections over steps [from, to)
+PlanAck            worker → leader       copy list ready; worker is at ``step``
+Promise            worker → leader       will not run step S before the outcome of e
+Refuse             worker → leader       already at/after S (or the plan was bad)
+Done               worker → leader       copies of epoch e finished (ok or error)
+Bye                worker → sidecar      leaving cleanly
+Plan               leader → workers      the new placement of epoch e
+Prepare            leader → workers      switch at step S, promise or refuse
+Commit             leader → workers      every worker promised: copy at S
+Abort              leader → workers      epoch e is off, for ``reason``
+NodeHello          sidecar → leader      a sidecar joins with its local ranks
+NodeHeartbeat      sidecar ↔ leader      alive; live local ranks
+WorkerLeft         sidecar → leader      a local worker left or went silent
+Relay              sidecar ↔ leader      envelope: the next frame is a worker frame
+ControlRequest     eplbctl → sidecar     status / rebalance
+ControlReply       sidecar → eplbctl     the answer
+=================  ====================  ===========================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from eplb.placement import tensor_bytes
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "FrameTooLarge", "MalformedFrame",
+    "UnsupportedVersion", "UnknownMessageType", "InvalidField", "Message", "MESSAGE_TYPES",
+    "Hello", "Welcome", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
+    "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
+    "ControlRequest", "ControlReply", "encode", "decode", "CONTROL_OPS",
+]
+
+PROTOCOL_VERSION = 1
+#: Frames above this size are rejected unread. A DeepSeek-V3 placement (58 x 288 int64) is 134 kB
+#: and its counts (58 x 256 int64) 119 kB, so 16 MiB leaves room for far larger models.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "float32": torch.float32, "float64": torch.float64,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_DIM = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A frame that must be dropped. ``reason`` is a short label for metrics."""
+
+    reason = "protocol"
+
+
+class FrameTooLarge(ProtocolError):
+    reason = "too_large"
+
+
+class MalformedFrame(ProtocolError):
+    reason = "malformed"
+
+
+class UnsupportedVersion(ProtocolError):
+    reason = "version"
+
+
+class UnknownMessageType(ProtocolError):
+    reason = "unknown_type"
+
+
+class InvalidField(ProtocolError):
+    reason = "invalid_field"
+
+
+# --- field checks -------------------------------------------------------------------------------
+
+def _int(value: Any, name: str, low: int | None = 0, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(f"{name} must be an integer, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise InvalidField(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise InvalidField(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def _str(value: Any, name: str, max_len: int = 4096) -> str:
+    if not isinstance(value, str):
+        raise InvalidField(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise InvalidField(f"{name} is longer than {max_len} characters")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidField(f"{name} must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _float(value: Any, name: str, low: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidField(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise InvalidField(f"{name} must be a finite number >= {low}, got {value}")
+    return value
+
+
+def _tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    if t.dtype not in _DTYPE_NAMES:
+        raise InvalidField(f"cannot send tensors of dtype {t.dtype}")
+    return {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data": tensor_bytes(t)}
+
+
+def _tensor(value: Any, name: str, dtypes: tuple[str, ...], ndim: int) -> torch.Tensor:
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+        raise InvalidField(f"{name} must be a tensor map with dtype, shape and data")
+    dtype = value["dtype"]
+    if dtype not in dtypes:
+        raise InvalidField(f"{name} has dtype {dtype!r}; accepted: {', '.join(dtypes)}")
+    shape = value["shape"]
+    if not isinstance(shape, list) or len(shape) != ndim:
+        raise InvalidField(f"{name} must have {ndim} dimensions, got shape {shape!r}")
+    for i, dim in enumerate(shape):
+        _int(dim, f"{name}.shape[{i}]", 0, _MAX_DIM)
+    data = value["data"]
+    if not isinstance(data, bytes):
+        raise InvalidField(f"{name}.data must be bytes")
+    torch_dtype = _DTYPES[dtype]
+    expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
+    if len(data) != expected:
+        raise InvalidField(f"{name} shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
+
+
+def _counts(value: Any, name: str) -> torch.Tensor:
+    """Counts: ``[L, E]`` integer or float; finite and non-negative. Returned as int64."""
+    t = _tensor(value, name, ("int32", "int64", "float32", "float64"), 2)
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidField(f"{name} holds NaN or infinite values")
+        if bool((t != t.round()).any()):
+            raise InvalidField(f"{name} holds fractional selection counts")
+    if t.numel() and bool((t < 0).any()):
+        raise InvalidField(f"{name} holds negative values")
+    return t.to(torch.int64)
+
+
+def _placement(value: Any, name: str) -> torch.Tensor:
+    """A placement tensor ``[L, P]``; its rules beyond dtype/shape are checked by the receiver,
+    which knows E and G (eplb.placement.validate_placement)."""
+    return _tensor(value, name, ("int16", "int32", "int64"), 2).to(torch.int64)
+
+
+def _int_list(value: Any, name: str, max_len: int = 1 << 16) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > max_len:
+        raise InvalidField(f"{name} must be a list of at most {max_len} integers")
+    return tuple(_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def _dict(value: Any, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidField(f"{name} must be a map")
+    return value
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages. ``TYPE`` is the wire tag; ``_CHECKS`` maps each field to its check."""
+
+    TYPE: ClassVar[str] = ""
+    _CHECKS: ClassVar[dict[str, Any]] = {}
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.TYPE}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = _tensor_to_wire(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> "Message":
+        names = {f.name for f in fields(cls)}
+        extra = set(raw) - names - {"v", "type"}
+        if extra:
+            raise InvalidField(f"{cls.TYPE} has unknown fields {sorted(map(str, extra))}")
+        missing = names - set(raw)
+        if missing:
+            raise InvalidField(f"{cls.TYPE} lacks fields {sorted(missing)}")
+        values = {name: check(raw[name], f"{cls.TYPE}.{name}") for name, check in cls._CHECKS.items()}
+        msg = cls(**values)
+        msg._check_consistency()
+        return msg
+
+    def _check_consistency(self) -> None:
+        """Cross-field rules; overridden where a message has them."""
+
+
+def _rank(v: Any, n: str) -> int:
+    return _int(v, n, 0, 1 << 20)
+
+
+def _epoch(v: Any, n: str) -> int:
+    return _int(v, n, 0, 1 << 62)
+
+
+def _step(v: Any, n: str) -> int:
+    return _int(v, n, 0, 1 << 62)
+
+
+def _reason(v: Any, n: str) -> str:
+    return _str(v, n, 2048)
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A worker joins. ``phys2log: [L, P]`` is the placement it serves now."""
+
+    TYPE = "HELLO"
+    rank: int
+    node: int
+    world_size: int
+    num_layers: int
+    num_experts: int
+    num_physical: int
+    bytes_per_expert: int
+    step: int
+    pid: int
+    phys2log: torch.Tensor
+    _CHECKS = {"rank": _rank, "node": _rank, "world_size": lambda v, n: _int(v, n, 1, 1 << 20),
+               "num_layers": lambda v, n: _int(v, n, 1, 1 << 16),
+               "num_experts": lambda v, n: _int(v, n, 1, 1 << 20),
+               "num_physical": lambda v, n: _int(v, n, 1, 1 << 20),
+               "bytes_per_expert": lambda v, n: _int(v, n, 0, 1 << 50), "step": _step,
+               "pid": lambda v, n: _int(v, n, 0, 1 << 31), "phys2log": _placement}
+
+    def _check_consistency(self) -> None:
+        if self.rank >= self.world_size:
+            raise InvalidField(f"HELLO.rank {self.rank} is not below world_size {self.world_size}")
+        if list(self.phys2log.shape) != [self.num_layers, self.num_physical]:
+            raise InvalidField(f"HELLO.phys2log has shape {list(self.phys2log.shape)}, expected "
+                               f"[{self.num_layers}, {self.num_physical}]")
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """The leader's answer to HELLO: ``ok``, or ``error`` saying what to fix."""
+
+    TYPE = "WELCOME"
+    rank: int
+    ok: bool
+    error: str
+    _CHECKS = {"rank": _rank, "ok": _bool, "error": _reason}
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE = "HEARTBEAT"
+    rank: int
+    step: int
+    _CHECKS = {"rank": _rank, "step": _step}
+
+
+@dataclass(frozen=True)
+class Counts(Message):
+    """Expert selections of one rank over decode steps ``[from_step, to_step)``: ``counts: [L, E]``."""
+
+    TYPE = "COUNTS"
+    rank: int
+    from_step: int
+    to_step: int
+    counts: torch.Tensor
+    _CHECKS = {"rank": _rank, "from_step": _step, "to_step": _step, "counts": _counts}
+
+    def _check_consistency(self) -> None:
+        if self.to_step < self.from_step:
+            raise InvalidField(f"COUNTS range [{self.from_step}, {self.to_step}) is reversed")
+
+
+@dataclass(frozen=True)
+class PlanAck(Message):
+    TYPE = "PLAN_ACK"
+    rank: int
+    epoch: int
+    step: int
+    _CHECKS = {"rank": _rank, "epoch": _epoch, "step": _step}
+
+
+@dataclass(frozen=True)
+class Promise(Message):
+    TYPE = "PROMISE"
+    rank: int
+    epoch: int
+    _CHECKS = {"rank": _rank, "epoch": _epoch}
+
+
+@dataclass(frozen=True)
+class Refuse(Message):
+    TYPE = "REFUSE"
+    rank: int
+    epoch: int
+    step: int
+    reason: str
+    _CHECKS = {"rank": _rank, "epoch": _epoch, "step": _step, "reason": _reason}
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """Copies of ``epoch`` finished on ``rank``: ``ok`` or ``error`` (a message), with stats."""
+
+    TYPE = "DONE"
+    rank: int
+    epoch: int
+    ok: bool
+    error: str
+    bytes_received: int
+    copy_seconds: float
+    hold_seconds: float
+    _CHECKS = {"rank": _rank, "epoch": _epoch, "ok": _bool, "error": _reason,
+               "bytes_received": lambda v, n: _int(v, n, 0, 1 << 62),
+               "copy_seconds": _float, "hold_seconds": _float}
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    TYPE = "BYE"
+    rank: int
+    _CHECKS = {"rank": _rank}
+
+
+@dataclass(frozen=True)
+class Plan(Message):
+    """The placement of ``epoch``: ``phys2log: [L, P]``; copies go ``layers_per_chunk`` layers a step."""
+
+    TYPE = "PLAN"
+    epoch: int
+    phys2log: torch.Tensor
+    plan_hash: str
+    layers_per_chunk: int
+    _CHECKS = {"epoch": _epoch, "phys2log": _placement, "plan_hash": lambda v, n: _str(v, n, 64),
+               "layers_per_chunk": lambda v, n: _int(v, n, 1, 1 << 16)}
+
+
+@dataclass(frozen=True)
+class Prepare(Message):
+    TYPE = "PREPARE"
+    epoch: int
+    step: int
+    _CHECKS = {"epoch": _epoch, "step": _step}
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    TYPE = "COMMIT"
+    epoch: int
+    step: int
+    _CHECKS = {"epoch": _epoch, "step": _step}
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    TYPE = "ABORT"
+    epoch: int
+    reason: str
+    _CHECKS = {"epoch": _epoch, "reason": _reason}
+
+
+@dataclass(frozen=True)
+class NodeHello(Message):
+    TYPE = "NODE_HELLO"
+    node: int
+    pid: int
+    incarnation: str
+    _CHECKS = {"node": _rank, "pid": lambda v, n: _int(v, n, 0, 1 << 31),
+               "incarnation": lambda v, n: _str(v, n, 64)}
+
+
+@dataclass(frozen=True)
+class NodeHeartbeat(Message):
+    TYPE = "NODE_HEARTBEAT"
+    node: int
+    ranks: tuple[int, ...]
+    _CHECKS = {"node": _rank, "ranks": _int_list}
+
+
+@dataclass(frozen=True)
+class WorkerLeft(Message):
+    TYPE = "WORKER_LEFT"
+    node: int
+    rank: int
+    reason: str
+    _CHECKS = {"node": _rank, "rank": _rank, "reason": _reason}
+
+
+@dataclass(frozen=True)
+class Relay(Message):
+    """Envelope between sidecars: the frame after it is a worker frame from/to ``rank``.
+
+    ``rank`` is -1 for a broadcast to every worker of the receiving sidecar.
+    """
+
+    TYPE = "RELAY"
+    node: int
+    rank: int
+    _CHECKS = {"node": _rank, "rank": lambda v, n: _int(v, n, -1, 1 << 20)}
+
+
+CONTROL_OPS = ("status", "rebalance")
+
+
+@dataclass(frozen=True)
+class ControlRequest(Message):
+    TYPE = "CONTROL"
+    request_id: str
+    op: str
+    args: dict = field(default_factory=dict)
+    _CHECKS = {"request_id": lambda v, n: _str(v, n, 64), "op": lambda v, n: _str(v, n, 64),
+               "args": _dict}
+
+    def _check_consistency(self) -> None:
+        if self.op not in CONTROL_OPS:
+            raise InvalidField(f"unknown control op {self.op!r}; accepted: {', '.join(CONTROL_OPS)}")
+
+
+@dataclass(frozen=True)
+class ControlReply(Message):
+    TYPE = "CONTROL_REPLY"
+    request_id: str
+    ok: bool
+    result: dict
+    error: str
+    _CHECKS = {"request_id": lambda v, n: _str(v, n, 64), "ok": _bool, "result": _dict,
+               "error": _reason}
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Welcome, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
+                              Prepare, Commit, Abort, NodeHello, NodeHeartbeat, WorkerLeft, Relay,
+                              ControlRequest, ControlReply)
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One frame for ``msg``. Raises :class:`FrameTooLarge` rather than send what peers would drop."""
+    frame = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    if len(frame) > MAX_FRAME_BYTES:
+        raise FrameTooLarge(f"{msg.TYPE} frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    return frame
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse and validate one frame. Raises a :class:`ProtocolError` subclass on anything wrong."""
+    if len(frame) > max_bytes:
+        raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the cap of {max_bytes}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                              max_str_len=1 << 20, max_array_len=1 << 20, max_map_len=1 << 16)
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
+        raise MalformedFrame(f"not a msgpack frame: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedFrame(f"frame must be a map, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported (this build speaks {PROTOCOL_VERSION}); "
+            "run the same eplb version on every sidecar and worker")
+    kind = raw.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {kind!r}")
+    return cls.from_wire(raw)

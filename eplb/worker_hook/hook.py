@@ -1,0 +1,378 @@
+"""The engine-facing hook of one EP rank.
+
+Per decode step the engine calls :meth:`WorkerHook.record` for each MoE layer (or
+:meth:`WorkerHook.add_counts` once) and :meth:`WorkerHook.on_step` once, before the step runs.
+Those calls only touch tensors on the engine's device and a lock: no device synchronization,
+no collective, no socket (invariant I3). A background thread owns the ZeroMQ socket, talks to the
+sidecar and answers the protocol; the decode thread hands it work through a queue and a pipe.
+
+The exception is the agreed switch step S of an epoch: there :meth:`on_step` waits (with a
+timeout) if the outcome is still unknown, and calls the engine's ``copy_fn`` for one chunk of
+layers per step, which may run P2P transfers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import zmq
+
+from eplb.paths import default_run_dir, workers_endpoint
+from eplb.placement import default_placement, validate_placement
+from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
+                        ProtocolError, Welcome, decode, encode)
+from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement
+
+log = logging.getLogger("eplb.worker")
+
+#: ``copy_fn(epoch, layers, old, new)``: make every local slot of ``layers`` hold its expert under
+#: ``new`` (``old``/``new`` are full ``[L, P]`` placements). May return a stats object with
+#: ``bytes_received``; raising marks the rank unsafe.
+CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
+
+
+class HookError(RuntimeError):
+    """Base of the errors :meth:`WorkerHook.on_step` raises; the engine must stop serving."""
+
+
+class HoldTimeout(HookError):
+    """The rank promised not to pass step S and the outcome never came."""
+
+
+class CopyFailed(HookError):
+    """A copy failed: this rank's maps may not match the others'."""
+
+
+@dataclass
+class _CountsSnapshot:
+    from_step: int
+    to_step: int
+    buffer: torch.Tensor  # [L, E] int64 on the host (pinned when the device is CUDA)
+    ready: object | None  # torch.cuda.Event, or None when the copy was synchronous
+
+
+class WorkerHook:
+    """Join the sidecar of this node and take part in rebalances.
+
+    Args:
+        rank: global EP rank of this process; world_size: EP size ``G``.
+        num_layers: ``L`` MoE layers; num_experts: ``E`` logical experts; num_physical: ``P``
+            slots per layer (``P % G == 0``).
+        phys2log: ``[L, P]`` the placement served now; defaults to :func:`default_placement`.
+        copy_fn: the engine's copy callback (see :data:`CopyFn`). Without one the rank cannot
+            take part in an epoch that moves its layers, so it is required in production.
+        device: where the counters live (the engine's device).
+        node: this rank's node index (reported only; the sidecar knows its own).
+        run_dir: the sidecar's run directory (default: :func:`eplb.paths.default_run_dir`).
+        bytes_per_expert: size of one expert's weights, for reporting.
+        flush_every: steps between copies of the counters to the host.
+        heartbeat_s: seconds between heartbeats to the sidecar.
+        hold_timeout_s: longest wait at S for the outcome of a promised epoch.
+        on_event: called from the background thread with each protocol message received.
+    """
+
+    def __init__(self, rank: int, world_size: int, num_layers: int, num_experts: int,
+                 num_physical: int, phys2log: torch.Tensor | None = None, *,
+                 copy_fn: CopyFn | None = None, device: str | torch.device = "cpu",
+                 node: int = 0, run_dir: str | Path | None = None, bytes_per_expert: int = 0,
+                 flush_every: int = 16, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
+                 on_event: Callable[[Message], None] | None = None,
+                 zmq_context: zmq.Context | None = None) -> None:
+        if phys2log is None:
+            phys2log = default_placement(num_layers, num_experts, num_physical)
+        validate_placement(phys2log.cpu(), num_experts, num_physical, world_size, num_layers)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, {world_size})")
+        self.rank, self.world_size, self.node = rank, world_size, node
+        self.num_layers, self.num_experts, self.num_physical = num_layers, num_experts, num_physical
+        self.device = torch.device(device)
+        self.copy_fn = copy_fn
+        self.flush_every = max(1, flush_every)
+        self.heartbeat_s = heartbeat_s
+        self.hold_timeout_s = hold_timeout_s
+        self.on_event = on_event
+        self.bytes_per_expert = bytes_per_expert
+        self.endpoint = workers_endpoint(Path(run_dir) if run_dir else default_run_dir())
+
+        self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu())
+        self._lock = threading.Lock()
+        self._outcome = threading.Condition(self._lock)
+        self._step = 0
+        self._failure: HookError | None = None
+        self.joined = threading.Event()
+        self._answered = threading.Event()
+        self.join_error = ""
+        self.max_on_step_seconds = 0.0
+        self.frames_rejected = 0
+
+        # Counters: cumulative int64 on the device; snapshots go to the host without a sync.
+        self._counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+        self._ones = torch.ones(1024, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for _ in range(4):
+            self._free.put(torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=pin))
+        self._last_snapshot = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self._flushed_at = 0
+
+        self._out: queue.SimpleQueue[Message | _CountsSnapshot] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._stop = threading.Event()
+        self._context = zmq_context or zmq.Context.instance()
+        self._thread = threading.Thread(target=self._run, name=f"eplb-hook-{rank}", daemon=True)
+        self._thread.start()
+
+    # --- decode thread: the per-step path -------------------------------------------------------
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Count the experts chosen in ``layer`` this step. ``topk_ids``: ``[T, K]`` ids in [0, E)
+        on the engine's device. No host sync."""
+        ids = topk_ids.reshape(-1)
+        n = ids.numel()
+        if n > self._ones.numel():
+            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64,
+                                    device=self.device)
+        self._counts[layer].index_add_(0, ids, self._ones[:n])
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Add an engine's own per-step counts, ``[L, E]`` integer, on the engine's device."""
+        self._counts.add_(counts)
+
+    def on_step(self, step: int) -> None:
+        """Call at the start of decode step ``step`` (steps only go up). Usually returns at once;
+        at the agreed switch step it may wait for the outcome and runs the copies of one chunk.
+
+        Raises:
+            HoldTimeout, CopyFailed: the rank must stop serving (DESIGN.md §4.7).
+        """
+        if self._failure is not None:
+            raise self._failure
+        started = time.perf_counter()
+        with self._lock:
+            self._step = step
+            action = self._agreement.action_at(step)
+            if isinstance(action, Hold):
+                action = self._hold(action, started)
+        if isinstance(action, CopyChunk):
+            self._copy(action)
+        if step - self._flushed_at >= self.flush_every:
+            self._snapshot_counts(step)
+        elapsed = time.perf_counter() - started
+        if elapsed > self.max_on_step_seconds:
+            self.max_on_step_seconds = elapsed
+
+    @property
+    def phys2log(self) -> torch.Tensor:
+        """``[L, P]`` the placement this rank serves now (layers switch chunk by chunk)."""
+        return self._agreement.phys2log
+
+    @property
+    def current_step(self) -> int:
+        """The step the decode loop last started."""
+        return self._step
+
+    @property
+    def state(self) -> str:
+        return self._agreement.state.value
+
+    def _hold(self, hold: Hold, started: float) -> Proceed | CopyChunk:
+        """Wait (lock held, released while waiting) for the outcome of the promised epoch."""
+        deadline = started + self.hold_timeout_s
+        log.info("rank %d: holding at step %d for the outcome of epoch %d", self.rank, hold.step,
+                 hold.epoch)
+        action = self._agreement.action_at(self._step)
+        while isinstance(action, Hold):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                self._failure = HoldTimeout(
+                    f"rank {self.rank}: promised not to run step {hold.step} before the outcome of "
+                    f"epoch {hold.epoch}, and none came within {self.hold_timeout_s:g}s; the "
+                    "sidecar or leader is unreachable. Stop this engine instance.")
+                log.critical("%s", self._failure)
+                raise self._failure
+            self._outcome.wait(remaining)
+            action = self._agreement.action_at(self._step)
+        self._agreement.held(time.perf_counter() - started)
+        return action
+
+    def _copy(self, chunk: CopyChunk) -> None:
+        started = time.perf_counter()
+        try:
+            if self.copy_fn is None:
+                raise RuntimeError("no copy_fn was given to WorkerHook, so weights cannot move")
+            stats = self.copy_fn(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
+        except Exception as exc:  # any engine error: this rank's maps are now suspect
+            with self._lock:
+                replies = self._agreement.copy_failed(chunk, f"{type(exc).__name__}: {exc}")
+            self._failure = CopyFailed(f"rank {self.rank}: copy of epoch {chunk.epoch} chunk "
+                                       f"{chunk.index} failed: {exc}. Stop this engine instance.")
+            log.critical("%s", self._failure)
+            self._send_from_decode_thread(replies)
+            raise self._failure from exc
+        seconds = time.perf_counter() - started
+        received = int(getattr(stats, "bytes_received", 0) or 0)
+        with self._lock:
+            replies = self._agreement.chunk_copied(chunk, received, seconds)
+        log.debug("rank %d epoch %d: chunk %d/%d (layers %s) copied in %.2f ms", self.rank,
+                  chunk.epoch, chunk.index + 1, chunk.num_chunks, list(chunk.layers), seconds * 1e3)
+        self._send_from_decode_thread(replies)
+
+    def _snapshot_counts(self, step: int) -> None:
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            return  # the sender is behind; keep counting, the next snapshot covers these steps
+        ready = None
+        if self.device.type == "cuda":
+            buffer.copy_(self._counts, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            buffer.copy_(self._counts)
+        self._send_from_decode_thread([_CountsSnapshot(self._flushed_at, step, buffer, ready)])
+        self._flushed_at = step
+
+    def _send_from_decode_thread(self, items: list) -> None:
+        for item in items:
+            self._out.put(item)
+        if items:
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the thread is awake anyway
+
+    # --- background thread: the socket ----------------------------------------------------------
+
+    def _run(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, str(self.rank).encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._send(sock, Hello(rank=self.rank, node=self.node, world_size=self.world_size,
+                               num_layers=self.num_layers, num_experts=self.num_experts,
+                               num_physical=self.num_physical,
+                               bytes_per_expert=self.bytes_per_expert, step=self._step,
+                               pid=os.getpid(), phys2log=self._agreement.phys2log))
+        next_beat = time.monotonic() + self.heartbeat_s
+        try:
+            while not self._stop.is_set():
+                timeout_ms = max(0.0, (next_beat - time.monotonic()) * 1000)
+                ready = dict(poller.poll(timeout_ms))
+                if sock in ready:
+                    self._receive_all(sock)
+                if self._wake_r in ready:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                self._drain_outbox(sock)
+                if time.monotonic() >= next_beat:
+                    self._send(sock, Heartbeat(rank=self.rank, step=self._step))
+                    next_beat = time.monotonic() + self.heartbeat_s
+            self._drain_outbox(sock)
+            self._send(sock, Bye(rank=self.rank))
+        except Exception:  # keep the engine informed rather than dying silently
+            log.exception("rank %d: hook thread crashed", self.rank)
+        finally:
+            sock.close()
+
+    def _receive_all(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frame)
+            except ProtocolError as exc:  # invariant I4: count, log, carry on
+                self.frames_rejected += 1
+                log.warning("rank %d: dropped a bad frame from the sidecar (%s): %s", self.rank,
+                            exc.reason, exc)
+                continue
+            self._on_message(sock, msg)
+
+    def _on_message(self, sock: zmq.Socket, msg: Message) -> None:
+        if isinstance(msg, Welcome):
+            if msg.ok:
+                self.joined.set()
+            else:
+                self.join_error = msg.error
+                log.error("rank %d: the leader refused this worker: %s", self.rank, msg.error)
+            self._answered.set()
+        elif isinstance(msg, (Plan, Prepare, Commit, Abort)):
+            with self._lock:
+                replies = self._agreement.on_message(msg, self._step)
+                self._outcome.notify_all()
+            log.info("rank %d step %d: %s epoch %d -> %s", self.rank, self._step, msg.TYPE,
+                     msg.epoch, ", ".join(r.TYPE for r in replies) or "-")
+            for reply in replies:
+                self._send(sock, reply)
+        if self.on_event is not None:
+            try:
+                self.on_event(msg)
+            except Exception:
+                log.exception("rank %d: on_event callback failed", self.rank)
+
+    def _drain_outbox(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _CountsSnapshot):
+                if item.ready is not None:
+                    item.ready.synchronize()  # this thread waits for the copy, not the engine
+                delta = item.buffer - self._last_snapshot
+                self._last_snapshot.copy_(item.buffer)
+                self._free.put(item.buffer)
+                item = Counts(rank=self.rank, from_step=item.from_step, to_step=item.to_step,
+                              counts=delta)
+            self._send(sock, item)
+
+    def _send(self, sock: zmq.Socket, msg: Message) -> None:
+        try:
+            sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("rank %d: sidecar not keeping up; dropped %s", self.rank, msg.TYPE)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def wait_joined(self, timeout: float) -> None:
+        """Block until the leader accepted this worker; raise with the reason otherwise."""
+        self._answered.wait(timeout)
+        if not self.joined.is_set():
+            why = self.join_error or f"no answer from {self.endpoint} within {timeout:g}s"
+            raise HookError(f"rank {self.rank} could not join: {why}. Is eplb-sidecar running "
+                            "with the same --run-dir?")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye and stop the background thread."""
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+        self._thread.join(timeout)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> "WorkerHook":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

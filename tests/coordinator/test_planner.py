@@ -1,0 +1,81 @@
+"""The planner and the placement rules (invariant I5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb.coordinator.planner import plan_placement, plan_rebalance, replicate_heaviest
+from eplb.placement import (InvalidPlacement, balancedness, default_placement, gpu_loads,
+                            overall_balancedness, validate_placement)
+
+
+@st.composite
+def shapes(draw):
+    gpus = draw(st.integers(1, 8))
+    experts = draw(st.integers(1, 24))
+    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
+    layers = draw(st.integers(1, 4))
+    return layers, experts, per_gpu * gpus, gpus
+
+
+@settings(max_examples=150, deadline=None)
+@given(shapes(), st.integers(0, 2**31 - 1))
+def test_plans_are_valid_for_random_shapes_and_loads(shape, seed) -> None:
+    layers, experts, physical, gpus = shape
+    gen = torch.Generator().manual_seed(seed)
+    load = (torch.randn(layers, experts, generator=gen).exp() * 100).round()
+    phys2log = plan_placement(load, physical, gpus)
+    validate_placement(phys2log, experts, physical, gpus, layers)
+    assert replicate_heaviest(load, physical).sum(dim=1).tolist() == [physical] * layers
+
+
+def test_plan_beats_default_placement_on_skewed_load() -> None:
+    gen = torch.Generator().manual_seed(3)
+    load = torch.randn(8, 64, generator=gen).mul(1.0).exp() * 1000
+    current = default_placement(8, 64, 80)
+    result = plan_rebalance(load, current, 16, min_gain=0.01)
+    assert result.skip_reason == ""
+    assert result.balancedness_after > result.balancedness_before + 0.1
+    assert result.balancedness_after == pytest.approx(overall_balancedness(load, result.phys2log, 16))
+    assert result.experts_moved == int((result.phys2log != current).sum())
+
+
+def test_small_gain_is_skipped_unless_forced() -> None:
+    load = torch.ones(2, 8) * 10
+    current = default_placement(2, 8, 8)
+    skipped = plan_rebalance(load, current, 4, min_gain=0.01)
+    assert skipped.skip_reason  # already perfectly balanced
+    load[0, 0] = 11  # a tiny imbalance: gain below the threshold
+    result = plan_rebalance(load, current, 4, min_gain=0.5)
+    assert "below min_gain" in result.skip_reason
+    assert plan_rebalance(load, current, 4, min_gain=0.5, force=True).skip_reason in (
+        "", "the plan equals the current placement")
+
+
+def test_balancedness_is_mean_over_max_gpu_load() -> None:
+    phys2log = torch.tensor([[0, 1, 2, 0]])  # expert 0 has two replicas
+    load = torch.tensor([[10.0, 4.0, 6.0]])
+    # GPU0 slots {0,1}: 5 + 4 = 9; GPU1 slots {2,0}: 6 + 5 = 11
+    assert gpu_loads(load, phys2log, 2).tolist() == [[9.0, 11.0]]
+    assert balancedness(load, phys2log, 2).tolist() == [pytest.approx(10 / 11)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([[0, 1, 1, 1]]), "no slot for logical experts \\[2\\]"),
+    (torch.tensor([[0, 1, 2, 3]]), "range"),
+    (torch.tensor([[0, -1, 2, 1]]), "range"),
+    (torch.tensor([0, 1, 2, 1]), "\\[L, P\\]"),
+    (torch.tensor([[0, 1, 2]]), "3 slots"),
+    (torch.tensor([[0.0, 1.0, 2.0, 1.0]]), "integer"),
+])
+def test_invalid_placements_are_refused_with_the_rule_named(bad, match) -> None:
+    with pytest.raises(InvalidPlacement, match=match):
+        validate_placement(bad, num_experts=3, num_physical=4, num_gpus=2)
+
+
+def test_divisibility_is_checked() -> None:
+    with pytest.raises(InvalidPlacement, match="not divisible"):
+        validate_placement(torch.tensor([[0, 1, 2]]), 3, 3, 2)

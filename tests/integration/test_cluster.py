@@ -1,0 +1,152 @@
+"""Real sidecar processes and real worker processes (gloo, real weight copies) on one machine.
+
+Each test starts 2 sidecars (as 2 nodes) x 2 workers with ``eplb.demo.worker`` and steers the
+leader through its control socket. Rebalances only start when a test asks (huge --interval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eplb.control_client import control_call
+from eplb.demo.cluster import LocalCluster, free_port
+from eplb.placement import placement_hash
+
+WORKERS_PER_NODE = 2
+WORLD = 4
+
+
+def start_cluster(tmp_path: Path, worker_flags: dict[int, list[str]] | None = None,
+                  sidecar_flags: list[str] | None = None) -> LocalCluster:
+    base = Path("/tmp") / f"eplbt-{os.getpid()}-{tmp_path.name[-12:]}"  # short ipc paths
+    cluster = LocalCluster(2, ["--interval", "1000000", "--window", "400", "--planner", "thread",
+                               "--worker-timeout", "2", "--node-timeout", "2",
+                               *(sidecar_flags or [])], base_dir=base)
+    cluster.start()
+    cluster.wait_ready(60.0)
+    dist_init = f"tcp://127.0.0.1:{free_port()}"
+    for rank in range(WORLD):
+        node = rank // WORKERS_PER_NODE
+        cluster.start_worker([
+            "--rank", str(rank), "--world-size", str(WORLD), "--ranks-per-node", str(WORKERS_PER_NODE),
+            "--run-dir", str(cluster.run_dir(node)), "--dist-init", dist_init, "--steps", "0",
+            "--step-ms", "1", "--result", str(base / f"worker{rank}.json"),
+            "--events", str(base / f"events{rank}.jsonl"), *(worker_flags or {}).get(rank, [])],
+            f"worker{rank}.log")
+    cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 90,
+                     "all workers joined and stepping")
+    return cluster
+
+
+def events(cluster: LocalCluster, rank: int) -> list[dict]:
+    path = cluster.base_dir / f"events{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def results(cluster: LocalCluster) -> list[dict]:
+    """Ask every worker to stop (they agree on the last step) and read what they measured."""
+    for w in cluster.workers:
+        w.send_signal(signal.SIGTERM)
+    for w in cluster.workers:
+        w.wait(60)
+    return [json.loads((cluster.base_dir / f"worker{r}.json").read_text()) for r in range(WORLD)]
+
+
+def committed(status: dict) -> list[dict]:
+    return [r for r in status["history"] if r["outcome"] == "committed"]
+
+
+def assert_switched_together(cluster: LocalCluster, status: dict, outs: list[dict]) -> None:
+    """Invariant I1 on real processes: every worker ran its first copy of each committed epoch at
+    that epoch's S, and its weights matched the new placement at every switch."""
+    for record in committed(status):
+        s = record["switch_step"]
+        for rank in range(WORLD):
+            commits = [e for e in events(cluster, rank) if e["type"] == "COMMIT"
+                       and e["epoch"] == record["epoch"]]
+            assert len(commits) == 1 and commits[0]["step"] == s, (rank, commits)
+            copies = [c["step"] for c in outs[rank]["copy_steps"] if c["step"] >= s]
+            assert copies and copies[0] == s, f"rank {rank} first copied at {copies[:1]}, S={s}"
+    for out in outs:
+        assert out["ok"], out
+        assert out["weight_mismatches"] == 0 and out["weight_checks"] > 0
+
+
+def test_forced_rebalance_commits_and_every_worker_switches_at_S(tmp_path: Path) -> None:
+    with start_cluster(tmp_path) as cluster:
+        control_call("rebalance", {"force": True}, cluster.run_dir(1))  # through the follower
+        status = cluster.wait_for(lambda s: s["counters"]["committed"] >= 1, 60, "epoch committed")
+        record = committed(status)[0]
+        assert record["balancedness_predicted"] > record["balancedness_before"]
+        assert record["switch_step"] >= 2
+        outs = results(cluster)
+        assert_switched_together(cluster, status, outs)
+        leader_hash = cluster.status()["placement_hash"]
+        assert {placement_hash(torch.tensor(o["placement"])) for o in outs} == {leader_hash}
+
+
+def test_a_worker_past_S_forces_abort_then_a_retry_commits(tmp_path: Path) -> None:
+    with start_cluster(tmp_path, worker_flags={3: ["--delay-first-prepare"]},
+                       sidecar_flags=["--max-retries", "3"]) as cluster:
+        control_call("rebalance", {"force": True}, cluster.run_dir(0))
+        status = cluster.wait_for(lambda s: s["counters"]["committed"] >= 1, 90, "retry committed")
+        history = status["history"]
+        aborted = [r for r in history if r["outcome"] == "aborted"]
+        assert aborted, history
+        assert "rank 3 refused" in aborted[0]["reason"] and ">= S=" in aborted[0]["reason"]
+        retry = committed(status)[0]
+        assert retry["epoch"] == aborted[0]["epoch"] + 1
+        assert retry["margin"] > aborted[0]["margin"]
+        for rank in range(WORLD):  # every survivor heard the abort, with its reason
+            aborts = [e for e in events(cluster, rank) if e["type"] == "ABORT"]
+            assert aborts and "rank 3 refused" in aborts[0]["reason"]
+        outs = results(cluster)
+        assert_switched_together(cluster, status, outs)
+
+
+def test_killed_worker_mid_epoch_aborts_on_every_survivor(tmp_path: Path) -> None:
+    with start_cluster(tmp_path) as cluster:
+        victim = cluster.workers[3]
+        victim.send_signal(signal.SIGSTOP)  # it can no longer answer; the others still can
+        control_call("rebalance", {"force": True}, cluster.run_dir(0))
+        cluster.wait_for(lambda s: (s["epoch_in_flight"] or {}).get("waiting_for") == [3], 30,
+                         "epoch waiting for rank 3")
+        victim.kill()
+        status = cluster.wait_for(lambda s: s["counters"]["aborted"] >= 1, 30, "epoch aborted")
+        reason = status["history"][-1]["reason"]
+        assert "rank 3" in reason, reason
+        assert status["counters"]["committed"] == 0 and 3 not in status["workers"]
+        for rank in range(3):
+            aborts = [e for e in events(cluster, rank) if e["type"] == "ABORT"]
+            assert aborts and "rank 3" in aborts[0]["reason"], (rank, aborts)
+            assert not [e for e in events(cluster, rank) if e["type"] == "COMMIT"]
+        # The group is incomplete now: no new epoch may start.
+        with pytest.raises(Exception, match="3/4 workers"):
+            control_call("rebalance", {"force": True}, cluster.run_dir(0))
+
+
+def test_killed_follower_sidecar_mid_epoch_aborts_with_reason(tmp_path: Path) -> None:
+    with start_cluster(tmp_path) as cluster:
+        follower = cluster.sidecars[1]
+        follower.send_signal(signal.SIGSTOP)
+        control_call("rebalance", {"force": True}, cluster.run_dir(0))
+        cluster.wait_for(lambda s: (s["epoch_in_flight"] or {}).get("waiting_for") == [2, 3], 30,
+                         "epoch waiting for node 1's ranks")
+        follower.kill()
+        status = cluster.wait_for(lambda s: s["counters"]["aborted"] >= 1, 30, "epoch aborted")
+        reason = status["history"][-1]["reason"]
+        assert "node 1 lost" in reason, reason
+        for rank in (0, 1):
+            aborts = [e for e in events(cluster, rank) if e["type"] == "ABORT"]
+            assert aborts and "node 1 lost" in aborts[0]["reason"], (rank, aborts)
+        assert "1" not in status["nodes"]
+        # Node 1's workers never promised, so nothing holds them: they keep stepping.
+        steps = [events(cluster, r) for r in (2, 3)]
+        assert all(not [e for e in ev if e["type"] in ("PREPARE", "COMMIT")] for ev in steps)
