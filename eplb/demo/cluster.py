@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -85,12 +84,13 @@ class LocalCluster:
                     raise TimeoutError(f"sidecar {node} not ready within {timeout_s:g}s")
                 time.sleep(0.05)
 
-    def start_worker(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
-                     module: str = "eplb.demo.worker") -> subprocess.Popen:
+    def start_worker(self, args: list[str], log_name: str,
+                     command: list[str] | None = None) -> subprocess.Popen:
+        """Start a worker process: ``command`` (default ``python -m eplb.demo.worker``) + ``args``,
+        its output in ``log_dir/log_name``."""
         log = open(self.log_dir / log_name, "ab")
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen([*(command or [sys.executable, "-m", "eplb.demo.worker"]), *args],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.workers.append(proc)
         return proc

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", required=True, help="JSON file to write the worker's numbers to")
     p.add_argument("--events", default=None,
                    help="append each protocol message this worker receives to this JSON-lines file")
+    p.add_argument("--no-lockstep", action="store_true",
+                   help="skip the per-step all-reduce: ranks step independently and meet only "
+                        "in the copies at S (tests use it to kill a rank without failing the "
+                        "others' collectives)")
     p.add_argument("--delay-first-prepare", action="store_true",
                    help="fault injection for tests: hold back the first PREPARE until this rank's "
                         "decode loop has stalled at or passed the switch step, forcing a REFUSE")
@@ -154,12 +158,17 @@ def main(argv: list[str] | None = None) -> int:
             loads = gpu_loads(local_counts, served, world)  # [L, G]
             # One all-reduce per step: the GPU loads summed over ranks, plus a stop vote so that
             # every rank leaves the loop at the same step when any of them is told to stop.
-            stop_vote = torch.full((args.layers, 1), float(stop_requested.is_set()), dtype=torch.float64)
-            shared = torch.cat([loads, stop_vote], dim=1)
-            dist.all_reduce(shared)
-            loads = shared[:, :-1]
-            if shared[0, -1] > 0:
-                break
+            if args.no_lockstep:
+                if stop_requested.is_set():
+                    break
+            else:
+                stop_vote = torch.full((args.layers, 1), float(stop_requested.is_set()),
+                                       dtype=torch.float64)
+                shared = torch.cat([loads, stop_vote], dim=1)
+                dist.all_reduce(shared)
+                loads = shared[:, :-1]
+                if shared[0, -1] > 0:
+                    break
             imbalance = float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean())
             time.sleep(args.step_ms * imbalance / 1e3)
             step_ms.append((time.perf_counter() - started) * 1e3)

@@ -83,7 +83,7 @@ class WorkerHook:
                  num_physical: int, phys2log: torch.Tensor | None = None, *,
                  copy_fn: CopyFn | None = None, device: str | torch.device = "cpu",
                  node: int = 0, run_dir: str | Path | None = None, bytes_per_expert: int = 0,
-                 flush_every: int = 16, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
+                 flush_every: int = 64, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
                  on_event: Callable[[Message], None] | None = None,
                  zmq_context: zmq.Context | None = None) -> None:
         if phys2log is None:
