@@ -31,6 +31,19 @@ def row(name: str, samples_us: list[float]) -> str:
             f"| {percentile(samples_us, 0.99):8.2f} | {max(samples_us):9.2f} |")
 
 
+def arm_sync_check(device: torch.device) -> None:
+    """Turn on torch's sync debug mode after proving that it catches a synchronizing call."""
+    if device.type != "cuda":
+        raise SystemExit("--check-sync needs --device cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ones(1, device=device).item()
+    except RuntimeError:
+        print("sync check armed: a deliberate .item() raised under sync_debug_mode('error')")
+    else:
+        raise SystemExit("sync debug mode did not catch .item(); the check would prove nothing")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -42,6 +55,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--flush-every", type=int, default=64)
+    p.add_argument("--check-sync", action="store_true",
+                   help="CUDA only: run the measured steps under torch.cuda.set_sync_debug_mode"
+                        "('error'), so any device synchronization on the decode thread raises")
     args = p.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -52,6 +68,8 @@ def main() -> None:
                           device=device, run_dir=run_dir, flush_every=args.flush_every)
         try:
             on_step, on_step_snap, record, whole = [], [], [], []
+            if args.check_sync:
+                arm_sync_check(device)
             for step in range(args.steps + 200):
                 t0 = time.perf_counter()
                 hook.on_step(step)
@@ -66,6 +84,11 @@ def main() -> None:
                     (on_step_snap if snapshot else on_step).append((t1 - t0) * 1e6)
                     record.append((t2 - t1) * 1e6)
                     whole.append((t3 - t0) * 1e6)
+            if args.check_sync:
+                torch.cuda.set_sync_debug_mode(0)
+                print(f"sync check: {args.steps + 200} steps ran under sync_debug_mode('error') "
+                      f"without a device synchronization; hook thread alive: "
+                      f"{hook._thread.is_alive()}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
         finally:

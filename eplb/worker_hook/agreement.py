@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.placement import InvalidPlacement, placement_hash, validate_placement
+from eplb.worker_hook.copy_plan import changed_layers, chunk_layers
 from eplb.proto import Abort, Commit, Done, Message, Plan, PlanAck, Prepare, Promise, Refuse
 
 
@@ -70,8 +71,8 @@ def chunk_changed_layers(old: torch.Tensor, new: torch.Tensor, layers_per_chunk:
     Returns:
         chunks of layer indices; empty when nothing changes. Every worker gets the same chunks.
     """
-    changed = (old != new).any(dim=1).nonzero().flatten().tolist()
-    return [tuple(changed[i:i + layers_per_chunk]) for i in range(0, len(changed), layers_per_chunk)]
+    layers = changed_layers(old, new)
+    return [tuple(c) for c in chunk_layers(layers, layers_per_chunk=layers_per_chunk)]
 
 
 class WorkerAgreement:

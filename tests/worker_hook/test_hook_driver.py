@@ -1,0 +1,165 @@
+"""The hook's driver over a real ZeroMQ socket, with the test playing the sidecar by hand:
+hold at S until the outcome, the hold's time-out, copies at S, and a failing copy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from eplb.paths import workers_endpoint
+from eplb.placement import default_placement, placement_hash
+from eplb.proto import (Commit, Counts, Done, Hello, Heartbeat, Plan, PlanAck, Prepare, Promise,
+                        Welcome, decode, encode)
+from eplb.worker_hook import CopyFailed, HoldTimeout, WorkerHook
+
+L, E, P = 3, 4, 8
+
+
+class ScriptedSidecar:
+    """A ROUTER on the hook's endpoint; the test sends and expects messages one by one."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(workers_endpoint(run_dir))
+
+    def expect(self, kind: type, timeout_s: float = 10.0, skip=(Heartbeat, Counts)):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {kind.__name__} within {timeout_s}s"
+            if self.sock.poll(int(remaining * 1000)):
+                identity, frame = self.sock.recv_multipart()
+                msg = decode(frame)
+                if isinstance(msg, skip):
+                    continue
+                assert isinstance(msg, kind), msg
+                self.identity = identity
+                return msg
+
+    def send(self, msg) -> None:
+        self.sock.send_multipart([self.identity, encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def new_placement() -> torch.Tensor:
+    p = default_placement(L, E, P)
+    p[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])  # only layer 1 changes
+    return p
+
+
+@pytest.fixture()
+def side(tmp_path: Path):
+    s = ScriptedSidecar(tmp_path)
+    yield s
+    s.close()
+
+
+def join(side: ScriptedSidecar, tmp_path: Path, **kwargs) -> WorkerHook:
+    hook = WorkerHook(0, 2, L, E, P, run_dir=tmp_path, heartbeat_s=0.05, **kwargs)
+    hello = side.expect(Hello)
+    assert hello.rank == 0 and torch.equal(hello.phys2log, default_placement(L, E, P))
+    side.send(Welcome(rank=0, ok=True, error=""))
+    hook.wait_joined(5)
+    return hook
+
+
+def promise_at(side: ScriptedSidecar, hook: WorkerHook, switch: int, epoch: int = 1) -> None:
+    new = new_placement()
+    side.send(Plan(epoch=epoch, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
+    assert side.expect(PlanAck).epoch == epoch
+    side.send(Prepare(epoch=epoch, step=switch))
+    assert side.expect(Promise).epoch == epoch
+
+
+def test_hold_at_S_ends_with_the_commit_and_copies_then(side, tmp_path: Path) -> None:
+    calls = []
+    hook = join(side, tmp_path, copy_fn=lambda e, layers, old, new: calls.append((e, layers)))
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=2)
+        released = threading.Event()
+
+        def decode_step() -> None:
+            hook.on_step(2)  # holds: the outcome is not known yet
+            released.set()
+
+        t = threading.Thread(target=decode_step)
+        t.start()
+        assert not released.wait(0.3), "on_step(S) returned before the outcome was known"
+        assert calls == []
+        side.send(Commit(epoch=1, step=2))
+        assert released.wait(5)
+        t.join(5)
+        assert calls == [(1, [1])]
+        done = side.expect(Done)
+        assert done.ok and done.epoch == 1 and done.hold_seconds >= 0.25
+        assert torch.equal(hook.phys2log, new_placement())
+    finally:
+        hook.close()
+
+
+def test_hold_without_an_outcome_times_out_with_a_typed_error(side, tmp_path: Path) -> None:
+    hook = join(side, tmp_path, copy_fn=lambda *a: None, hold_timeout_s=0.5)
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=2)
+        started = time.monotonic()
+        with pytest.raises(HoldTimeout, match="epoch 1"):
+            hook.on_step(2)
+        assert 0.45 <= time.monotonic() - started < 5
+        with pytest.raises(HoldTimeout):  # and it stays unusable
+            hook.on_step(3)
+    finally:
+        hook.close()
+
+
+def test_a_failing_copy_reports_done_error_and_stops_the_rank(side, tmp_path: Path) -> None:
+    def broken(epoch, layers, old, new):
+        raise RuntimeError("NCCL timeout talking to rank 1")
+
+    hook = join(side, tmp_path, copy_fn=broken)
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=3)
+        side.send(Commit(epoch=1, step=3))
+        hook.on_step(2)  # before S: runs as usual
+        with pytest.raises(CopyFailed, match="epoch 1"):
+            hook.on_step(3)
+        done = side.expect(Done)
+        assert not done.ok and "NCCL timeout" in done.error and "layers [1]" in done.error
+        assert torch.equal(hook.phys2log, default_placement(L, E, P))  # maps never switched
+        with pytest.raises(CopyFailed):
+            hook.on_step(4)
+    finally:
+        hook.close()
+
+
+def test_counts_reach_the_sidecar_as_deltas_over_step_ranges(side, tmp_path: Path) -> None:
+    hook = join(side, tmp_path, flush_every=2)
+    try:
+        hook.on_step(0)
+        hook.record(0, torch.tensor([[1, 1]]))
+        hook.on_step(1)
+        hook.record(2, torch.tensor([[3]]))
+        hook.on_step(2)  # snapshot of steps [0, 2)
+        hook.record(0, torch.tensor([[0]]))
+        hook.on_step(3)
+        hook.on_step(4)  # snapshot of steps [2, 4)
+        first = side.expect(Counts, skip=(Heartbeat,))
+        second = side.expect(Counts, skip=(Heartbeat,))
+        assert (first.from_step, first.to_step) == (0, 2)
+        assert first.counts[0].tolist() == [0, 2, 0, 0] and first.counts[2].tolist() == [0, 0, 0, 1]
+        assert (second.from_step, second.to_step) == (2, 4)
+        assert second.counts.sum() == 1 and second.counts[0, 0] == 1
+    finally:
+        hook.close()
