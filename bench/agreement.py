@@ -34,7 +34,7 @@ def node_worker(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ranks = range(args.node * args.workers, (args.node + 1) * args.workers)
     hooks = [WorkerHook(r, args.world, L, E, P, node=args.node, run_dir=args.run_dir,
-                        copy_fn=lambda *a: None, flush_every=16) for r in ranks]
+                        copy_fn=lambda *a: None) for r in ranks]
 
     def decode(hook: WorkerHook) -> None:
         gen = torch.Generator().manual_seed(hook.rank)

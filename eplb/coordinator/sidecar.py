@@ -71,6 +71,7 @@ class Sidecar:
         self.core = LeaderCore(config.leader) if config.is_leader else None
         self.local: dict[int, float] = {}  # local rank -> last seen (monotonic)
         self.rejected: Counter[str] = Counter()
+        self._reject_logged: dict[str, tuple[float, int]] = {}
         self.started = time.monotonic()
         # leader: follower node -> (zmq identity, last seen); rank -> node
         self.nodes: dict[int, list] = {}
@@ -179,17 +180,33 @@ class Sidecar:
                 pass
         log.info("node %d: sidecar stopped", self.config.node_rank)
 
+    @staticmethod
+    async def _recv(sock: zmq.asyncio.Socket) -> list[bytes]:
+        """Receive one message, first giving the other tasks a turn: pyzmq completes a receive
+        without suspending when a message is already queued, so a busy socket would otherwise
+        starve the tick loop and with it every time-out."""
+        await asyncio.sleep(0)
+        return await sock.recv_multipart(copy=True)
+
     def _reject(self, where: str, exc: ProtocolError) -> None:
-        """Invariant I4: a bad frame is counted and logged, and changes nothing."""
+        """Invariant I4: a bad frame is counted and logged, and changes nothing. Logging is capped
+        at one line per reason per second, so a flood cannot fill the disk."""
         self.rejected[exc.reason] += 1
-        log.warning("node %d: dropped a bad frame from %s (%s): %s", self.config.node_rank, where,
-                    exc.reason, exc)
+        now = time.monotonic()
+        last, suppressed = self._reject_logged.get(exc.reason, (0.0, 0))
+        if now - last < 1.0:
+            self._reject_logged[exc.reason] = (last, suppressed + 1)
+            return
+        self._reject_logged[exc.reason] = (now, 0)
+        log.warning("node %d: dropped a bad frame from %s (%s): %s%s", self.config.node_rank, where,
+                    exc.reason, exc,
+                    f" ({suppressed} more of this kind in the last second)" if suppressed else "")
 
     # --- local workers --------------------------------------------------------------------------
 
     async def _worker_loop(self) -> None:
         while True:
-            parts = await self.workers.recv_multipart(copy=True)
+            parts = await self._recv(self.workers)
             if len(parts) != 2:
                 self._reject("a local worker", ProtocolError(f"expected 2 parts, got {len(parts)}"))
                 continue
@@ -307,7 +324,7 @@ class Sidecar:
         """Leader: frames from follower sidecars."""
         assert self.core is not None
         while True:
-            parts = await self.peers.recv_multipart(copy=True)
+            parts = await self._recv(self.peers)
             identity, frames = parts[0], parts[1:]
             try:
                 if not frames:
@@ -374,7 +391,7 @@ class Sidecar:
     async def _up_loop(self) -> None:
         """Follower: frames from the leader."""
         while True:
-            parts = await self.up.recv_multipart(copy=True)
+            parts = await self._recv(self.up)
             try:
                 header = decode(parts[0])
                 self.leader_seen = time.monotonic()
@@ -431,7 +448,7 @@ class Sidecar:
 
     async def _control_loop(self) -> None:
         while True:
-            parts = await self.control.recv_multipart(copy=True)
+            parts = await self._recv(self.control)
             identity, frames = parts[0], parts[1:]
             try:
                 if len(frames) != 1:

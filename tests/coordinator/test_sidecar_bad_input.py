@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -16,7 +17,7 @@ from eplb.control_client import ControlError, control_call
 from eplb.demo.cluster import LocalCluster
 from eplb.paths import control_endpoint, workers_endpoint
 from eplb.placement import default_placement, tensor_bytes
-from eplb.proto import (Counts, Hello, NodeHeartbeat, PlanAck, Relay, decode, encode)
+from eplb.proto import (Counts, Heartbeat, Hello, NodeHeartbeat, PlanAck, Relay, decode, encode)
 from eplb.worker_hook import WorkerHook
 
 L, E, P, WORLD = 2, 4, 8, 2
@@ -133,3 +134,52 @@ def test_bad_frames_everywhere_are_counted_and_the_daemons_keep_serving(cluster)
         loop.join(10)
         for h in hooks:
             h.close()
+
+
+def test_a_flood_of_bad_frames_does_not_stop_the_time_outs(cluster) -> None:
+    """A worker that joined but never answers PLAN must end the epoch at the ack time-out even
+    while a peer floods the leader with garbage (the receive loops must not starve the ticks)."""
+    good = default_placement(L, E, P)
+    hook = WorkerHook(0, WORLD, L, E, P, node=0, run_dir=cluster.run_dir(0),
+                      copy_fn=lambda *a: None)
+    mute = send_raw(workers_endpoint(cluster.run_dir(0)), [hello(1, good)], b"1")  # never acks
+    stop = threading.Event()
+
+    def flood() -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(workers_endpoint(cluster.run_dir(0)))
+        while not stop.is_set():
+            for _ in range(200):
+                sock.send(b"\x00flood", zmq.NOBLOCK)
+        sock.close()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    try:
+        hook.wait_joined(30)
+        for step in range(3):
+            hook.on_step(step)
+        hook.record(0, torch.tensor([[0, 0, 0, 1]]))
+        hook.on_step(100)  # counts reach the leader
+        cluster.wait_for(lambda s: s["workers"] == [0, 1], 20, "both ranks joined")
+        heartbeat = encode(Heartbeat(rank=1, step=100))
+        flooder.start()
+        control_call("rebalance", {"force": True}, cluster.run_dir(0))
+        # The mute rank keeps sending heartbeats, so only the ack time-out (5 s) can end this.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            mute.send(heartbeat)
+            status = control_call("status", {}, cluster.run_dir(0), timeout_s=10)
+            if status["counters"]["aborted"] >= 1:
+                break
+            time.sleep(0.2)
+        assert status["counters"]["aborted"] >= 1, "the epoch never timed out under the flood"
+        reason = next(r["reason"] for r in status["history"] if r["outcome"] == "aborted")
+        assert "no PLAN_ACK from ranks [1]" in reason
+        assert status["leader"]["frames_rejected"]["malformed"] > 1000
+    finally:
+        stop.set()
+        flooder.join(10)
+        mute.close()
+        hook.close()
