@@ -41,7 +41,7 @@ def node_worker(args: argparse.Namespace) -> None:
         step = 0
         while not stop.is_set():
             hook.on_step(step)
-            hot = (step // 50) % E  # the hot expert drifts, so each plan differs from the last
+            hot = (step // 10) * 7919 % E  # the hot expert moves, so each plan differs from the last
             ids = torch.randint(E, (16, 2), generator=gen)
             ids[:8, 0] = hot
             for layer in range(L):
@@ -66,7 +66,7 @@ def run_config(nodes: int, workers: int, epochs: int, step_ms: float) -> dict:
     from eplb.demo.cluster import LocalCluster
 
     world = nodes * workers
-    cluster = LocalCluster(nodes, ["--interval", "100000000", "--window", "200", "--min-gain", "0",
+    cluster = LocalCluster(nodes, ["--interval", "100000000", "--window", "50", "--min-gain", "0",
                                    "--planner", "thread", "--log-level", "WARNING",
                                    "--worker-timeout", "10", "--node-timeout", "10"])
     try:

@@ -29,9 +29,9 @@ from eplb import __version__
 from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output
 from eplb.coordinator.planner import plan_rebalance
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
-from eplb.proto import (Bye, ControlReply, ControlRequest, Heartbeat, Hello, Message,
-                        NodeHeartbeat, NodeHello, ProtocolError, Relay, Welcome, WorkerLeft,
-                        decode, encode)
+from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch, InvalidField,
+                        MalformedFrame, Message, NodeHeartbeat, NodeHello, ProtocolError, Relay,
+                        Welcome, WorkerLeft, decode, encode)
 
 log = logging.getLogger("eplb.sidecar")
 
@@ -208,14 +208,14 @@ class Sidecar:
         while True:
             parts = await self._recv(self.workers)
             if len(parts) != 2:
-                self._reject("a local worker", ProtocolError(f"expected 2 parts, got {len(parts)}"))
+                self._reject("a local worker", MalformedFrame(f"expected 2 parts, got {len(parts)}"))
                 continue
             identity, frame = parts
             try:
                 msg = decode(frame)
                 rank = int(identity.decode()) if identity.isdigit() else None
                 if rank is None or getattr(msg, "rank", None) != rank:
-                    raise _Spoof(f"socket identity {identity[:16]!r} does not match the "
+                    raise IdentityMismatch(f"socket identity {identity[:16]!r} does not match the "
                                  f"message's rank {getattr(msg, 'rank', None)}")
             except ProtocolError as exc:
                 self._reject(f"worker identity {identity[:16]!r}", exc)
@@ -328,7 +328,7 @@ class Sidecar:
             identity, frames = parts[0], parts[1:]
             try:
                 if not frames:
-                    raise _Malformed("empty message")
+                    raise MalformedFrame("empty message")
                 header = decode(frames[0])
                 await self._on_peer(identity, header, frames[1:])
             except ProtocolError as exc:
@@ -344,7 +344,7 @@ class Sidecar:
         node = getattr(header, "node", None)
         if isinstance(header, (NodeHello, NodeHeartbeat)):
             if not 0 < node < self.config.num_nodes:
-                raise _Invalid(f"node {node} outside [1, {self.config.num_nodes})")
+                raise InvalidField(f"node {node} outside [1, {self.config.num_nodes})")
             known = self.nodes.get(node)
             if known is None or known[0] != identity:
                 if known is not None:
@@ -353,7 +353,7 @@ class Sidecar:
             self.nodes[node] = [identity, now]
             return
         if node not in self.nodes or self.nodes[node][0] != identity:
-            raise _Invalid(f"{header.TYPE} from node {node}, which has not said NODE_HELLO")
+            raise InvalidField(f"{header.TYPE} from node {node}, which has not said NODE_HELLO")
         self.nodes[node][1] = now
         if isinstance(header, WorkerLeft):
             if self.rank_node.get(header.rank) == node:
@@ -361,14 +361,14 @@ class Sidecar:
                     header.rank, f"{header.reason} (node {node})", now))
         elif isinstance(header, Relay):
             if len(rest) != 1:
-                raise _Malformed(f"RELAY needs exactly one worker frame, got {len(rest)}")
+                raise MalformedFrame(f"RELAY needs exactly one worker frame, got {len(rest)}")
             msg = decode(rest[0])
             if getattr(msg, "rank", None) != header.rank:
-                raise _Spoof(f"relayed frame of rank {getattr(msg, 'rank', None)} in an envelope "
+                raise IdentityMismatch(f"relayed frame of rank {getattr(msg, 'rank', None)} in an envelope "
                              f"for rank {header.rank}")
             await self._leader_receive(node, msg, now)
         else:
-            raise _Invalid(f"unexpected {header.TYPE} from a follower")
+            raise InvalidField(f"unexpected {header.TYPE} from a follower")
 
     async def _node_lost(self, node: int, why: str) -> None:
         assert self.core is not None
@@ -405,7 +405,7 @@ class Sidecar:
                     if client is not None:
                         await self.control.send_multipart([client[0], parts[0]])
                 elif not isinstance(header, NodeHeartbeat):
-                    raise _Invalid(f"unexpected {header.TYPE} from the leader")
+                    raise InvalidField(f"unexpected {header.TYPE} from the leader")
             except ProtocolError as exc:
                 self._reject("the leader", exc)
 
@@ -452,10 +452,10 @@ class Sidecar:
             identity, frames = parts[0], parts[1:]
             try:
                 if len(frames) != 1:
-                    raise _Malformed(f"expected 1 frame, got {len(frames)}")
+                    raise MalformedFrame(f"expected 1 frame, got {len(frames)}")
                 msg = decode(frames[0])
                 if not isinstance(msg, ControlRequest):
-                    raise _Invalid(f"expected CONTROL, got {msg.TYPE}")
+                    raise InvalidField(f"expected CONTROL, got {msg.TYPE}")
             except ProtocolError as exc:
                 self._reject("a control client", exc)
                 await self.control.send_multipart([identity, encode(ControlReply(
@@ -501,15 +501,3 @@ class Sidecar:
 def _warm_up() -> None:
     """Runs in the planner's process at start: the imports are done before the first plan."""
     import eplb.coordinator.planner  # noqa: F401
-
-
-class _Spoof(ProtocolError):
-    reason = "identity_mismatch"
-
-
-class _Malformed(ProtocolError):
-    reason = "malformed"
-
-
-class _Invalid(ProtocolError):
-    reason = "invalid_field"

@@ -48,7 +48,7 @@ from eplb.placement import tensor_bytes
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "FrameTooLarge", "MalformedFrame",
-    "UnsupportedVersion", "UnknownMessageType", "InvalidField", "Message", "MESSAGE_TYPES",
+    "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
     "Hello", "Welcome", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
     "ControlRequest", "ControlReply", "encode", "decode", "CONTROL_OPS",
@@ -91,6 +91,12 @@ class UnknownMessageType(ProtocolError):
 
 class InvalidField(ProtocolError):
     reason = "invalid_field"
+
+
+class IdentityMismatch(ProtocolError):
+    """A frame claims a rank or node that its socket identity or envelope does not carry."""
+
+    reason = "identity_mismatch"
 
 
 # --- field checks -------------------------------------------------------------------------------

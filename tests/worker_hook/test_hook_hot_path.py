@@ -64,8 +64,9 @@ def test_per_step_calls_make_no_socket_call_and_no_collective(tmp_path: Path) ->
         assert len(recorder.c) > 100  # the profiler did see the calls
         assert any("index_add_" in c for c in recorder.c)
         assert recorder.violations() == []
-        # The snapshots really were taken on this path and reach the background thread.
-        assert hook._flushed_at >= 48
+        # Snapshots really were taken on this path (4 buffers, so at least 4 of them, whatever the
+        # socket thread's pace).
+        assert hook._flushed_at >= 16
     finally:
         hook.close()
 
