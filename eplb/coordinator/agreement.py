@@ -21,7 +21,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from eplb.proto import Abort, Commit, Done, Message, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto import (REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
+                        Promise, Refuse)
 
 
 class Phase(enum.Enum):
@@ -123,7 +124,8 @@ class EpochAgreement:
         elif isinstance(msg, Refuse) and self.phase in (Phase.PLANNED, Phase.PREPARING):
             where = f"S={self.switch_step}" if self.switch_step is not None else "before PREPARE"
             return self._abort(now, f"rank {msg.rank} refused at step {msg.step} ({where}): "
-                                    f"{msg.reason}", retryable=True)
+                                    f"{msg.reason}",
+                               retryable=not msg.reason.startswith(REFUSE_INVALID_PLAN))
         elif isinstance(msg, Done) and self.phase is Phase.COMMITTED:
             self.done[msg.rank] = msg
             if not msg.ok:
@@ -179,7 +181,11 @@ class EpochAgreement:
         assert self.switch_step is not None
         self.phase = Phase.COMMITTED
         self.commit_sent_at = now
-        self.deadline = now + self.timeouts.done_s
+        # DONE can only come after the workers reach S: add the time that takes at the measured
+        # rate, so a large margin does not eat into done_s.
+        to_switch = (self.effective_margin / self.steps_per_second
+                     if self.steps_per_second > 0 else 0.0)
+        self.deadline = now + to_switch + self.timeouts.done_s
         return [Commit(epoch=self.epoch, step=self.switch_step)]
 
     def _abort(self, now: float, reason: str, retryable: bool) -> list[Message]:

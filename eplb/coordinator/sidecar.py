@@ -4,7 +4,7 @@ Every node runs one. It binds a ROUTER on ``ipc://<run_dir>/workers.sock`` for t
 workers (identity = global rank) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
 ``eplbctl``. Node 0 is the leader: it binds a ROUTER on the TCP ``--leader`` address and runs the
 leader logic; the other nodes connect a DEALER to it and relay their workers' frames as
-``[Relay header, worker frame]``. All decisions live in the sans-IO core; this module only moves
+``[Relay header, worker frames...]``, a burst at a time. All decisions live in the sans-IO core; this module only moves
 frames, watches liveness and runs the planner in an executor.
 """
 
@@ -36,6 +36,8 @@ from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismat
 log = logging.getLogger("eplb.sidecar")
 
 BROADCAST = -1
+#: Most worker messages a sidecar takes from its socket before giving other tasks a turn.
+MAX_BURST = 64
 
 
 @dataclass(frozen=True)
@@ -205,41 +207,62 @@ class Sidecar:
     # --- local workers --------------------------------------------------------------------------
 
     async def _worker_loop(self) -> None:
+        """Frames from local workers, taken in bursts: a follower relays a burst (say, the
+        PROMISEs of all its workers) to the leader as one message."""
         while True:
-            parts = await self._recv(self.workers)
-            if len(parts) != 2:
-                self._reject("a local worker", MalformedFrame(f"expected 2 parts, got {len(parts)}"))
-                continue
-            identity, frame = parts
-            try:
-                msg = decode(frame)
-                rank = int(identity.decode()) if identity.isdigit() else None
-                if rank is None or getattr(msg, "rank", None) != rank:
-                    raise IdentityMismatch(f"socket identity {identity[:16]!r} does not match the "
-                                 f"message's rank {getattr(msg, 'rank', None)}")
-            except ProtocolError as exc:
-                self._reject(f"worker identity {identity[:16]!r}", exc)
-                continue
-            await self._on_local_worker(rank, msg, frame)
+            burst = [await self._recv(self.workers)]
+            while len(burst) < MAX_BURST:
+                try:
+                    burst.append(await self.workers.recv_multipart(flags=zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            ranks: list[int] = []
+            frames: list[bytes] = []
+            for parts in burst:
+                checked = self._check_worker_frame(parts)
+                if checked is not None and await self._on_local_worker(*checked):
+                    ranks.append(checked[0])
+                    frames.append(checked[2])
+            if ranks:
+                await self._send_up([encode(Relay(node=self.config.node_rank, ranks=tuple(ranks))),
+                                     *frames])
 
-    async def _on_local_worker(self, rank: int, msg: Message, frame: bytes) -> None:
+    def _check_worker_frame(self, parts: list[bytes]) -> tuple[int, Message, bytes] | None:
+        """Decode a local worker's message; ``(rank, msg, frame)``, or None if rejected."""
+        if len(parts) != 2:
+            self._reject("a local worker", MalformedFrame(f"expected 2 parts, got {len(parts)}"))
+            return None
+        identity, frame = parts
+        try:
+            msg = decode(frame)
+            rank = int(identity.decode()) if identity.isdigit() else None
+            if rank is None or getattr(msg, "rank", None) != rank:
+                raise IdentityMismatch(f"socket identity {identity[:16]!r} does not match the "
+                                       f"message's rank {getattr(msg, 'rank', None)}")
+        except ProtocolError as exc:
+            self._reject(f"worker identity {identity[:16]!r}", exc)
+            return None
+        return rank, msg, frame
+
+    async def _on_local_worker(self, rank: int, msg: Message, frame: bytes) -> bool:
+        """Handle one local worker message. Returns True when a follower must relay it."""
         now = time.monotonic()
         if isinstance(msg, Bye):
             self.local.pop(rank, None)
             await self._worker_left(rank, "said goodbye")
-            return
+            return False
         if isinstance(msg, Hello):
             if msg.node != self.config.node_rank:
                 log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
                             rank, msg.node, self.config.node_rank)
             log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step)
         elif rank not in self.local:
-            return  # no HELLO yet (or it was declared gone): ignore until it says hello
+            return False  # no HELLO yet (or it was declared gone): ignore until it says hello
         self.local[rank] = now
         if self.core is None:
-            await self._send_up([encode(Relay(node=self.config.node_rank, rank=rank)), frame])
-        else:
-            await self._leader_receive(0, msg, now)
+            return True
+        await self._leader_receive(0, msg, now)
+        return False
 
     async def _worker_left(self, rank: int, why: str) -> None:
         log.warning("node %d: rank %d left: %s", self.config.node_rank, rank, why)
@@ -283,14 +306,14 @@ class Sidecar:
         if node == 0:
             await self._to_local(rank, frame)
         elif node in self.nodes:
-            await self.peers.send_multipart([self.nodes[node][0], encode(Relay(node=0, rank=rank)),
-                                             frame])
+            await self.peers.send_multipart([self.nodes[node][0],
+                                             encode(Relay(node=0, ranks=(rank,))), frame])
 
     async def _execute(self, outputs: list[Output]) -> None:
         for out in outputs:
             if isinstance(out, Broadcast):
                 frame = encode(out.msg)
-                header = encode(Relay(node=0, rank=BROADCAST))
+                header = encode(Relay(node=0, ranks=(BROADCAST,)))
                 await self._to_local(BROADCAST, frame)
                 for identity, _ in list(self.nodes.values()):
                     await self.peers.send_multipart([identity, header, frame])
@@ -360,13 +383,19 @@ class Sidecar:
                 await self._execute(self.core.on_worker_left(
                     header.rank, f"{header.reason} (node {node})", now))
         elif isinstance(header, Relay):
-            if len(rest) != 1:
-                raise MalformedFrame(f"RELAY needs exactly one worker frame, got {len(rest)}")
-            msg = decode(rest[0])
-            if getattr(msg, "rank", None) != header.rank:
-                raise IdentityMismatch(f"relayed frame of rank {getattr(msg, 'rank', None)} in an envelope "
-                             f"for rank {header.rank}")
-            await self._leader_receive(node, msg, now)
+            if len(rest) != len(header.ranks):
+                raise MalformedFrame(f"RELAY names {len(header.ranks)} ranks but carries "
+                                     f"{len(rest)} frames")
+            for rank, frame in zip(header.ranks, rest):
+                try:
+                    msg = decode(frame)
+                    if getattr(msg, "rank", None) != rank:
+                        raise IdentityMismatch(f"relayed frame of rank {getattr(msg, 'rank', None)} "
+                                               f"in an envelope for rank {rank}")
+                except ProtocolError as exc:
+                    self._reject(f"node {node}, rank {rank}", exc)
+                    continue
+                await self._leader_receive(node, msg, now)
         else:
             raise InvalidField(f"unexpected {header.TYPE} from a follower")
 
@@ -395,11 +424,12 @@ class Sidecar:
             try:
                 header = decode(parts[0])
                 self.leader_seen = time.monotonic()
-                if isinstance(header, Relay) and len(parts) == 2:
-                    inner = decode(parts[1])  # never pass on what a worker would have to drop
-                    await self._to_local(header.rank, parts[1])
-                    if isinstance(inner, Welcome) and not inner.ok:
-                        self.local.pop(inner.rank, None)  # refused: not one of our workers
+                if isinstance(header, Relay) and len(parts) == 1 + len(header.ranks):
+                    for rank, frame in zip(header.ranks, parts[1:]):
+                        inner = decode(frame)  # never pass on what a worker would have to drop
+                        await self._to_local(rank, frame)
+                        if isinstance(inner, Welcome) and not inner.ok:
+                            self.local.pop(inner.rank, None)  # refused: not one of our workers
                 elif isinstance(header, ControlReply):
                     client = self.pending_control.pop(header.request_id, None)
                     if client is not None:

@@ -29,7 +29,7 @@ Abort              leader → workers      epoch e is off, for ``reason``
 NodeHello          sidecar → leader      a sidecar joins with its local ranks
 NodeHeartbeat      sidecar ↔ leader      alive; live local ranks
 WorkerLeft         sidecar → leader      a local worker left or went silent
-Relay              sidecar ↔ leader      envelope: the next frame is a worker frame
+Relay              sidecar ↔ leader      envelope: worker frames follow, one per rank
 ControlRequest     eplbctl → sidecar     status / rebalance
 ControlReply       sidecar → eplbctl     the answer
 =================  ====================  ===========================================
@@ -47,7 +47,7 @@ import torch
 from eplb.placement import tensor_bytes
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "ProtocolError", "FrameTooLarge", "MalformedFrame",
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "ProtocolError", "FrameTooLarge", "MalformedFrame",
     "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
     "Hello", "Welcome", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
@@ -182,10 +182,10 @@ def _placement(value: Any, name: str) -> torch.Tensor:
     return _tensor(value, name, ("int16", "int32", "int64"), 2).to(torch.int64)
 
 
-def _int_list(value: Any, name: str, max_len: int = 1 << 16) -> tuple[int, ...]:
+def _int_list(value: Any, name: str, max_len: int = 1 << 16, low: int = 0) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > max_len:
         raise InvalidField(f"{name} must be a list of at most {max_len} integers")
-    return tuple(_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return tuple(_int(v, f"{name}[{i}]", low) for i, v in enumerate(value))
 
 
 def _dict(value: Any, name: str) -> dict:
@@ -330,6 +330,11 @@ class Promise(Message):
     _CHECKS = {"rank": _rank, "epoch": _epoch}
 
 
+#: How a REFUSE's reason starts when the worker found the plan itself invalid (retrying the same
+#: plan cannot help, unlike a refusal for timing).
+REFUSE_INVALID_PLAN = "invalid plan"
+
+
 @dataclass(frozen=True)
 class Refuse(Message):
     TYPE = "REFUSE"
@@ -430,15 +435,18 @@ class WorkerLeft(Message):
 
 @dataclass(frozen=True)
 class Relay(Message):
-    """Envelope between sidecars: the frame after it is a worker frame from/to ``rank``.
-
-    ``rank`` is -1 for a broadcast to every worker of the receiving sidecar.
-    """
+    """Envelope between sidecars: the frames after it are worker frames, one per entry of
+    ``ranks`` (from those workers, or to them). A rank of -1 is a broadcast to every worker of
+    the receiving sidecar. A follower batches what its workers sent in one burst."""
 
     TYPE = "RELAY"
     node: int
-    rank: int
-    _CHECKS = {"node": _rank, "rank": lambda v, n: _int(v, n, -1, 1 << 20)}
+    ranks: tuple[int, ...]
+    _CHECKS = {"node": _rank, "ranks": lambda v, n: _int_list(v, n, 4096, low=-1)}
+
+    def _check_consistency(self) -> None:
+        if not self.ranks:
+            raise InvalidField("RELAY.ranks is empty")
 
 
 CONTROL_OPS = ("status", "rebalance")

@@ -23,7 +23,8 @@ import torch
 
 from eplb.placement import InvalidPlacement, placement_hash, validate_placement
 from eplb.worker_hook.copy_plan import changed_layers, chunk_layers
-from eplb.proto import Abort, Commit, Done, Message, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto import (REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
+                        Promise, Refuse)
 
 
 class WorkerState(enum.Enum):
@@ -126,13 +127,17 @@ class WorkerAgreement:
                 raise InvalidPlacement("plan_hash does not match phys2log")
         except InvalidPlacement as exc:  # invariant I5: never act on a bad plan
             self._reset()
-            return [Refuse(rank=self.rank, epoch=msg.epoch, step=step, reason=f"invalid plan: {exc}")]
+            return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
+                           reason=f"{REFUSE_INVALID_PLAN}: {exc}")]
         self.state = WorkerState.PLANNED
         self.epoch = msg.epoch
         self.switch_step = None
         self._new = msg.phys2log.clone()
         self._chunks = chunk_changed_layers(self.phys2log, self._new, msg.layers_per_chunk)
         self._next_chunk = 0
+        self._bytes_received = 0  # this epoch's DONE reports from here on
+        self._copy_seconds = 0.0
+        self._hold_seconds = 0.0
         return [PlanAck(rank=self.rank, epoch=msg.epoch, step=step)]
 
     def _on_prepare(self, msg: Prepare, step: int) -> list[Message]:
@@ -150,9 +155,6 @@ class WorkerAgreement:
     def _on_commit(self, msg: Commit) -> list[Message]:
         if self.state is WorkerState.PROMISED and msg.epoch == self.epoch and msg.step == self.switch_step:
             self.state = WorkerState.COPYING
-            self._bytes_received = 0
-            self._copy_seconds = 0.0
-            self._hold_seconds = 0.0
             if not self._chunks:
                 return [self._finish()]
         return []

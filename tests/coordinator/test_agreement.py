@@ -1,6 +1,7 @@
-"""Example-based tests of the leader's side of one epoch (:class:`EpochAgreement`, DESIGN.md §4).
+"""Example-based tests of the leader's side of one epoch (:class:`EpochAgreement`, DESIGN.md §4),
+and of how :class:`LeaderCore` retries around it.
 
-Every test drives the sans-IO object with plain values: messages built by hand, a clock that is a
+Every test drives the sans-IO objects with plain values: messages built by hand, a clock that is a
 number. No sockets, no mocks.
 """
 
@@ -14,8 +15,10 @@ import pytest
 import torch
 
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
+from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore
+from eplb.coordinator.planner import PlanResult
 from eplb.placement import default_placement, placement_hash
-from eplb.proto import Abort, Commit, Done, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto import Abort, Commit, Counts, Done, Hello, Plan, PlanAck, Prepare, Promise, Refuse
 
 L, E, P = 3, 4, 8
 EPOCH = 7
@@ -172,10 +175,17 @@ def test_a_refusal_before_prepare_aborts_naming_the_rank():
     ag.on_message(PlanAck(rank=0, epoch=EPOCH, step=5), 100.1)
     out = ag.on_message(Refuse(rank=2, epoch=EPOCH, step=5, reason="invalid plan: x"), 100.2)
     assert len(out) == 1 and isinstance(out[0], Abort) and out[0].epoch == EPOCH
-    assert ag.phase is Phase.ABORTED and ag.retryable
+    # Retrying the same plan cannot cure an invalid one: this abort is final.
+    assert ag.phase is Phase.ABORTED and not ag.retryable
     assert "rank 2" in ag.reason and "invalid plan: x" in ag.reason
     assert out[0].reason == ag.reason
     assert ag.ended_at == pytest.approx(100.2)
+
+
+def test_a_timing_refusal_before_prepare_is_retryable():
+    ag = make_agreement(ranks=(0, 1))
+    ag.on_message(Refuse(rank=1, epoch=EPOCH, step=5, reason="no plan for epoch 7"), 100.2)
+    assert ag.phase is Phase.ABORTED and ag.retryable
 
 
 def test_a_refusal_while_preparing_aborts_naming_the_rank_and_s():
@@ -392,3 +402,97 @@ def test_every_broadcast_carries_the_epoch_and_commit_carries_s():
     assert all(m.epoch == EPOCH for m in sent)
     assert sent[1].step == sent[2].step == 43
     assert torch.equal(sent[0].phys2log, make_plan().phys2log)
+
+
+# --- LeaderCore around EpochAgreement: retries -------------------------------------------------
+
+def leader_with_epoch(ranks=(0, 1), max_retries: int = 2, now: float = 10.0):
+    """A LeaderCore whose group has joined and whose first epoch's PLAN went out."""
+    core = LeaderCore(LeaderConfig(min_margin=2, max_retries=max_retries, timeouts=TIMEOUTS))
+    for rank in ranks:
+        assert core.on_hello(Hello(rank=rank, node=0, world_size=len(ranks), num_layers=L,
+                                   num_experts=E, num_physical=P, bytes_per_expert=1, step=10,
+                                   pid=100 + rank, phys2log=default_placement(L, E, P)), now) == ""
+    core.on_message(Counts(rank=ranks[0], from_step=0, to_step=10,
+                           counts=torch.ones(L, E, dtype=torch.int64)), now)
+    assert core.request_rebalance(force=True)[0]
+    (compute,) = core.on_tick(now)
+    assert isinstance(compute, ComputePlan)
+    new = make_plan().phys2log
+    out = core.on_plan_result(compute.request_id, PlanResult(new, 0.5, 0.9, 4, 0.01, ""), now)
+    assert [type(o.msg) for o in out] == [Plan]
+    return core, out[0].msg
+
+
+def msgs(outputs) -> list:
+    assert all(isinstance(o, Broadcast) for o in outputs)
+    return [o.msg for o in outputs]
+
+
+def test_leader_retries_a_refused_epoch_with_a_new_epoch_and_a_larger_margin():
+    core, plan = leader_with_epoch()
+    first = core.agreement
+    assert msgs(core.on_message(PlanAck(rank=0, epoch=plan.epoch, step=20), 10.1)) == []
+    (prepare,) = msgs(core.on_message(PlanAck(rank=1, epoch=plan.epoch, step=20), 10.1))
+    assert prepare.step == 22
+    out = msgs(core.on_message(Refuse(rank=1, epoch=plan.epoch, step=23, reason="late"), 10.2))
+    assert [type(m) for m in out] == [Abort, Plan]
+    assert out[0].epoch == plan.epoch and out[1].epoch > plan.epoch
+    assert core.agreement is not first and core.agreement.margin > first.effective_margin
+    assert core.history[-1].outcome == "aborted" and "rank 1" in core.history[-1].reason
+    # The retry carries the same placement.
+    assert torch.equal(out[1].phys2log, plan.phys2log)
+
+
+def test_leader_stops_retrying_after_max_retries():
+    core, plan = leader_with_epoch(max_retries=2)
+    epochs = [plan.epoch]
+    for _ in range(3):
+        out = msgs(core.on_message(Refuse(rank=0, epoch=epochs[-1], step=1, reason="no"), 10.2))
+        if len(out) == 2:
+            epochs.append(out[1].epoch)
+    assert len(epochs) == 3, "one first try and two retries"
+    assert core.agreement is None
+    assert [r.outcome for r in core.history] == ["aborted"] * 3
+
+
+def test_leader_does_not_retry_when_a_worker_left():
+    core, plan = leader_with_epoch()
+    out = msgs(core.on_worker_left(1, "crashed", 10.5))
+    assert [type(m) for m in out] == [Abort]
+    assert core.agreement is None and core.history[-1].outcome == "aborted"
+
+
+def test_leader_adopts_the_plan_only_when_every_done_is_ok_and_marks_failed_epochs_unsafe():
+    core, plan = leader_with_epoch()
+    for rank in (0, 1):
+        core.on_message(PlanAck(rank=rank, epoch=plan.epoch, step=20), 10.1)
+    for rank in (0, 1):
+        core.on_message(Promise(rank=rank, epoch=plan.epoch), 10.2)
+    core.on_message(done(0, epoch=plan.epoch), 10.3)
+    assert torch.equal(core.placement, default_placement(L, E, P))
+    core.on_message(done(1, epoch=plan.epoch), 10.4)
+    assert torch.equal(core.placement, plan.phys2log) and core.history[-1].outcome == "committed"
+
+    core, plan = leader_with_epoch()
+    for rank in (0, 1):
+        core.on_message(PlanAck(rank=rank, epoch=plan.epoch, step=20), 10.1)
+    for rank in (0, 1):
+        core.on_message(Promise(rank=rank, epoch=plan.epoch), 10.2)
+    assert msgs(core.on_message(done(1, epoch=plan.epoch, ok=False, error="oom"), 10.3)) == []
+    assert core.history[-1].outcome == "failed" and "oom" in core.unsafe_reason
+    assert torch.equal(core.placement, default_placement(L, E, P))
+    assert not core.request_rebalance(force=True)[0]
+
+
+def test_done_deadline_counts_from_when_workers_reach_s_not_from_commit():
+    """A large margin at a known step rate must not eat into done_s: workers need
+    margin / rate seconds just to reach S after COMMIT."""
+    ag = make_agreement(ranks=(0,), margin=3000, steps_per_second=10.0)
+    ag.on_message(PlanAck(rank=0, epoch=EPOCH, step=0), 100.0)
+    ag.on_message(Promise(rank=0, epoch=EPOCH), 100.0)
+    assert ag.phase is Phase.COMMITTED
+    ag.on_tick(100.0 + ag.timeouts.done_s + 1)  # before S is reached: still waiting
+    assert ag.phase is Phase.COMMITTED
+    ag.on_tick(100.0 + 300.0 + ag.timeouts.done_s + 1)
+    assert ag.phase is Phase.FAILED

@@ -99,7 +99,7 @@ def test_bad_frames_everywhere_are_counted_and_the_daemons_keep_serving(cluster)
         neg["counts"]["data"] = tensor_bytes(-torch.ones(L, E, dtype=torch.int64))
         socks.append(send_raw(workers_endpoint(cluster.run_dir(1)), [msgpack.packb(neg)], b"1x"))
         # The leader's TCP socket: garbage, a node that never said hello, a node out of range.
-        for parts in ([b"\xff\xfe"], [encode(Relay(node=1, rank=1)), b"junk"],
+        for parts in ([b"\xff\xfe"], [encode(Relay(node=1, ranks=(1,))), b"junk"],
                       [encode(NodeHeartbeat(node=7, ranks=()))]):
             socks.append(send_raw(cluster.leader, parts))
         # The control socket answers a bad request with an error instead of hanging.

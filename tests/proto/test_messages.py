@@ -32,7 +32,7 @@ EXAMPLES = [
     Bye(rank=0), Plan(epoch=5, phys2log=P2L, plan_hash=placement_hash(P2L), layers_per_chunk=2),
     Prepare(epoch=5, step=101), Commit(epoch=5, step=101), Abort(epoch=5, reason="timeout"),
     NodeHello(node=1, pid=9, incarnation="abc"), NodeHeartbeat(node=1, ranks=(2, 3)),
-    WorkerLeft(node=1, rank=3, reason="no heartbeat"), Relay(node=0, rank=-1),
+    WorkerLeft(node=1, rank=3, reason="no heartbeat"), Relay(node=0, ranks=(-1, 3)),
     ControlRequest(request_id="r1", op="rebalance", args={"force": True}),
     ControlReply(request_id="r1", ok=True, result={"message": "ok"}, error=""),
 ]
