@@ -32,9 +32,9 @@ def node_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    ranks = range(args.node * args.workers, (args.node + 1) * args.workers)
+    ranks = [int(r) for r in args.ranks.split(",")]
     hooks = [WorkerHook(r, args.world, L, E, P, node=args.node, run_dir=args.run_dir,
-                        copy_fn=lambda *a: None) for r in ranks]
+                        copy_fn=lambda *a: None, flush_every=8) for r in ranks]
 
     def decode(hook: WorkerHook) -> None:
         gen = torch.Generator().manual_seed(hook.rank)
@@ -61,7 +61,7 @@ def node_worker(args: argparse.Namespace) -> None:
         h.close()
 
 
-def run_config(nodes: int, workers: int, epochs: int, step_ms: float) -> dict:
+def run_config(nodes: int, workers: int, epochs: int, step_ms: float, per_process: int) -> dict:
     from eplb.control_client import ControlError, control_call
     from eplb.demo.cluster import LocalCluster
 
@@ -73,10 +73,13 @@ def run_config(nodes: int, workers: int, epochs: int, step_ms: float) -> dict:
         cluster.start()
         cluster.wait_ready(120)
         for node in range(nodes):
-            cluster.start_worker(["--node-worker", "--node", str(node), "--workers", str(workers),
-                                  "--world", str(world), "--run-dir", str(cluster.run_dir(node)),
-                                  "--step-ms", str(step_ms)], f"node{node}.log",
-                                 command=[sys.executable, os.path.abspath(__file__)])
+            node_ranks = list(range(node * workers, (node + 1) * workers))
+            for i in range(0, workers, per_process):
+                ranks = ",".join(map(str, node_ranks[i:i + per_process]))
+                cluster.start_worker(["--node-worker", "--node", str(node), "--ranks", ranks,
+                                      "--world", str(world), "--run-dir", str(cluster.run_dir(node)),
+                                      "--step-ms", str(step_ms)], f"node{node}-{i}.log",
+                                     command=[sys.executable, os.path.abspath(__file__)])
         cluster.wait_for(lambda s: len(s["workers"]) == world and s["min_step"] > 100, 300,
                          f"{world} workers joined and stepping")
         ended = 0
@@ -112,9 +115,12 @@ def main() -> None:
                    help="NODESxWORKERS per node")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--step-ms", type=float, default=20.0, help="decode step time of each worker")
+    p.add_argument("--hooks-per-process", type=int, default=0,
+                   help="workers per process (0: all of a node's workers in one process; 1: one "
+                        "process per worker, as in a real engine, which needs many cores)")
     p.add_argument("--node-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--node", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ranks", help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -125,17 +131,22 @@ def main() -> None:
     for config in args.configs:
         nodes, workers = map(int, config.split("x"))
         print(f"running {nodes} sidecars x {workers} workers ...", file=sys.stderr, flush=True)
-        rows.append(run_config(nodes, workers, args.epochs, args.step_ms))
+        rows.append(run_config(nodes, workers, args.epochs, args.step_ms,
+                               args.hooks_per_process or workers))
+    per = ("all of a node's workers in one process" if not args.hooks_per_process
+           else f"{args.hooks_per_process} worker(s) per process")
     print(f"\nagreement latency on loopback, {os.cpu_count()} CPU cores, step {args.step_ms:g} ms, "
-          f"L={L} E={E} P={P}; PREPARE->COMMIT = leader sends PREPARE until every PROMISE is in")
-    print("| sidecars x workers | epochs committed/other | PREPARE->COMMIT p50 ms | p99 ms | max ms "
-          "| worst hold at S ms |")
+          f"{per}, L={L} E={E} P={P}; PREPARE->COMMIT = leader sends PREPARE until every PROMISE "
+          "is in")
+    print("| sidecars x workers | epochs committed/skipped/aborted | PREPARE->COMMIT p50 ms | p99 ms "
+          "| max ms | worst hold at S ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         agree = [c["agreement_ms"] for c in r["committed"] if c["agreement_ms"] is not None]
         holds = [c["max_hold_ms"] for c in r["committed"]]
-        print(f"| {r['nodes']} x {r['workers']} | {len(r['committed'])}/"
-              f"{len(r['history']) - len(r['committed'])} | {pct(agree, 0.5):.2f} | "
+        outcomes = [h["outcome"] for h in r["history"]]
+        print(f"| {r['nodes']} x {r['workers']} | {outcomes.count('committed')}/"
+              f"{outcomes.count('skipped')}/{outcomes.count('aborted')} | {pct(agree, 0.5):.2f} | "
               f"{pct(agree, 0.99):.2f} | {max(agree, default=float('nan')):.2f} | "
               f"{max(holds, default=0.0):.2f} |")
 

@@ -19,3 +19,5 @@ mkdir -p "$OUT"
 python3 bench/hook_overhead.py --device cuda --check-sync | tee "$OUT/hook_overhead_cuda.txt"
 python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt"
 timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
+# One process per worker, as engines run (one rank per process): 128 + 16 processes.
+timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt"

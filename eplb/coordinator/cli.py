@@ -37,12 +37,21 @@ def _address(text: str) -> str:
     return text
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for options that have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eplb-sidecar",
         description="Per-node rebalance sidecar for expert-parallel MoE inference. Run one per node; "
                     "node 0 is the leader that plans rebalances and drives the step agreement.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("cluster")
     g.add_argument("--node-rank", type=int, required=True,
                    help="index of this node, 0..num-nodes-1; node 0 is the leader")
@@ -85,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leader: a follower sidecar silent this long is lost")
     g.add_argument("--heartbeat", type=_positive_float, default=0.5,
                    help="seconds between sidecar heartbeats")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="log verbosity (logs go to stderr)")
     return p
 
 

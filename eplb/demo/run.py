@@ -153,10 +153,12 @@ def print_summary(status: dict[str, Any], results: list[dict[str, Any]], opts: D
         print(f"  step time p50 {normal:.2f} ms, p99 {_pct(steps_ms, 0.99):.2f} ms, max "
               f"{max(steps_ms):.2f} ms", file=out)
         if first is not None and first > 50:
-            before = statistics.mean(steps_ms[:first])
-            after = statistics.mean(steps_ms[first + 10:]) if len(steps_ms) > first + 10 else None
-            print(f"  mean step time before the first rebalance {before:.2f} ms, after it "
-                  f"{_fmt(after, '.2f')} ms", file=out)
+            moe = [statistics.median(x) for x in zip(*(r["moe_ms"] for r in ok_workers))]
+            before = statistics.mean(moe[:first])
+            after = statistics.mean(moe[first:]) if len(moe) > first else None
+            print(f"  simulated expert time per step ({opts.step_ms:g} ms x max/mean GPU load): "
+                  f"{before:.2f} ms before the first rebalance, {_fmt(after, '.2f')} ms after it "
+                  "(the rest of a step is this machine running 6 processes on its cores)", file=out)
         print(f"  hook on_step on steps without a copy: p50 {hook_p50:.1f} us, p99 {hook_p99:.1f} us "
               "(this machine's cores are shared by every process of the demo)", file=out)
         print(f"  worst extra time one step paid inside the hook: {worst_hook:.2f} ms (copy chunks: "

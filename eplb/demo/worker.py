@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hook.wait_joined(30.0)
         dist.barrier()
-        hook_us, step_ms, mismatches, checks, copy_steps = [], [], 0, 0, []
+        hook_us, step_ms, moe_ms, mismatches, checks, copy_steps = [], [], [], 0, 0, []
         served = hook.phys2log.clone()
         step = -1
         while args.steps == 0 or step + 1 < args.steps:
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 if shared[0, -1] > 0:
                     break
             imbalance = float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean())
-            time.sleep(args.step_ms * imbalance / 1e3)
+            moe_ms.append(args.step_ms * imbalance)
+            time.sleep(moe_ms[-1] / 1e3)
             step_ms.append((time.perf_counter() - started) * 1e3)
         hook_sorted = sorted(hook_us)
         result.update({
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "hook_us_max": hook_sorted[-1],
             "max_on_step_ms": hook.max_on_step_seconds * 1e3,
             "step_ms": step_ms,
+            "moe_ms": moe_ms,
             "weight_checks": checks,
             "weight_mismatches": mismatches,
             "copy_steps": copy_steps,
