@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 L, E, P = 4, 64, 128

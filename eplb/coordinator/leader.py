@@ -118,8 +118,7 @@ class LeaderCore:
         self._retries = 0
         self._margin = config.min_margin
         self._next_trigger_step = config.interval_steps
-        self._force_requested = False
-        self._forced_flag = False
+        self._requested: bool | None = None  # eplbctl rebalance pending: its --force flag
         self._switch_end = 0
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self._current: EpochRecord | None = None
@@ -238,8 +237,7 @@ class LeaderCore:
                            "a rebalance needs the whole group")
         if self.agreement is not None or self._pending is not None:
             return False, "a rebalance is already in progress"
-        self._force_requested = True
-        self._forced_flag = force
+        self._requested = force
         return True, "rebalance requested"
 
     def on_tick(self, now: float) -> list[Output]:
@@ -251,12 +249,10 @@ class LeaderCore:
             return out
         if not self.group_complete or not self._window:
             return out
-        forced = False
-        if self._force_requested:
-            forced = self._forced_flag
-            self._force_requested = False
-        elif self.min_step() < self._next_trigger_step:
+        forced = bool(self._requested)
+        if self._requested is None and self.min_step() < self._next_trigger_step:
             return out
+        self._requested = None
         assert self.placement is not None and self.world_size is not None
         request_id = self._next_request
         self._next_request += 1

@@ -10,7 +10,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from eplb.control_client import ControlError
