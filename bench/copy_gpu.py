@@ -1,0 +1,228 @@
+"""Copy-engine benchmark: DeepSeek-V3-sized experts moved between GPUs by CopyExecutor.
+
+Two processes (one per GPU, NCCL; gloo with --device cpu for a dry run). Per rank and layer: 9+ slots of
+w13 ``[S, 2I, H]`` and w2 ``[S, H, I]`` (H=7168, I=2048), in bf16 (88 MB an expert) or as fp8-sized
+uint8 bytes (44 MB an expert). Measured in the same run:
+  - the NCCL P2P ceiling: one large send/recv each way at once (both ranks send and receive, as in a
+    rebalance), GB/s per direction;
+  - our copy of a realistic rebalance (``--change`` of the slots move to the other GPU), per layer;
+  - the "move everything" baseline: every slot of the layer replaced from the other GPU.
+After each copy every slot is checked against the expert it must hold (first and last element).
+
+    python3 bench/copy_gpu.py                # on a machine with 2 GPUs
+    python3 bench/copy_gpu.py --device cpu --hidden 64 --inter 32   # dry run with gloo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
+
+WORLD = 2
+
+
+def make_placements(layers: int, slots: int, change: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """old ``[L, 2S]`` (each expert once), new (``change`` of each rank's slots swapped with the
+    other rank's) and full (every slot swapped: all experts move)."""
+    gen = torch.Generator().manual_seed(seed)
+    experts = 2 * slots
+    old = torch.stack([torch.randperm(experts, generator=gen) for _ in range(layers)])
+    new, full = old.clone(), old.clone()
+    k = max(1, round(change * slots))
+    for layer in range(layers):
+        a = torch.randperm(slots, generator=gen)[:k]
+        b = torch.randperm(slots, generator=gen)[:k] + slots
+        new[layer, a], new[layer, b] = old[layer, b], old[layer, a]
+        full[layer, :slots], full[layer, slots:] = old[layer, slots:], old[layer, :slots]
+    return old, new, full
+
+
+def fill(weights: list[list[torch.Tensor]], placement: torch.Tensor, rank: int) -> None:
+    """Each slot's tensors hold a value that names (layer, expert), so copies can be checked."""
+    slots = weights[0][0].shape[0]
+    for layer, tensors in enumerate(weights):
+        for s in range(slots):
+            expert = int(placement[layer, rank * slots + s])
+            for t in tensors:
+                t[s].fill_((layer * 31 + expert * 7 + 1) % 120)
+
+
+def check(weights: list[list[torch.Tensor]], placement: torch.Tensor, rank: int) -> int:
+    slots = weights[0][0].shape[0]
+    bad = 0
+    for layer, tensors in enumerate(weights):
+        for s in range(slots):
+            want = (layer * 31 + int(placement[layer, rank * slots + s]) * 7 + 1) % 120
+            for t in tensors:
+                flat = t[s].reshape(-1)
+                bad += int(flat[0].item() != want or flat[-1].item() != want)
+    return bad
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
+    """GB/s per direction of one large send/recv each way at once."""
+    peer = 1 - dist.get_rank()
+    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count: int,
+                       device: torch.device, repeats: int) -> float:
+    """GB/s per direction when ``count`` experts (one isend/irecv per weight tensor, as the copy
+    engine issues them) go each way in one batch: the ceiling for the copy's own op pattern."""
+    peer = 1 - dist.get_rank()
+    sends = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count) for shape in shapes]
+    recvs = [torch.empty_like(t) for t in sends]
+    nbytes = sum(t.numel() * t.element_size() for t in recvs)
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, t, peer) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for t in recvs]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tensor, rank: int,
+               device: torch.device, epoch: int) -> list[tuple[float, int]]:
+    """Copy every layer from old to new, one layer per call (a chunk per step).
+    Returns (seconds, bytes received) per layer."""
+    fill(weights, old, rank)
+    out = []
+    for layer in range(old.shape[0]):
+        sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        stats = copier(epoch, [layer], old, new)
+        sync(device)
+        out.append((time.perf_counter() - t0, stats.bytes_received))
+    bad = check(weights, new, rank)
+    if bad:
+        raise SystemExit(f"rank {rank}: {bad} slot tensors hold the wrong expert after the copy")
+    return out
+
+
+def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=120), **kwargs)
+    dist.all_reduce(torch.ones(1, device=device))  # the communicator exists before any P2P
+    rows = {}
+    for dtype_name in args.dtypes:
+        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.uint8
+        weights = [[torch.empty(args.slots, 2 * args.inter, args.hidden, dtype=dtype, device=device),
+                    torch.empty(args.slots, args.hidden, args.inter, dtype=dtype, device=device)]
+                   for _ in range(args.layers)]
+        per_expert = sum(t[0].numel() * t.element_size() for t in weights[0])
+        copier = CopyExecutor(rank, WORLD, weights, ranks_per_node=WORLD, timeout_s=120.0)
+        old, new, full = make_placements(args.layers, args.slots, args.change, args.seed)
+        ceil = ceiling(per_expert * args.slots, device, args.repeats)
+        k = max(1, round(args.change * args.slots))
+        shapes = [tuple(t.shape[1:]) for t in weights[0]]
+        pattern = op_pattern_ceiling(shapes, dtype, k, device, args.repeats)
+        timed_copy(copier, weights, old, new, rank, device, 0)  # warm-up
+        ours, everything = [], []
+        for r in range(args.repeats):
+            ours += timed_copy(copier, weights, old, new, rank, device, 1 + 2 * r)
+            everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r)
+        rows[dtype_name] = (per_expert, ceil, pattern, ours, everything)
+    if rank == 0:
+        results.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--inter", type=int, default=2048)
+    p.add_argument("--slots", type=int, default=9, help="slots per GPU per layer")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--change", type=float, default=0.4, help="share of each GPU's slots that move")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < WORLD:
+        raise SystemExit(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, args, port, results)) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    rows = results.get(timeout=900)
+    for proc in procs:
+        proc.join(120)
+        if proc.exitcode != 0:
+            raise SystemExit(f"a rank exited with {proc.exitcode}")
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
+    print(f"copy engine on 2 x {name}, torch {torch.__version__}; H={args.hidden} I={args.inter}, "
+          f"{args.slots} slots per GPU, {args.layers} layers, {args.change:.0%} of slots move, "
+          f"{args.repeats} repeats; times are rank 0's per layer (one copy call per layer, "
+          "synchronized), GB/s = bytes received / time")
+    print("| weights | MB per expert | P2P ceiling GB/s (each way) | ours: experts in per layer | "
+          "ours ms/layer (median) | ours GB/s | % of ceiling | move-everything ms/layer | "
+          "move-everything GB/s | % of ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    patterns = {}
+    for dtype_name, (per_expert, ceil, pattern, ours, everything) in rows.items():
+        o_t = statistics.median(t for t, _ in ours)
+        o_b = statistics.median(b for _, b in ours)
+        e_t = statistics.median(t for t, _ in everything)
+        e_b = statistics.median(b for _, b in everything)
+        print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {ceil:.1f} | {o_b / per_expert:.0f} | "
+              f"{o_t * 1e3:.2f} | {o_b / o_t / 1e9:.1f} | {100 * o_b / o_t / 1e9 / ceil:.0f} % | "
+              f"{e_t * 1e3:.2f} | {e_b / e_t / 1e9:.1f} | {100 * e_b / e_t / 1e9 / ceil:.0f} % |")
+        patterns[dtype_name] = pattern
+    for dtype_name, pattern in patterns.items():
+        print(f"{dtype_name}: P2P ceiling for the copy's own op pattern (one isend/irecv per weight "
+              f"tensor, {round(args.change * args.slots)} experts each way in one batch): "
+              f"{pattern:.1f} GB/s each way")
+
+
+if __name__ == "__main__":
+    main()
