@@ -108,7 +108,7 @@ class LeaderCore:
         self.history: list[EpochRecord] = []
         self.agreement: EpochAgreement | None = None
         self.counters: dict[str, int] = {"started": 0, "committed": 0, "aborted": 0, "skipped": 0,
-                                         "failed": 0, "rejected_hello": 0}
+                                         "failed": 0, "joined": 0, "rejected_hello": 0}
         self._window: deque[Counts] = deque()
         self._after_switch: list[Counts] = []
         self._next_epoch = 1
@@ -147,6 +147,7 @@ class LeaderCore:
             return (f"rank {hello.rank} serves placement {placement_hash(hello.phys2log)}, the group "
                     f"serves {placement_hash(self.placement)}; restart it with the group's placement")
         self.workers[hello.rank] = WorkerInfo(hello.rank, 0, hello.step, now)
+        self.counters["joined"] += 1
         log.info("rank %d joined (%d/%d workers)", hello.rank, len(self.workers), self.world_size)
         return ""
 

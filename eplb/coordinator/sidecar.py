@@ -30,8 +30,8 @@ from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, Leader
 from eplb.coordinator.planner import plan_rebalance
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
 from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch, InvalidField,
-                        MalformedFrame, Message, NodeHeartbeat, NodeHello, ProtocolError, Relay,
-                        Welcome, WorkerLeft, decode, encode)
+                        MalformedFrame, Message, NodeHeartbeat, NodeHello, ProtocolError, Rejoin,
+                        Relay, Welcome, WorkerLeft, decode, encode)
 
 log = logging.getLogger("eplb.sidecar")
 
@@ -74,6 +74,7 @@ class Sidecar:
         self.local: dict[int, float] = {}  # local rank -> last seen (monotonic)
         self.rejected: Counter[str] = Counter()
         self._reject_logged: dict[str, tuple[float, int]] = {}
+        self._rejoin_asked: dict[int, float] = {}
         self.started = time.monotonic()
         # leader: follower node -> (zmq identity, last seen); rank -> node
         self.nodes: dict[int, list] = {}
@@ -257,7 +258,10 @@ class Sidecar:
                             rank, msg.node, self.config.node_rank)
             log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step)
         elif rank not in self.local:
-            return False  # no HELLO yet (or it was declared gone): ignore until it says hello
+            # No HELLO since this sidecar started (or the rank was declared gone): ask for one.
+            await self._ask_rejoin(0 if self.core is not None else None, rank,
+                                   f"node {self.config.node_rank}'s sidecar does not know rank {rank}")
+            return False
         self.local[rank] = now
         if self.core is None:
             return True
@@ -298,9 +302,25 @@ class Sidecar:
             await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,
                                                                  error=error)))
             return
-        if self.rank_node.get(getattr(msg, "rank", -1)) != node:
-            return  # a rank that has not joined through this node
+        if self.rank_node.get(msg.rank) != node:
+            # Not joined through this node (the leader restarted since its HELLO): ask again.
+            await self._ask_rejoin(node, msg.rank, f"the leader does not know rank {msg.rank}")
+            return
         await self._execute(self.core.on_message(msg, now))
+
+    async def _ask_rejoin(self, node: int | None, rank: int, why: str) -> None:
+        """Tell ``rank`` to say HELLO again, at most once a second. ``node`` None: a local
+        worker of this (follower) sidecar."""
+        now = time.monotonic()
+        if now - self._rejoin_asked.get(rank, 0.0) < 1.0:
+            return
+        self._rejoin_asked[rank] = now
+        log.info("node %d: asking rank %d to join again: %s", self.config.node_rank, rank, why)
+        frame = encode(Rejoin(rank=rank, reason=why))
+        if node is None:
+            await self._to_local(rank, frame)
+        else:
+            await self._to_worker(node, rank, frame)
 
     async def _to_worker(self, node: int, rank: int, frame: bytes) -> None:
         if node == 0:

@@ -15,6 +15,7 @@ message            direction             meaning
 =================  ====================  ===========================================
 Hello              worker → sidecar      join: shape of the model, current placement
 Welcome            leader → worker       the join was accepted, or why not
+Rejoin             sidecar → worker      "I do not know you" (a sidecar restarted): say HELLO again
 Heartbeat          worker → sidecar      alive, at decode step ``step``
 Counts             worker → leader       expert selections over steps [from, to)
 PlanAck            worker → leader       copy list ready; worker is at ``step``
@@ -49,7 +50,7 @@ from eplb.placement import tensor_bytes
 __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "ProtocolError", "FrameTooLarge", "MalformedFrame",
     "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
-    "Hello", "Welcome", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
+    "Hello", "Welcome", "Rejoin", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
     "ControlRequest", "ControlReply", "encode", "decode", "CONTROL_OPS",
 ]
@@ -290,6 +291,17 @@ class Welcome(Message):
 
 
 @dataclass(frozen=True)
+class Rejoin(Message):
+    """A sidecar or the leader got a frame from a rank it does not know (it restarted since the
+    rank's HELLO): the worker should say HELLO again."""
+
+    TYPE = "REJOIN"
+    rank: int
+    reason: str
+    _CHECKS = {"rank": _rank, "reason": _reason}
+
+
+@dataclass(frozen=True)
 class Heartbeat(Message):
     TYPE = "HEARTBEAT"
     rank: int
@@ -478,7 +490,7 @@ class ControlReply(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
+    cls.TYPE: cls for cls in (Hello, Welcome, Rejoin, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
                               Prepare, Commit, Abort, NodeHello, NodeHeartbeat, WorkerLeft, Relay,
                               ControlRequest, ControlReply)
 }

@@ -28,7 +28,7 @@ import zmq
 from eplb.paths import default_run_dir, workers_endpoint
 from eplb.placement import default_placement, validate_placement
 from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
-                        ProtocolError, Welcome, decode, encode)
+                        ProtocolError, Rejoin, Welcome, decode, encode)
 from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement
 
 log = logging.getLogger("eplb.worker")
@@ -112,6 +112,7 @@ class WorkerHook:
         self._step = 0
         self._failure: HookError | None = None
         self.joined = threading.Event()
+        self._hello_sent_at = 0.0
         self._answered = threading.Event()
         self.join_error = ""
         self.max_on_step_seconds = 0.0
@@ -269,11 +270,7 @@ class WorkerHook:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        self._send(sock, Hello(rank=self.rank, node=self.node, world_size=self.world_size,
-                               num_layers=self.num_layers, num_experts=self.num_experts,
-                               num_physical=self.num_physical,
-                               bytes_per_expert=self.bytes_per_expert, step=self._step,
-                               pid=os.getpid(), phys2log=self._agreement.phys2log))
+        self._hello(sock)
         next_beat = time.monotonic() + self.heartbeat_s
         try:
             while not self._stop.is_set():
@@ -298,6 +295,16 @@ class WorkerHook:
         finally:
             sock.close()
 
+    def _hello(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            placement = self._agreement.phys2log.clone()
+        self._hello_sent_at = time.monotonic()
+        self._send(sock, Hello(rank=self.rank, node=self.node, world_size=self.world_size,
+                               num_layers=self.num_layers, num_experts=self.num_experts,
+                               num_physical=self.num_physical,
+                               bytes_per_expert=self.bytes_per_expert, step=self._step,
+                               pid=os.getpid(), phys2log=placement))
+
     def _receive_all(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -321,6 +328,13 @@ class WorkerHook:
                 self.join_error = msg.error
                 log.error("rank %d: the leader refused this worker: %s", self.rank, msg.error)
             self._answered.set()
+        elif isinstance(msg, Rejoin):
+            # A sidecar restarted and lost our HELLO. A refused worker stays out: its
+            # configuration must change first, so asking again would only repeat the refusal.
+            if not self.join_error and time.monotonic() - self._hello_sent_at > 1.0:
+                log.warning("rank %d: joining again: %s", self.rank, msg.reason)
+                self.joined.clear()
+                self._hello(sock)
         elif isinstance(msg, (Plan, Prepare, Commit, Abort)):
             with self._lock:
                 replies = self._agreement.on_message(msg, self._step)

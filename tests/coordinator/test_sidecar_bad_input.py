@@ -40,20 +40,6 @@ def hello(rank: int, phys2log: torch.Tensor, **over) -> bytes:
     return encode(Hello(**fields))
 
 
-def drive(hooks: list[WorkerHook], stop: threading.Event, errors: list) -> None:
-    """One decode loop for all in-process workers (each on_step may hold at S)."""
-    step = 0
-    try:
-        while not stop.is_set():
-            for hook in hooks:
-                hook.on_step(step)
-                hook.record(0, torch.tensor([[0, 0, 0, 1]]))  # expert 0 is hot
-            step += 1
-            stop.wait(0.002)
-    except Exception as exc:  # surfaced by the test
-        errors.append(exc)
-
-
 @pytest.fixture()
 def cluster(tmp_path: Path):
     base = Path("/tmp") / f"eplbb-{os.getpid()}"
@@ -64,76 +50,69 @@ def cluster(tmp_path: Path):
         yield c
 
 
-def test_bad_frames_everywhere_are_counted_and_the_daemons_keep_serving(cluster) -> None:
+def test_bad_frames_everywhere_are_counted_and_the_daemons_keep_serving(cluster,
+                                                                         decode_loop) -> None:
     copies: list[tuple[int, list[int]]] = []
     hooks = [WorkerHook(r, WORLD, L, E, P, node=r, run_dir=cluster.run_dir(r), flush_every=2,
                         copy_fn=lambda e, layers, old, new: copies.append((e, layers)))
              for r in range(WORLD)]
-    stop, errors = threading.Event(), []
-    loop = threading.Thread(target=drive, args=(hooks, stop, errors), daemon=True)
-    try:
-        for h in hooks:
-            h.wait_joined(30)
-        loop.start()
-        good = default_placement(L, E, P)
-        dropped = good.clone()
-        dropped[1, :] = 0
-        dropped[1, 1:4] = torch.tensor([1, 2, 1])  # layer 1 lost expert 3
-        versioned = msgpack.unpackb(encode(PlanAck(rank=5, epoch=1, step=1)))
-        versioned["v"] = 99
-        bad_worker_frames = [
-            (None, [b"\x00garbage"]),
-            (None, [msgpack.packb(versioned)]),
-            (None, [b"a", b"b", b"c"]),
-            (b"9", [encode(PlanAck(rank=5, epoch=1, step=1))]),             # rank spoof
-            (b"3", [hello(3, good, world_size=4)]),     # not the group's world size
-            (b"2", [hello(2, dropped, world_size=4)]),  # a placement that drops an expert
-        ]
-        socks = []
-        for node in (0, 1):
-            for identity, parts in bad_worker_frames:
-                socks.append(send_raw(workers_endpoint(cluster.run_dir(node)), parts, identity))
-        # Counts with negative values from a joined rank's identity, on its own sidecar.
-        neg = msgpack.unpackb(encode(Counts(rank=1, from_step=0, to_step=1,
-                                            counts=torch.zeros(L, E, dtype=torch.int64))))
-        neg["counts"]["data"] = tensor_bytes(-torch.ones(L, E, dtype=torch.int64))
-        socks.append(send_raw(workers_endpoint(cluster.run_dir(1)), [msgpack.packb(neg)], b"1x"))
-        # The leader's TCP socket: garbage, a node that never said hello, a node out of range.
-        for parts in ([b"\xff\xfe"], [encode(Relay(node=1, ranks=(1,))), b"junk"],
-                      [encode(NodeHeartbeat(node=7, ranks=()))]):
-            socks.append(send_raw(cluster.leader, parts))
-        # The control socket answers a bad request with an error instead of hanging.
-        ctl = send_raw(control_endpoint(cluster.run_dir(0)), [b"not msgpack"])
-        assert ctl.poll(5000), "no answer to a bad control request"
-        reply = decode(ctl.recv())
-        assert not reply.ok and "bad request" in reply.error
-        socks.append(ctl)
+    for h in hooks:
+        h.wait_joined(30)
+    loop = decode_loop(hooks)
+    good = default_placement(L, E, P)
+    dropped = good.clone()
+    dropped[1, :] = 0
+    dropped[1, 1:4] = torch.tensor([1, 2, 1])  # layer 1 lost expert 3
+    versioned = msgpack.unpackb(encode(PlanAck(rank=5, epoch=1, step=1)))
+    versioned["v"] = 99
+    bad_worker_frames = [
+        (None, [b"\x00garbage"]),
+        (None, [msgpack.packb(versioned)]),
+        (None, [b"a", b"b", b"c"]),
+        (b"9", [encode(PlanAck(rank=5, epoch=1, step=1))]),             # rank spoof
+        (b"3", [hello(3, good, world_size=4)]),     # not the group's world size
+        (b"2", [hello(2, dropped, world_size=4)]),  # a placement that drops an expert
+    ]
+    socks = []
+    for node in (0, 1):
+        for identity, parts in bad_worker_frames:
+            socks.append(send_raw(workers_endpoint(cluster.run_dir(node)), parts, identity))
+    # Counts with negative values from a joined rank's identity, on its own sidecar.
+    neg = msgpack.unpackb(encode(Counts(rank=1, from_step=0, to_step=1,
+                                        counts=torch.zeros(L, E, dtype=torch.int64))))
+    neg["counts"]["data"] = tensor_bytes(-torch.ones(L, E, dtype=torch.int64))
+    socks.append(send_raw(workers_endpoint(cluster.run_dir(1)), [msgpack.packb(neg)], b"1x"))
+    # The leader's TCP socket: garbage, a node that never said hello, a node out of range.
+    for parts in ([b"\xff\xfe"], [encode(Relay(node=1, ranks=(1,))), b"junk"],
+                  [encode(NodeHeartbeat(node=7, ranks=()))]):
+        socks.append(send_raw(cluster.leader, parts))
+    # The control socket answers a bad request with an error instead of hanging.
+    ctl = send_raw(control_endpoint(cluster.run_dir(0)), [b"not msgpack"])
+    assert ctl.poll(5000), "no answer to a bad control request"
+    reply = decode(ctl.recv())
+    assert not reply.ok and "bad request" in reply.error
+    socks.append(ctl)
 
-        def rejected(node: int) -> int:
-            local = control_call("status", {"local": True}, cluster.run_dir(node))
-            rej = local.get("leader", local)["frames_rejected"]
-            return sum(rej.values())
+    def rejected(node: int) -> int:
+        local = control_call("status", {"local": True}, cluster.run_dir(node))
+        rej = local.get("leader", local)["frames_rejected"]
+        return sum(rej.values())
 
-        status = cluster.wait_for(lambda s: sum(s["leader"]["frames_rejected"].values()) >= 8
-                                  and s["counters"]["rejected_hello"] >= 4, 20,
-                                  "leader counted the bad frames")
-        assert rejected(1) >= 5  # the follower drops what it can check before relaying
-        assert status["workers"] == [0, 1], "a bad HELLO must not join or evict anyone"
-        with pytest.raises(ControlError, match="unknown control op|bad request|not"):
-            control_call("nonsense", {}, cluster.run_dir(0))
-        # Still serving: a real epoch commits and both workers switch.
-        control_call("rebalance", {"force": True}, cluster.run_dir(0))
-        status = cluster.wait_for(lambda s: s["counters"]["committed"] == 1, 30, "epoch committed")
-        assert all(p.poll() is None for p in cluster.sidecars)
-        assert not errors
-        assert {e for e, _ in copies} == {status["history"][-1]["epoch"]}
-        for s in socks:
-            s.close()
-    finally:
-        stop.set()
-        loop.join(10)
-        for h in hooks:
-            h.close()
+    status = cluster.wait_for(lambda s: sum(s["leader"]["frames_rejected"].values()) >= 8
+                              and s["counters"]["rejected_hello"] >= 4, 20,
+                              "leader counted the bad frames")
+    assert rejected(1) >= 5  # the follower drops what it can check before relaying
+    assert status["workers"] == [0, 1], "a bad HELLO must not join or evict anyone"
+    with pytest.raises(ControlError, match="unknown control op|bad request|not"):
+        control_call("nonsense", {}, cluster.run_dir(0))
+    # Still serving: a real epoch commits and both workers switch.
+    control_call("rebalance", {"force": True}, cluster.run_dir(0))
+    status = cluster.wait_for(lambda s: s["counters"]["committed"] == 1, 30, "epoch committed")
+    assert all(p.poll() is None for p in cluster.sidecars)
+    assert not loop.errors
+    assert {e for e, _ in copies} == {status["history"][-1]["epoch"]}
+    for s in socks:
+        s.close()
 
 
 def test_a_flood_of_bad_frames_does_not_stop_the_time_outs(cluster) -> None:

@@ -14,7 +14,7 @@ from eplb.placement import default_placement, placement_hash
 from eplb.proto import (MAX_FRAME_BYTES, MESSAGE_TYPES, Abort, Bye, Commit, ControlReply,
                         ControlRequest, Counts, Done, FrameTooLarge, Heartbeat, Hello,
                         InvalidField, MalformedFrame, NodeHeartbeat, NodeHello, Plan, PlanAck,
-                        Prepare, Promise, ProtocolError, Refuse, Relay, UnknownMessageType,
+                        Prepare, Promise, ProtocolError, Refuse, Rejoin, Relay, UnknownMessageType,
                         UnsupportedVersion, Welcome, WorkerLeft, decode, encode)
 
 P2L = default_placement(3, 4, 8)
@@ -23,6 +23,7 @@ EXAMPLES = [
     Hello(rank=1, node=0, world_size=2, num_layers=3, num_experts=4, num_physical=8,
           bytes_per_expert=44_000_000, step=7, pid=123, phys2log=P2L),
     Welcome(rank=1, ok=False, error="placement differs"),
+    Rejoin(rank=1, reason="the leader does not know rank 1"),
     Heartbeat(rank=3, step=1 << 40),
     Counts(rank=0, from_step=10, to_step=26, counts=torch.arange(12, dtype=torch.int64).reshape(3, 4)),
     PlanAck(rank=2, epoch=5, step=99), Promise(rank=2, epoch=5),
@@ -36,6 +37,10 @@ EXAMPLES = [
     ControlRequest(request_id="r1", op="rebalance", args={"force": True}),
     ControlReply(request_id="r1", ok=True, result={"message": "ok"}, error=""),
 ]
+
+
+COUNTS_EXAMPLE = next(m for m in EXAMPLES if isinstance(m, Counts))
+HELLO_EXAMPLE = next(m for m in EXAMPLES if isinstance(m, Hello))
 
 
 def same(a, b) -> bool:
@@ -96,7 +101,7 @@ def test_oversized_frame_is_refused_unread() -> None:
     ("rank", -1), ("rank", "0"), ("rank", True), ("rank", 1.0), ("from_step", -5),
 ])
 def test_bad_scalar_fields_are_invalid(field: str, value) -> None:
-    d = raw(EXAMPLES[3])
+    d = raw(COUNTS_EXAMPLE)
     d[field] = value
     with pytest.raises(InvalidField, match=field):
         decode(pack(d))
@@ -117,7 +122,7 @@ def counts_frame(values: list[float], dtype: str, shape: list[int]) -> bytes:
     t = torch.tensor(values, dtype=getattr(torch, dtype))
     from eplb.placement import tensor_bytes
 
-    d = raw(EXAMPLES[3])
+    d = raw(COUNTS_EXAMPLE)
     d["counts"] = {"dtype": dtype, "shape": shape, "data": tensor_bytes(t)}
     return pack(d)
 
@@ -145,7 +150,7 @@ def test_tensor_shape_and_byte_count_must_agree() -> None:
 
 
 def test_hello_placement_must_match_its_declared_shape() -> None:
-    d = raw(EXAMPLES[0])
+    d = raw(HELLO_EXAMPLE)
     d["num_physical"] = 6
     with pytest.raises(InvalidField, match="expected \\[3, 6\\]"):
         decode(pack(d))
