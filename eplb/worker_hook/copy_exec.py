@@ -33,7 +33,9 @@ import torch.distributed as dist
 from eplb.worker_hook.copy_plan import LayerCopyPlan, PeerOp, plan_copies
 
 # How often a CUDA batch is polled for completion while waiting for its deadline.
-_POLL_S = 0.0002
+_POLL_S = 0.00005
+# Byte alignment of each weight tensor inside a packed expert (any dtype views in place).
+_ALIGN = 16
 
 
 class CopyError(RuntimeError):
@@ -99,8 +101,9 @@ class CopyExecutor:
             sources.
         group: the EP process group, or None for the default group; group ranks ``0..G-1`` are
             the EP ranks.
-        max_ops_per_batch: most isend/irecv calls of this rank in one batch (at least one whole
-            expert always fits).
+        max_ops_per_batch: bounds one batch to ``max_ops_per_batch // tensors per expert``
+            expert transfers of this rank (at least one), which bounds its receive buffers. Each
+            batch issues one isend and one irecv per peer, the experts packed into one buffer.
         timeout_s: deadline of each batch, in seconds.
         bytes_budget: most bytes staged for one layer on any rank; None for no limit. Checked on
             the global plan before any transfer, so with equal budgets every rank fails alike.
@@ -124,8 +127,11 @@ class CopyExecutor:
         self.weights = [list(layer) for layer in weights]
         self.slots_per_gpu, self.bytes_per_expert, self.device = _check_weights(self.weights)
         self._tensors_per_layer = len(self.weights[0])
-        # Tags are unique inside a layer: transfer index * tensors per layer + tensor index.
-        self._transfers_per_batch = max(1, max_ops_per_batch // self._tensors_per_layer)
+        self._layout = self._slices()
+        last_offset, last_bytes = self._layout[-1]
+        self._packed_expert_bytes = -(-(last_offset + last_bytes) // _ALIGN) * _ALIGN
+        # Experts this rank moves in one batch (bounds the packed buffers).
+        self.transfers_per_batch = max(1, max_ops_per_batch // self._tensors_per_layer)
         self._global_ranks = (list(range(num_gpus)) if group is None
                               else [dist.get_global_rank(group, r) for r in range(num_gpus)])
         if dist.is_initialized():
@@ -190,52 +196,89 @@ class CopyExecutor:
         return plans
 
     def _run_layer(self, epoch: int, plan: LayerCopyPlan, totals: _Totals) -> None:
+        """Copy one layer: every expert a peer needs from this rank is packed, with the others
+        going to that peer in the same batch, into one buffer sent with one isend (NCCL moves one
+        large message far faster than many); received buffers are unpacked into their slots."""
         weights = self.weights[plan.layer]
-        # Old contents of slots that are read after (or while) being overwritten.
-        staged = {slot: [t[slot].clone() for t in weights]
-                  for slot in plan.staged_slots(self.rank)}
-        totals.staged = max(totals.staged, len(staged) * self.bytes_per_expert)
+        batches = [plan.ops_for(self.rank, batch)
+                   for batch in plan.batches(self.transfers_per_batch)]
+        # Pack every outgoing expert now, from the OLD contents, before any slot is written.
+        packed = [{peer: self._pack(weights, [op.local_slot for op in ops if op.kind == "send"
+                                              and op.peer == peer])
+                   for peer in sorted({op.peer for op in ops if op.kind == "send"})}
+                  for ops in batches]
+        # Old contents that local copies read from slots this layer overwrites.
+        copies = plan.local_copies_of(self.rank)
+        writes = ({op.local_slot for ops in batches for op in ops if op.kind == "recv"}
+                  | {c.dst_local_slot for c in copies})
+        staged = {c.src_local_slot: [t[c.src_local_slot].clone() for t in weights]
+                  for c in copies if c.from_old and c.src_local_slot in writes}
+        totals.staged = max(totals.staged, (len(staged) + sum(
+            len(ops) for ops in batches)) * self.bytes_per_expert)
 
-        def old_contents(slot: int, k: int) -> torch.Tensor:
-            return staged[slot][k] if slot in staged else weights[k][slot]
-
-        for batch in plan.batches(self._transfers_per_batch):
-            ops = plan.ops_for(self.rank, batch)
+        for b, (ops, sends) in enumerate(zip(batches, packed)):
             if not ops:
                 continue
             p2p: list[dist.P2POp] = []
             peers: list[int] = []
-            unpack: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, landing buffer)
-            for op in ops:
-                for k, tensor in enumerate(weights):
-                    tag = op.index * self._tensors_per_layer + k
-                    if op.kind == "send":
-                        buf = old_contents(op.local_slot, k).contiguous()
-                        fn = dist.isend
-                        totals.sent += buf.numel() * buf.element_size()
-                    else:
-                        dst = tensor[op.local_slot]
-                        # P2P needs contiguous memory; land elsewhere when the slot is strided.
-                        buf = dst if dst.is_contiguous() else torch.empty_like(
-                            dst, memory_format=torch.contiguous_format)
-                        if buf is not dst:
-                            unpack.append((dst, buf))
-                        fn = dist.irecv
-                        totals.received += buf.numel() * buf.element_size()
-                    p2p.append(dist.P2POp(fn, buf, self._global_ranks[op.peer], self.group, tag))
-                    peers.append(op.peer)
+            landing: list[tuple[list[int], torch.Tensor]] = []
+            for peer in sorted({op.peer for op in ops}):
+                if peer in sends:
+                    p2p.append(dist.P2POp(dist.isend, sends[peer], self._global_ranks[peer],
+                                          self.group, b))
+                    peers.append(peer)
+                    totals.sent += sends[peer].numel() // self._packed_expert_bytes * \
+                        self.bytes_per_expert
+                slots = [op.local_slot for op in ops if op.kind == "recv" and op.peer == peer]
+                if slots:
+                    buf = torch.empty(len(slots) * self._packed_expert_bytes, dtype=torch.uint8,
+                                      device=self.device)
+                    p2p.append(dist.P2POp(dist.irecv, buf, self._global_ranks[peer], self.group, b))
+                    peers.append(peer)
+                    landing.append((slots, buf))
+                    totals.received += len(slots) * self.bytes_per_expert
             self._exchange(epoch, plan.layer, p2p, peers, ops)
-            for dst, buf in unpack:
-                dst.copy_(buf)
+            for slots, buf in landing:
+                self._unpack(weights, slots, buf)
             totals.ops += len(p2p)
             totals.batches += 1
 
-        for copy in plan.local_copies_of(self.rank):
+        for copy in copies:
             for k, tensor in enumerate(weights):
-                src = (old_contents(copy.src_local_slot, k) if copy.from_old
-                       else tensor[copy.src_local_slot])
+                if copy.from_old and copy.src_local_slot in staged:
+                    src = staged[copy.src_local_slot][k]
+                else:
+                    src = tensor[copy.src_local_slot]
                 tensor[copy.dst_local_slot].copy_(src)
             totals.copies += 1
+
+    def _slices(self) -> list[tuple[int, int]]:
+        """(offset, bytes) of each weight tensor of one expert inside a packed expert; offsets
+        are aligned so that any dtype can be viewed in place."""
+        out, offset = [], 0
+        for t in self.weights[0]:
+            nbytes = t[0].numel() * t.element_size()
+            out.append((offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        return out
+
+    def _pack(self, weights: list[torch.Tensor], slots: list[int]) -> torch.Tensor:
+        """One contiguous byte buffer holding the experts of ``slots``, in order."""
+        buf = torch.empty(len(slots) * self._packed_expert_bytes, dtype=torch.uint8,
+                          device=self.device)
+        for i, slot in enumerate(slots):
+            base = i * self._packed_expert_bytes
+            for (offset, nbytes), tensor in zip(self._layout, weights):
+                src = tensor[slot].contiguous().reshape(-1).view(torch.uint8)
+                buf[base + offset:base + offset + nbytes].copy_(src)
+        return buf
+
+    def _unpack(self, weights: list[torch.Tensor], slots: list[int], buf: torch.Tensor) -> None:
+        for i, slot in enumerate(slots):
+            base = i * self._packed_expert_bytes
+            for (offset, nbytes), tensor in zip(self._layout, weights):
+                dst = tensor[slot]
+                dst.copy_(buf[base + offset:base + offset + nbytes].view(dst.dtype).view(dst.shape))
 
     def _exchange(self, epoch: int, layer: int, p2p: list[dist.P2POp], peers: list[int],
                   ops: list[PeerOp]) -> None:
