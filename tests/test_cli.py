@@ -15,7 +15,7 @@ def test_sidecar_help_explains_every_option() -> None:
     out = run("-m", "eplb.coordinator", "--help")
     assert out.returncode == 0
     for flag in ("--node-rank", "--num-nodes", "--leader", "--run-dir", "--interval", "--window",
-                 "--min-gain", "--min-margin", "--max-retries", "--layers-per-step",
+                 "--min-gain", "--min-margin", "--max-retries", "--layers-per-step", "--bytes-per-step",
                  "--ack-timeout", "--promise-timeout", "--done-timeout", "--worker-timeout"):
         assert flag in out.stdout, flag
     assert "(default: None)" not in out.stdout

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-retries", type=int, default=3,
                    help="new epochs after a refused or timed-out one, each with twice the margin")
     g.add_argument("--layers-per-step", type=_positive_int, default=1,
-                   help="layers copied per decode step after S")
+                   help="most layers copied per decode step after S")
+    g.add_argument("--bytes-per-step", type=int, default=0,
+                   help="also cap the bytes the busiest rank receives per decode step after S "
+                        "(a layer above the cap goes alone); 0 = no byte cap")
     g.add_argument("--planner", choices=("process", "thread"), default="process",
                    help="executor the planner runs in")
     g = p.add_argument_group("timeouts (seconds)")
@@ -107,12 +110,14 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         raise SystemExit(f"eplb-sidecar: --min-margin must be at least 2, got {args.min_margin}")
     if args.max_retries < 0:
         raise SystemExit(f"eplb-sidecar: --max-retries must be >= 0, got {args.max_retries}")
+    if args.bytes_per_step < 0:
+        raise SystemExit(f"eplb-sidecar: --bytes-per-step must be >= 0, got {args.bytes_per_step}")
     if not 0 <= args.min_gain <= 1:
         raise SystemExit(f"eplb-sidecar: --min-gain must lie in [0, 1], got {args.min_gain}")
     leader = LeaderConfig(
         interval_steps=args.interval, window_steps=args.window, min_gain=args.min_gain,
         min_margin=args.min_margin, max_retries=args.max_retries,
-        layers_per_chunk=args.layers_per_step,
+        layers_per_chunk=args.layers_per_step, bytes_per_chunk=args.bytes_per_step,
         timeouts=AgreementTimeouts(ack_s=args.ack_timeout, promise_s=args.promise_timeout,
                                    done_s=args.done_timeout))
     return SidecarConfig(

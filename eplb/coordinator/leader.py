@@ -32,6 +32,7 @@ class LeaderConfig:
     min_margin: int = 2
     max_retries: int = 3
     layers_per_chunk: int = 1
+    bytes_per_chunk: int = 0
     timeouts: AgreementTimeouts = field(default_factory=AgreementTimeouts)
 
 
@@ -296,7 +297,8 @@ class LeaderCore:
         self._next_epoch += 1
         plan = Plan(epoch=epoch, phys2log=self._plan_result.phys2log,
                     plan_hash=placement_hash(self._plan_result.phys2log),
-                    layers_per_chunk=self.config.layers_per_chunk)
+                    layers_per_chunk=self.config.layers_per_chunk,
+                    bytes_per_chunk=self.config.bytes_per_chunk)
         self.agreement = EpochAgreement(plan, frozenset(self.workers), self._margin,
                                         self.steps_per_second(), now, self.config.timeouts)
         record.epoch = epoch

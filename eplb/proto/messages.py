@@ -383,15 +383,19 @@ class Bye(Message):
 
 @dataclass(frozen=True)
 class Plan(Message):
-    """The placement of ``epoch``: ``phys2log: [L, P]``; copies go ``layers_per_chunk`` layers a step."""
+    """The placement of ``epoch``: ``phys2log: [L, P]``. Copies go at most ``layers_per_chunk``
+    layers a step and, when ``bytes_per_chunk`` > 0, at most that many bytes received by the
+    busiest rank a step (a layer above the budget goes alone)."""
 
     TYPE = "PLAN"
     epoch: int
     phys2log: torch.Tensor
     plan_hash: str
     layers_per_chunk: int
+    bytes_per_chunk: int = 0
     _CHECKS = {"epoch": _epoch, "phys2log": _placement, "plan_hash": lambda v, n: _str(v, n, 64),
-               "layers_per_chunk": lambda v, n: _int(v, n, 1, 1 << 16)}
+               "layers_per_chunk": lambda v, n: _int(v, n, 1, 1 << 16),
+               "bytes_per_chunk": lambda v, n: _int(v, n, 0, 1 << 50)}
 
 
 @dataclass(frozen=True)

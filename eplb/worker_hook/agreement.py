@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.placement import InvalidPlacement, placement_hash, validate_placement
-from eplb.worker_hook.copy_plan import changed_layers, chunk_layers
+from eplb.worker_hook.copy_plan import changed_layers, chunk_layers, plan_copies
 from eplb.proto import (REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
                         Promise, Refuse)
 
@@ -64,16 +64,27 @@ Action = Proceed | Hold | CopyChunk
 PROCEED = Proceed()
 
 
-def chunk_changed_layers(old: torch.Tensor, new: torch.Tensor, layers_per_chunk: int) -> list[tuple[int, ...]]:
-    """Layers whose placement changes, in order, grouped ``layers_per_chunk`` at a time.
+def chunk_changed_layers(old: torch.Tensor, new: torch.Tensor, layers_per_chunk: int,
+                         bytes_per_chunk: int = 0, bytes_per_expert: int = 0,
+                         num_gpus: int = 1) -> list[tuple[int, ...]]:
+    """Layers whose placement changes, in order, at most ``layers_per_chunk`` a chunk and, with
+    ``bytes_per_chunk`` > 0, at most that many bytes received by the busiest rank a chunk.
 
     Args:
-        old, new: ``[L, P]`` placements.
+        old, new: ``[L, P]`` placements; num_gpus: ``G``.
     Returns:
-        chunks of layer indices; empty when nothing changes. Every worker gets the same chunks.
+        chunks of layer indices; empty when nothing changes. Every worker gets the same chunks,
+        since the bytes come from the global copy plan.
     """
     layers = changed_layers(old, new)
-    return [tuple(c) for c in chunk_layers(layers, layers_per_chunk=layers_per_chunk)]
+    if bytes_per_chunk <= 0 or not layers:
+        return [tuple(c) for c in chunk_layers(layers, layers_per_chunk=layers_per_chunk)]
+    # Which holder sends an expert does not change what each rank receives, so any node
+    # grouping gives the same bytes; one rank per node keeps the planning cheap.
+    sizes = [max(plan.stats(bytes_per_expert).bytes_received)
+             for plan in plan_copies(old, new, layers, num_gpus, ranks_per_node=1)]
+    return [tuple(c) for c in chunk_layers(layers, layers_per_chunk=layers_per_chunk,
+                                           bytes_per_layer=sizes, bytes_per_chunk=bytes_per_chunk)]
 
 
 class WorkerAgreement:
@@ -83,10 +94,13 @@ class WorkerAgreement:
         rank: this worker's global EP rank.
         num_experts: ``E``; num_gpus: EP size ``G``.
         phys2log: ``[L, P]`` placement the engine serves now (copied).
+        bytes_per_expert: size of one expert's weights, for byte-budget chunking.
     """
 
-    def __init__(self, rank: int, num_experts: int, num_gpus: int, phys2log: torch.Tensor) -> None:
+    def __init__(self, rank: int, num_experts: int, num_gpus: int, phys2log: torch.Tensor,
+                 bytes_per_expert: int = 0) -> None:
         self.rank = rank
+        self.bytes_per_expert = bytes_per_expert
         self.num_experts = num_experts
         self.num_gpus = num_gpus
         self.phys2log = phys2log.to(torch.int64).clone()
@@ -133,7 +147,9 @@ class WorkerAgreement:
         self.epoch = msg.epoch
         self.switch_step = None
         self._new = msg.phys2log.clone()
-        self._chunks = chunk_changed_layers(self.phys2log, self._new, msg.layers_per_chunk)
+        self._chunks = chunk_changed_layers(self.phys2log, self._new, msg.layers_per_chunk,
+                                            msg.bytes_per_chunk, self.bytes_per_expert,
+                                            self.num_gpus)
         self._next_chunk = 0
         self._bytes_received = 0  # this epoch's DONE reports from here on
         self._copy_seconds = 0.0

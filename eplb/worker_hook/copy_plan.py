@@ -78,7 +78,7 @@ class LayerCopyStats:
     """Work of one layer's copy. Every field is a tuple of length ``G`` indexed by rank.
 
     ``p2p_ops`` counts expert transfers (one send or one receive of a whole expert); the
-    executor issues one operation per weight tensor of that expert.
+    executor packs the experts a batch moves between two ranks into one operation each way.
     """
 
     layer: int

@@ -106,7 +106,8 @@ class WorkerHook:
         self.bytes_per_expert = bytes_per_expert
         self.endpoint = workers_endpoint(Path(run_dir) if run_dir else default_run_dir())
 
-        self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu())
+        self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu(),
+                                          bytes_per_expert)
         self._lock = threading.Lock()
         self._outcome = threading.Condition(self._lock)
         self._step = 0

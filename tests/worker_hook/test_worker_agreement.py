@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from eplb.placement import default_placement, placement_hash
+from eplb.worker_hook.copy_plan import plan_copies
 from eplb.proto import Abort, Commit, Done, Plan, PlanAck, Prepare, Promise, Refuse
 from eplb.worker_hook.agreement import (
     CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState, chunk_changed_layers,
@@ -353,3 +354,37 @@ def test_hold_time_reported_before_the_commit_reaches_done():
     chunk = w.action_at(3)
     (done,) = w.chunk_copied(chunk, bytes_received=10, seconds=0.1)
     assert done.ok and done.hold_seconds == 0.5
+
+
+def test_a_bytes_budget_splits_chunks_by_what_the_busiest_rank_receives():
+    """With bytes_per_chunk, layers are grouped so that no rank receives more than the budget
+    per step (a layer above it goes alone); every worker derives the same chunks."""
+    old = default_placement(L, E, P)
+    new = old.clone()
+    new[0] = torch.tensor([1, 0, 2, 3, 0, 1, 2, 3])  # rank 0: swap inside the rank, no receive
+    new[1] = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])  # rank 1 receives nothing either (local)
+    new[2] = torch.tensor([3, 1, 2, 0, 0, 1, 2, 3])  # local again
+    new[3] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # unchanged
+    chunks = chunk_changed_layers(old, new, layers_per_chunk=8, bytes_per_chunk=100,
+                                  bytes_per_expert=60, num_gpus=G)
+    assert chunks == [(0, 1, 2)]  # no rank receives anything: one chunk
+    # Now each rank starts with only half of the experts, so the new layers need receives.
+    old = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]).repeat(L, 1)
+    gen = torch.Generator().manual_seed(0)
+    new = torch.stack([torch.randperm(P, generator=gen) % E for _ in range(L)])
+    plans_bytes = chunk_changed_layers(old, new, layers_per_chunk=8, bytes_per_chunk=60,
+                                       bytes_per_expert=60, num_gpus=G)
+    received = {p.layer: max(p.stats(60).bytes_received)
+                for p in plan_copies(old, new, list(range(L)), G, 1)}
+    assert any(received.values())
+    for c in plans_bytes:  # within the budget, or a single layer above it
+        assert len(c) == 1 or sum(received[l] for l in c) <= 60, (c, received)
+    by_layers = chunk_changed_layers(old, new, layers_per_chunk=8)
+    assert [l for c in plans_bytes for l in c] == [l for c in by_layers for l in c]
+    assert len(plans_bytes) > len(by_layers)
+    w = [WorkerAgreement(r, E, G, old, bytes_per_expert=60) for r in range(G)]
+    plan = Plan(epoch=1, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=8,
+                bytes_per_chunk=60)
+    for x in w:
+        x.on_message(plan, 0)
+    assert w[0]._chunks == w[1]._chunks == plans_bytes
