@@ -11,6 +11,7 @@ from pathlib import Path
 
 from eplb.coordinator.agreement import AgreementTimeouts
 from eplb.coordinator.leader import LeaderConfig
+from eplb.coordinator.planner import POLICIES, PlannerSpec
 from eplb.coordinator.sidecar import Sidecar, SidecarConfig
 from eplb.paths import RunDirError, default_run_dir
 
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bytes-per-step", type=int, default=0,
                    help="also cap the bytes the busiest rank receives per decode step after S "
                         "(a layer above the cap goes alone); 0 = no byte cap")
+    g.add_argument("--policy", choices=POLICIES, default="greedy",
+                   help="placement policy: greedy (replicate heaviest, pack onto GPUs) or deepseek "
+                        "(DeepSeek's EPLB: groups to nodes, replicas within nodes)")
+    g.add_argument("--num-groups", type=_positive_int, default=1,
+                   help="deepseek policy: expert groups of the model (DeepSeek-V3: 8)")
     g.add_argument("--planner", choices=("process", "thread"), default="process",
                    help="executor the planner runs in")
     g = p.add_argument_group("timeouts (seconds)")
@@ -118,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         interval_steps=args.interval, window_steps=args.window, min_gain=args.min_gain,
         min_margin=args.min_margin, max_retries=args.max_retries,
         layers_per_chunk=args.layers_per_step, bytes_per_chunk=args.bytes_per_step,
+        planner=PlannerSpec(args.policy, args.num_groups, args.num_nodes),
         timeouts=AgreementTimeouts(ack_s=args.ack_timeout, promise_s=args.promise_timeout,
                                    done_s=args.done_timeout))
     return SidecarConfig(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
-from eplb.coordinator.planner import PlanResult
+from eplb.coordinator.planner import PlannerSpec, PlanResult
 from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
                             validate_placement)
 from eplb.proto import Counts, Done, Heartbeat, Hello, Message, Plan, PlanAck, Promise, Refuse
@@ -33,6 +33,7 @@ class LeaderConfig:
     max_retries: int = 3
     layers_per_chunk: int = 1
     bytes_per_chunk: int = 0
+    planner: PlannerSpec = field(default_factory=PlannerSpec)
     timeouts: AgreementTimeouts = field(default_factory=AgreementTimeouts)
 
 
@@ -54,6 +55,7 @@ class ComputePlan:
     num_gpus: int
     min_gain: float
     force: bool
+    spec: PlannerSpec
 
 
 Output = Broadcast | ComputePlan
@@ -261,7 +263,7 @@ class LeaderCore:
         self._pending = (request_id, forced)
         self._next_trigger_step = self.min_step() + self.config.interval_steps
         out.append(ComputePlan(request_id, self.window_load(), self.placement.clone(),
-                               self.world_size, self.config.min_gain, forced))
+                               self.world_size, self.config.min_gain, forced, self.config.planner))
         return out
 
     def on_plan_result(self, request_id: int, result: PlanResult | BaseException,

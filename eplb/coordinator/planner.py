@@ -1,9 +1,10 @@
 """Placement planning: pure functions over tensors (no I/O, no state).
 
-The policy here is the simple correct one the first version needs: give each redundant slot to
-the expert with the highest load per replica, then pack replicas onto GPUs heaviest first, each to
-the least-loaded GPU that still has a free slot. It plans from scratch; a transfer-aware policy
-that keeps experts in place is a separate piece of work.
+Two policies, both planning from scratch. ``greedy`` (the default) gives each redundant slot to the
+expert with the highest load per replica, then packs replicas onto GPUs heaviest first, each to the
+least-loaded GPU that still has a free slot. ``deepseek`` is DeepSeek's EPLB algorithm
+(:mod:`eplb.coordinator.policy_deepseek`). A transfer-aware policy that keeps experts in place is a
+separate piece of work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb.coordinator.policy_deepseek import rebalance_deepseek
 from eplb.placement import overall_balancedness, validate_placement
 
 
@@ -64,16 +66,42 @@ def pack_replicas(load: torch.Tensor, replicas: torch.Tensor, num_gpus: int) -> 
     return phys2log
 
 
-def plan_placement(load: torch.Tensor, num_physical: int, num_gpus: int) -> torch.Tensor:
+POLICIES = ("greedy", "deepseek")
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    """Which policy plans, and the cluster shape it needs.
+
+    ``greedy``: replicate the heaviest experts, pack replicas onto GPUs (one global pass).
+    ``deepseek``: DeepSeek's EPLB (groups to nodes, replicas within nodes, replicas to GPUs),
+    hierarchical when ``num_groups`` divides among ``num_nodes``, else global.
+    """
+
+    policy: str = "greedy"
+    num_groups: int = 1
+    num_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def plan_placement(load: torch.Tensor, num_physical: int, num_gpus: int,
+                   spec: PlannerSpec = PlannerSpec()) -> torch.Tensor:
     """A balanced placement for ``load``.
 
     Args:
         load: ``[L, E]`` expert selections over a window (summed over ranks).
         num_physical: ``P`` slots per layer; num_gpus: ``G`` with ``P % G == 0``.
+        spec: the policy.
     Returns:
         phys2log ``[L, P]`` int64, validated (invariant I5).
     """
-    phys2log = pack_replicas(load, replicate_heaviest(load, num_physical), num_gpus)
+    if spec.policy == "deepseek":
+        phys2log = rebalance_deepseek(load, num_physical, spec.num_groups, spec.num_nodes, num_gpus)
+    else:
+        phys2log = pack_replicas(load, replicate_heaviest(load, num_physical), num_gpus)
     validate_placement(phys2log, load.shape[1], num_physical, num_gpus)
     return phys2log
 
@@ -95,7 +123,7 @@ class PlanResult:
 
 
 def plan_rebalance(load: torch.Tensor, current: torch.Tensor, num_gpus: int, min_gain: float,
-                   force: bool = False) -> PlanResult:
+                   force: bool = False, spec: PlannerSpec = PlannerSpec()) -> PlanResult:
     """Plan from ``load`` and decide whether it is worth moving experts. Runs in an executor.
 
     Args:
@@ -104,9 +132,10 @@ def plan_rebalance(load: torch.Tensor, current: torch.Tensor, num_gpus: int, min
         num_gpus: ``G``.
         min_gain: skip unless predicted balancedness rises by at least this much (absolute).
         force: plan and carry out even when the gain is small.
+        spec: the policy.
     """
     started = time.perf_counter()
-    phys2log = plan_placement(load, current.shape[1], num_gpus)
+    phys2log = plan_placement(load, current.shape[1], num_gpus, spec)
     before = overall_balancedness(load, current, num_gpus)
     after = overall_balancedness(load, phys2log, num_gpus)
     moved = int((phys2log != current).sum())

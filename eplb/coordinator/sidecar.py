@@ -358,7 +358,7 @@ class Sidecar:
         try:
             result: Any = await loop.run_in_executor(self._executor, plan_rebalance, req.load,
                                                      req.current, req.num_gpus, req.min_gain,
-                                                     req.force)
+                                                     req.force, req.spec)
         except Exception as exc:  # planner bug or dead pool: record it, keep serving
             result = exc
         await self._execute(self.core.on_plan_result(req.request_id, result, time.monotonic()))

@@ -79,7 +79,8 @@ def assert_switched_together(cluster: LocalCluster, status: dict, outs: list[dic
 
 
 def test_forced_rebalance_commits_and_every_worker_switches_at_S(tmp_path: Path) -> None:
-    with start_cluster(tmp_path) as cluster:
+    # The deepseek policy, hierarchical here: 4 expert groups over the 2 nodes.
+    with start_cluster(tmp_path, sidecar_flags=["--policy", "deepseek", "--num-groups", "4"]) as cluster:
         control_call("rebalance", {"force": True}, cluster.run_dir(1))  # through the follower
         status = cluster.wait_for(lambda s: s["counters"]["committed"] >= 1, 60, "epoch committed")
         record = committed(status)[0]
