@@ -50,6 +50,21 @@ def _rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from eplb.coordinator.planner import PlannerSpec
+    from eplb.offline_plan import PlanInputError, plan_offline
+
+    try:
+        summary = plan_offline(args.load, args.num_physical, args.num_gpus,
+                               PlannerSpec(args.policy, args.num_groups, args.num_nodes),
+                               args.current, args.output, args.bytes_per_expert)
+    except PlanInputError as exc:
+        print(f"eplbctl plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eplb.demo.run import DemoOptions, run_demo
 
@@ -71,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="carry it out even if the predicted gain is below --min-gain")
     s.set_defaults(func=_rebalance)
+    s = sub.add_parser("plan", help="plan a placement offline from a load file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Plan a placement from expert load: a [L, E] or [steps, L, E] "
+                                   "tensor in .pt/.json/.npy, bare or under 'logical_count' (SGLang's "
+                                   "expert-distribution dump). Prints a JSON summary.")
+    s.add_argument("--load", type=Path, required=True, help="the load file")
+    s.add_argument("--current", type=Path, default=None,
+                   help="the placement served now ([L, P], bare or under "
+                        "'physical_to_logical_map'): adds balancedness before and moves")
+    s.add_argument("--output", type=Path, default=None,
+                   help="write {'physical_to_logical_map': [L, P]} here (.pt or .json), the form "
+                        "SGLang's --init-expert-location reads")
+    s.add_argument("--num-physical", type=int, required=True, help="slots per layer, P")
+    s.add_argument("--num-gpus", type=int, required=True, help="EP size, G (P %% G == 0)")
+    s.add_argument("--num-nodes", type=int, default=1, help="nodes (deepseek policy)")
+    s.add_argument("--num-groups", type=int, default=1, help="expert groups (deepseek policy)")
+    s.add_argument("--policy", choices=("greedy", "deepseek"), default="greedy")
+    s.add_argument("--bytes-per-expert", type=int, default=0,
+                   help="size of one expert, to report bytes moved")
+    s.set_defaults(func=_plan)
     s = sub.add_parser("demo", help="run a local 2-node x 2-worker cluster on synthetic load",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--steps", type=int, default=2000, help="decode steps to run")

@@ -98,6 +98,9 @@ def plan_placement(load: torch.Tensor, num_physical: int, num_gpus: int,
     Returns:
         phys2log ``[L, P]`` int64, validated (invariant I5).
     """
+    if num_gpus < 1 or num_physical % num_gpus or num_physical < load.shape[1]:
+        raise ValueError(f"P={num_physical} slots must be at least E={load.shape[1]} and divisible "
+                         f"by G={num_gpus}")
     if spec.policy == "deepseek":
         phys2log = rebalance_deepseek(load, num_physical, spec.num_groups, spec.num_nodes, num_gpus)
     else:
