@@ -76,8 +76,8 @@ class Sidecar:
         self._reject_logged: dict[str, tuple[float, int]] = {}
         self._rejoin_asked: dict[int, float] = {}
         self.started = time.monotonic()
-        # leader: follower node -> (zmq identity, last seen); rank -> node
-        self.nodes: dict[int, list] = {}
+        # leader: the follower sidecars by node, and the node each joined rank came through
+        self.nodes: dict[int, _Follower] = {}
         self.rank_node: dict[int, int] = {}
         # follower: pending control requests forwarded to the leader
         self.pending_control: dict[str, tuple[bytes, float]] = {}
@@ -259,7 +259,7 @@ class Sidecar:
             log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step)
         elif rank not in self.local:
             # No HELLO since this sidecar started (or the rank was declared gone): ask for one.
-            await self._ask_rejoin(0 if self.core is not None else None, rank,
+            await self._ask_rejoin(None, rank,
                                    f"node {self.config.node_rank}'s sidecar does not know rank {rank}")
             return False
         self.local[rank] = now
@@ -326,7 +326,7 @@ class Sidecar:
         if node == 0:
             await self._to_local(rank, frame)
         elif node in self.nodes:
-            await self.peers.send_multipart([self.nodes[node][0],
+            await self.peers.send_multipart([self.nodes[node].identity,
                                              encode(Relay(node=0, ranks=(rank,))), frame])
 
     async def _execute(self, outputs: list[Output]) -> None:
@@ -335,8 +335,8 @@ class Sidecar:
                 frame = encode(out.msg)
                 header = encode(Relay(node=0, ranks=(BROADCAST,)))
                 await self._to_local(BROADCAST, frame)
-                for identity, _ in list(self.nodes.values()):
-                    await self.peers.send_multipart([identity, header, frame])
+                for follower in list(self.nodes.values()):
+                    await self.peers.send_multipart([follower.identity, header, frame])
             elif isinstance(out, ComputePlan):
                 task = asyncio.ensure_future(self._plan(out))
                 self._tasks.add(task)
@@ -389,15 +389,15 @@ class Sidecar:
             if not 0 < node < self.config.num_nodes:
                 raise InvalidField(f"node {node} outside [1, {self.config.num_nodes})")
             known = self.nodes.get(node)
-            if known is None or known[0] != identity:
+            if known is None or known.identity != identity:
                 if known is not None:
                     await self._node_lost(node, "its sidecar restarted")
                 log.info("node %d: sidecar joined", node)
-            self.nodes[node] = [identity, now]
+            self.nodes[node] = _Follower(identity, now)
             return
-        if node not in self.nodes or self.nodes[node][0] != identity:
+        if node not in self.nodes or self.nodes[node].identity != identity:
             raise InvalidField(f"{header.TYPE} from node {node}, which has not said NODE_HELLO")
-        self.nodes[node][1] = now
+        self.nodes[node].seen = now
         if isinstance(header, WorkerLeft):
             if self.rank_node.get(header.rank) == node:
                 await self._execute(self.core.on_worker_left(
@@ -473,9 +473,9 @@ class Sidecar:
                     await self._worker_left(rank, f"no heartbeat for {now - seen:.1f}s "
                                                   f"(limit {cfg.worker_timeout_s:g}s)")
             if self.core is not None:
-                for node, (_, seen) in list(self.nodes.items()):
-                    if now - seen > cfg.node_timeout_s:
-                        await self._node_lost(node, f"no heartbeat for {now - seen:.1f}s "
+                for node, follower in list(self.nodes.items()):
+                    if now - follower.seen > cfg.node_timeout_s:
+                        await self._node_lost(node, f"no heartbeat for {now - follower.seen:.1f}s "
                                                     f"(limit {cfg.node_timeout_s:g}s)")
                 await self._execute(self.core.on_tick(now))
             for request_id, (client, asked) in list(self.pending_control.items()):
@@ -491,8 +491,8 @@ class Sidecar:
                 if self.core is None:
                     await self._send_up([beat])
                 else:
-                    for identity, _ in list(self.nodes.values()):
-                        await self.peers.send_multipart([identity, beat])
+                    for follower in list(self.nodes.values()):
+                        await self.peers.send_multipart([follower.identity, beat])
 
     # --- control --------------------------------------------------------------------------------
 
@@ -527,8 +527,8 @@ class Sidecar:
         if msg.op == "status":
             result = self.core.status()
             result["leader"] = self.local_status()
-            result["nodes"] = {str(n): round(time.monotonic() - seen, 3)
-                               for n, (_, seen) in self.nodes.items()}
+            result["nodes"] = {str(n): round(time.monotonic() - follower.seen, 3)
+                               for n, follower in self.nodes.items()}
             return ControlReply(request_id=msg.request_id, ok=True, result=result, error="")
         accepted, text = self.core.request_rebalance(bool(msg.args.get("force", False)))
         return ControlReply(request_id=msg.request_id, ok=accepted, result={"message": text},
@@ -546,6 +546,14 @@ class Sidecar:
             "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
                                    if self.leader_seen else None),
         }
+
+
+@dataclass
+class _Follower:
+    """Leader side: a follower sidecar's socket identity and when it was last heard from."""
+
+    identity: bytes
+    seen: float
 
 
 def _warm_up() -> None:
