@@ -76,32 +76,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
-    """GB/s per direction of one large send/recv each way at once."""
+def exchange_gbps(sends: list[torch.Tensor], recvs: list[torch.Tensor], device: torch.device,
+                  repeats: int) -> float:
+    """GB/s per direction of sending ``sends`` to the peer while receiving ``recvs`` from it, one
+    isend/irecv per tensor in one batch (median of ``repeats`` after a warm-up)."""
     peer = 1 - dist.get_rank()
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    recv = torch.empty_like(send)
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        dist.barrier()
-        t0 = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
-
-
-def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count: int,
-                       device: torch.device, repeats: int) -> float:
-    """GB/s per direction when ``count`` experts (one isend/irecv per weight tensor, as the copy
-    engine issues them) go each way in one batch: the ceiling for the copy's own op pattern."""
-    peer = 1 - dist.get_rank()
-    sends = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count) for shape in shapes]
-    recvs = [torch.empty_like(t) for t in sends]
     nbytes = sum(t.numel() * t.element_size() for t in recvs)
     times = []
     for i in range(repeats + 1):
@@ -116,6 +95,20 @@ def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count:
         if i:
             times.append(time.perf_counter() - t0)
     return nbytes / statistics.median(times) / 1e9
+
+
+def ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
+    """GB/s per direction of one large send/recv each way at once."""
+    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return exchange_gbps([send], [torch.empty_like(send)], device, repeats)
+
+
+def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count: int,
+                       device: torch.device, repeats: int) -> float:
+    """GB/s per direction when ``count`` experts (one isend/irecv per weight tensor) go each way
+    in one batch: the ceiling for that op pattern."""
+    sends = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count) for shape in shapes]
+    return exchange_gbps(sends, [torch.empty_like(t) for t in sends], device, repeats)
 
 
 def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tensor, rank: int,
