@@ -1,6 +1,6 @@
 """Copy-engine benchmark: DeepSeek-V3-sized experts moved between GPUs by CopyExecutor.
 
-Two processes (one per GPU, NCCL; gloo with --device cpu for a dry run). Per rank and layer: 9+ slots of
+One process per GPU (NCCL; gloo with --device cpu for a dry run), 2 or more. Per rank and layer: 9+ slots of
 w13 ``[S, 2I, H]`` and w2 ``[S, H, I]`` (H=7168, I=2048), in bf16 (88 MB an expert) or as fp8-sized
 uint8 bytes (44 MB an expert). Measured in the same run:
   - the NCCL P2P ceiling: one large send/recv each way at once (both ranks send and receive, as in a
@@ -30,22 +30,20 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
 
-WORLD = 2
-
-
-def make_placements(layers: int, slots: int, change: float, seed: int) -> tuple[torch.Tensor, ...]:
-    """old ``[L, 2S]`` (each expert once), new (``change`` of each rank's slots swapped with the
-    other rank's) and full (every slot swapped: all experts move)."""
+def make_placements(layers: int, slots: int, world: int, change: float,
+                    seed: int) -> tuple[torch.Tensor, ...]:
+    """old ``[L, world * S]`` (each expert once); new: on every rank ``change`` of the slots take
+    the expert of a slot of the previous rank (a ring, so each rank sends to the next and receives
+    from the previous); full: every slot takes the previous rank's expert (all experts move)."""
     gen = torch.Generator().manual_seed(seed)
-    experts = 2 * slots
-    old = torch.stack([torch.randperm(experts, generator=gen) for _ in range(layers)])
-    new, full = old.clone(), old.clone()
+    old = torch.stack([torch.randperm(world * slots, generator=gen) for _ in range(layers)])
+    new = old.clone()
     k = max(1, round(change * slots))
     for layer in range(layers):
-        a = torch.randperm(slots, generator=gen)[:k]
-        b = torch.randperm(slots, generator=gen)[:k] + slots
-        new[layer, a], new[layer, b] = old[layer, b], old[layer, a]
-        full[layer, :slots], full[layer, slots:] = old[layer, slots:], old[layer, :slots]
+        picked = [torch.randperm(slots, generator=gen)[:k] + r * slots for r in range(world)]
+        for r in range(world):
+            new[layer, picked[r]] = old[layer, picked[r - 1]]
+    full = old.view(layers, world, slots).roll(1, dims=1).reshape(layers, -1).clone()
     return old, new, full
 
 
@@ -78,17 +76,19 @@ def sync(device: torch.device) -> None:
 
 def exchange_gbps(sends: list[torch.Tensor], recvs: list[torch.Tensor], device: torch.device,
                   repeats: int) -> float:
-    """GB/s per direction of sending ``sends`` to the peer while receiving ``recvs`` from it, one
-    isend/irecv per tensor in one batch (median of ``repeats`` after a warm-up)."""
-    peer = 1 - dist.get_rank()
+    """GB/s per direction of sending ``sends`` to the next rank while receiving ``recvs`` from the
+    previous one (a ring; with 2 ranks, an exchange), one isend/irecv per tensor in one batch
+    (median of ``repeats`` after a warm-up)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    nxt, prev = (rank + 1) % world, (rank - 1) % world
     nbytes = sum(t.numel() * t.element_size() for t in recvs)
     times = []
     for i in range(repeats + 1):
         sync(device)
         dist.barrier()
         t0 = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, t, peer) for t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for t in recvs]
+        ops = [dist.P2POp(dist.isend, t, nxt) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, prev) for t in recvs]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
         sync(device)
@@ -138,7 +138,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=120), **kwargs)
+                            world_size=args.world, timeout=timedelta(seconds=120), **kwargs)
     dist.all_reduce(torch.ones(1, device=device))  # the communicator exists before any P2P
     rows = {}
     for dtype_name in args.dtypes:
@@ -147,8 +147,8 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                     torch.empty(args.slots, args.hidden, args.inter, dtype=dtype, device=device)]
                    for _ in range(args.layers)]
         per_expert = sum(t[0].numel() * t.element_size() for t in weights[0])
-        copier = CopyExecutor(rank, WORLD, weights, ranks_per_node=WORLD, timeout_s=120.0)
-        old, new, full = make_placements(args.layers, args.slots, args.change, args.seed)
+        copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world, timeout_s=120.0)
+        old, new, full = make_placements(args.layers, args.slots, args.world, args.change, args.seed)
         ceil = ceiling(per_expert * args.slots, device, args.repeats)
         k = max(1, round(args.change * args.slots))
         shapes = [tuple(t.shape[1:]) for t in weights[0]]
@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--inter", type=int, default=2048)
+    p.add_argument("--world", type=int, default=None,
+                   help="ranks (GPUs); default: every visible GPU, or 2 on --device cpu")
     p.add_argument("--slots", type=int, default=9, help="slots per GPU per layer")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--change", type=float, default=0.4, help="share of each GPU's slots that move")
@@ -177,14 +179,16 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.device == "cuda" and torch.cuda.device_count() < WORLD:
-        raise SystemExit(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}")
+    if args.world is None:
+        args.world = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.world < 2 or (args.device == "cuda" and torch.cuda.device_count() < args.world):
+        raise SystemExit(f"needs --world >= 2 GPUs, found {torch.cuda.device_count()}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args, port, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=worker, args=(r, args, port, results)) for r in range(args.world)]
     for proc in procs:
         proc.start()
     rows = results.get(timeout=900)
@@ -193,7 +197,7 @@ def main() -> None:
         if proc.exitcode != 0:
             raise SystemExit(f"a rank exited with {proc.exitcode}")
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
-    print(f"copy engine on 2 x {name}, torch {torch.__version__}; H={args.hidden} I={args.inter}, "
+    print(f"copy engine on {args.world} x {name}, torch {torch.__version__}; H={args.hidden} I={args.inter}, "
           f"{args.slots} slots per GPU, {args.layers} layers, {args.change:.0%} of slots move, "
           f"{args.repeats} repeats; times are rank 0's per layer (one copy call per layer, "
           "synchronized), GB/s = bytes received / time")
