@@ -3,13 +3,14 @@
 One process per GPU (NCCL; gloo with --device cpu for a dry run), 2 or more. Per rank and layer: 9+ slots of
 w13 ``[S, 2I, H]`` and w2 ``[S, H, I]`` (H=7168, I=2048), in bf16 (88 MB an expert) or as fp8-sized
 uint8 bytes (44 MB an expert). Measured in the same run:
-  - the NCCL P2P ceiling: one large send/recv each way at once (both ranks send and receive, as in a
-    rebalance), GB/s per direction;
-  - our copy of a realistic rebalance (``--change`` of the slots move to the other GPU), per layer;
-  - the "move everything" baseline: every slot of the layer replaced from the other GPU.
+  - the NCCL P2P ceiling: one large message per rank to the next rank while receiving from the
+    previous one (a ring; with 2 GPUs, an exchange), GB/s per direction;
+  - our copy of a realistic rebalance (``--change`` of each GPU's slots take the previous GPU's
+    experts), per layer;
+  - the "move everything" baseline: every slot of the layer replaced from the previous GPU.
 After each copy every slot is checked against the expert it must hold (first and last element).
 
-    python3 bench/copy_gpu.py                # on a machine with 2 GPUs
+    python3 bench/copy_gpu.py                # every visible GPU (--world N for fewer)
     python3 bench/copy_gpu.py --device cpu --hidden 64 --inter 32   # dry run with gloo
 """
 
