@@ -121,7 +121,9 @@ class WorkerHook:
 
         # Counters: cumulative int64 on the device; snapshots go to the host without a sync.
         self._counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
+        self._count_rows = list(self._counts.unbind(0))  # [E] views, one per layer
         self._ones = torch.ones(1024, dtype=torch.int64, device=self.device)
+        self._ones_of_size: dict[int, torch.Tensor] = {}
         pin = self.device.type == "cuda"
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(4):
@@ -145,10 +147,16 @@ class WorkerHook:
         on the engine's device. No host sync."""
         ids = topk_ids.reshape(-1)
         n = ids.numel()
-        if n > self._ones.numel():
-            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64,
-                                    device=self.device)
-        self._counts[layer].index_add_(0, ids, self._ones[:n])
+        ones = self._ones_of_size.get(n)
+        if ones is None:  # views are cached: slicing on every call costs a microsecond or two
+            if n > self._ones.numel():
+                self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64,
+                                        device=self.device)
+                self._ones_of_size.clear()
+            if len(self._ones_of_size) > 4096:
+                self._ones_of_size.clear()
+            ones = self._ones_of_size[n] = self._ones[:n]
+        self._count_rows[layer].index_add_(0, ids, ones)
 
     def add_counts(self, counts: torch.Tensor) -> None:
         """Add an engine's own per-step counts, ``[L, E]`` integer, on the engine's device."""
