@@ -21,7 +21,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from eplb.proto import (REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
+from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
                         Promise, Refuse)
 
 
@@ -125,7 +125,8 @@ class EpochAgreement:
             where = f"S={self.switch_step}" if self.switch_step is not None else "before PREPARE"
             return self._abort(now, f"rank {msg.rank} refused at step {msg.step} ({where}): "
                                     f"{msg.reason}",
-                               retryable=not msg.reason.startswith(REFUSE_INVALID_PLAN))
+                               retryable=not msg.reason.startswith((REFUSE_INVALID_PLAN,
+                                                                    REFUSE_CANNOT_COPY)))
         elif isinstance(msg, Done) and self.phase is Phase.COMMITTED:
             self.done[msg.rank] = msg
             if not msg.ok:

@@ -48,7 +48,7 @@ import torch
 from eplb.placement import tensor_bytes
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "ProtocolError", "FrameTooLarge", "MalformedFrame",
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "REFUSE_CANNOT_COPY", "ProtocolError", "FrameTooLarge", "MalformedFrame",
     "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
     "Hello", "Welcome", "Rejoin", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
@@ -345,6 +345,9 @@ class Promise(Message):
 #: How a REFUSE's reason starts when the worker found the plan itself invalid (retrying the same
 #: plan cannot help, unlike a refusal for timing).
 REFUSE_INVALID_PLAN = "invalid plan"
+#: How a REFUSE's reason starts when the worker has no way to copy weights (no copy_fn): the
+#: engine's configuration must change, so the leader does not retry either.
+REFUSE_CANNOT_COPY = "cannot copy"
 
 
 @dataclass(frozen=True)

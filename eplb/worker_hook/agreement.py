@@ -23,7 +23,7 @@ import torch
 
 from eplb.placement import InvalidPlacement, placement_hash, validate_placement
 from eplb.worker_hook.copy_plan import changed_layers, chunk_layers, plan_copies
-from eplb.proto import (REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
+from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
                         Promise, Refuse)
 
 
@@ -95,11 +95,14 @@ class WorkerAgreement:
         num_experts: ``E``; num_gpus: EP size ``G``.
         phys2log: ``[L, P]`` placement the engine serves now (copied).
         bytes_per_expert: size of one expert's weights, for byte-budget chunking.
+        can_copy: False when the engine gave no way to copy weights: a plan that moves any
+            layer is then refused (rather than promised and failed at S).
     """
 
     def __init__(self, rank: int, num_experts: int, num_gpus: int, phys2log: torch.Tensor,
-                 bytes_per_expert: int = 0) -> None:
+                 bytes_per_expert: int = 0, can_copy: bool = True) -> None:
         self.rank = rank
+        self.can_copy = can_copy
         self.bytes_per_expert = bytes_per_expert
         self.num_experts = num_experts
         self.num_gpus = num_gpus
@@ -143,13 +146,18 @@ class WorkerAgreement:
             self._reset()
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
                            reason=f"{REFUSE_INVALID_PLAN}: {exc}")]
+        chunks = chunk_changed_layers(self.phys2log, msg.phys2log, msg.layers_per_chunk,
+                                      msg.bytes_per_chunk, self.bytes_per_expert, self.num_gpus)
+        if chunks and not self.can_copy:
+            self._reset()
+            return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
+                           reason=f"{REFUSE_CANNOT_COPY}: rank {self.rank} has no copy_fn; give "
+                                  "WorkerHook a copy_fn to take part in rebalances")]
         self.state = WorkerState.PLANNED
         self.epoch = msg.epoch
         self.switch_step = None
         self._new = msg.phys2log.clone()
-        self._chunks = chunk_changed_layers(self.phys2log, self._new, msg.layers_per_chunk,
-                                            msg.bytes_per_chunk, self.bytes_per_expert,
-                                            self.num_gpus)
+        self._chunks = chunks
         self._next_chunk = 0
         self._bytes_received = 0  # this epoch's DONE reports from here on
         self._copy_seconds = 0.0

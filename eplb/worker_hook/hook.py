@@ -107,7 +107,7 @@ class WorkerHook:
         self.endpoint = workers_endpoint(Path(run_dir) if run_dir else default_run_dir())
 
         self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu(),
-                                          bytes_per_expert)
+                                          bytes_per_expert, can_copy=copy_fn is not None)
         self._lock = threading.Lock()
         self._outcome = threading.Condition(self._lock)
         self._step = 0

@@ -388,3 +388,23 @@ def test_a_bytes_budget_splits_chunks_by_what_the_busiest_rank_receives():
     for x in w:
         x.on_message(plan, 0)
     assert w[0]._chunks == w[1]._chunks == plans_bytes
+
+
+def test_a_rank_without_copy_fn_refuses_plans_that_move_its_layers_for_good():
+    """Promising and then failing at S would take the instance down; refusing up front keeps it
+    serving, and the leader does not retry a configuration error."""
+    from eplb.coordinator.agreement import EpochAgreement, Phase
+
+    old = default_placement(L, E, P)
+    new = old.clone()
+    new[0] = new[0].roll(1)
+    plan = Plan(epoch=1, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1)
+    w = WorkerAgreement(0, E, G, old, can_copy=False)
+    (reply,) = w.on_message(plan, 5)
+    assert isinstance(reply, Refuse) and reply.reason.startswith("cannot copy")
+    assert w.state is WorkerState.IDLE and torch.equal(w.phys2log, old)
+    leader = EpochAgreement(plan, frozenset({0}), 2, 0.0, 0.0)
+    leader.on_message(reply, 0.1)
+    assert leader.phase is Phase.ABORTED and not leader.retryable
+    same = Plan(epoch=2, phys2log=old, plan_hash=placement_hash(old), layers_per_chunk=1)
+    assert isinstance(w.on_message(same, 6)[0], PlanAck)  # nothing to copy: fine
