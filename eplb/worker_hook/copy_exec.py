@@ -73,8 +73,9 @@ class _Totals:
 class ChunkStats:
     """What one call of :class:`CopyExecutor` did on this rank.
 
-    ``p2p_ops`` counts the isend/irecv calls issued (one per weight tensor of a transferred
-    expert); ``staged_bytes`` is the largest staging used for one layer; ``seconds`` is wall time.
+    ``p2p_ops`` counts the isend/irecv calls issued (one per peer and direction in each batch:
+    the experts travel packed); ``staged_bytes`` is the most extra device memory one layer took (packed sends,
+    staged local-copy sources, one batch of receive buffers); ``seconds`` is wall time.
     """
 
     epoch: int
@@ -105,8 +106,9 @@ class CopyExecutor:
             expert transfers of this rank (at least one), which bounds its receive buffers. Each
             batch issues one isend and one irecv per peer, the experts packed into one buffer.
         timeout_s: deadline of each batch, in seconds.
-        bytes_budget: most bytes staged for one layer on any rank; None for no limit. Checked on
-            the global plan before any transfer, so with equal budgets every rank fails alike.
+        bytes_budget: most extra device bytes one layer may take on any rank (packed sends,
+            staged local-copy sources, one batch of receive buffers); None for no limit. Checked
+            on the global plan before any transfer, so with equal budgets every rank fails alike.
     """
 
     def __init__(self, rank: int, num_gpus: int, weights: Sequence[Sequence[torch.Tensor]],
@@ -188,7 +190,7 @@ class CopyExecutor:
             for plan in plans:
                 # The busiest rank decides, so every rank with the same budget fails alike
                 # before any transfer starts.
-                need = max(plan.stats(self.bytes_per_expert).staged_slots) * self.bytes_per_expert
+                need = max(self._working_bytes(plan, r) for r in range(self.num_gpus))
                 if need > self.bytes_budget:
                     raise CopyError(epoch, plan.layer, None,
                                     f"staging needs {need} bytes, over the budget of "
@@ -209,12 +211,9 @@ class CopyExecutor:
                   for ops in batches]
         # Old contents that local copies read from slots this layer overwrites.
         copies = plan.local_copies_of(self.rank)
-        writes = ({op.local_slot for ops in batches for op in ops if op.kind == "recv"}
-                  | {c.dst_local_slot for c in copies})
-        staged = {c.src_local_slot: [t[c.src_local_slot].clone() for t in weights]
-                  for c in copies if c.from_old and c.src_local_slot in writes}
-        totals.staged = max(totals.staged, (len(staged) + sum(
-            len(ops) for ops in batches)) * self.bytes_per_expert)
+        staged = {slot: [t[slot].clone() for t in weights]
+                  for slot in plan.copy_sources_to_stage(self.rank)}
+        totals.staged = max(totals.staged, self._working_bytes(plan, self.rank))
 
         for b, (ops, sends) in enumerate(zip(batches, packed)):
             if not ops:
@@ -251,6 +250,15 @@ class CopyExecutor:
                     src = tensor[copy.src_local_slot]
                 tensor[copy.dst_local_slot].copy_(src)
             totals.copies += 1
+
+    def _working_bytes(self, plan: LayerCopyPlan, rank: int) -> int:
+        """Extra device bytes ``rank`` holds while copying ``plan``'s layer: every packed send
+        (all packed up front), the staged local-copy sources, and the largest batch's receives."""
+        recvs = max((sum(op.kind == "recv" for op in plan.ops_for(rank, batch))
+                     for batch in plan.batches(self.transfers_per_batch)), default=0)
+        packed = len(plan.sends_of(rank)) + recvs
+        return (packed * self._packed_expert_bytes
+                + len(plan.copy_sources_to_stage(rank)) * self.bytes_per_expert)
 
     def _slices(self) -> list[tuple[int, int]]:
         """(offset, bytes) of each weight tensor of one expert inside a packed expert; offsets

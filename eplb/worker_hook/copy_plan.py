@@ -9,8 +9,9 @@ send has its receive without any message being exchanged. Rules for one layer:
 
 - a slot whose expert does not change is never touched;
 - a slot whose new expert is already on the rank in the OLD placement is filled by a local copy
-  that reads OLD contents (swaps and cycles inside a rank work because the executor stages the
-  old contents of every slot that is both read and overwritten, see ``staged_slots``);
+  that reads OLD contents (swaps and cycles inside a rank work because the old contents of every
+  slot that is both read and overwritten are kept, see ``staged_slots``: the executor packs what
+  it sends before any write and stages ``copy_sources_to_stage``);
 - otherwise the rank receives the expert once from a rank holding it in the OLD placement,
   preferring one on its own node (``node = rank // ranks_per_node``), then the holder with the
   fewest sends so far in this layer; further slots of the same rank that need the same expert
@@ -132,10 +133,17 @@ class LayerCopyPlan:
         not change whenever the rank has one, so this list is usually short.
         """
         reads = {t.src_local_slot for t in self.sends_of(rank)}
-        reads |= {c.src_local_slot for c in self.local_copies_of(rank) if c.from_old}
-        writes = {t.dst_local_slot for t in self.recvs_of(rank)}
-        writes |= {c.dst_local_slot for c in self.local_copies_of(rank)}
-        return sorted(reads & writes)
+        return sorted((reads & self._writes(rank)) | set(self.copy_sources_to_stage(rank)))
+
+    def copy_sources_to_stage(self, rank: int) -> list[int]:
+        """Local slots of ``rank`` that a ``from_old`` local copy reads and this layer overwrites:
+        the staging the executor needs once sends are packed before any write."""
+        reads = {c.src_local_slot for c in self.local_copies_of(rank) if c.from_old}
+        return sorted(reads & self._writes(rank))
+
+    def _writes(self, rank: int) -> set[int]:
+        return ({t.dst_local_slot for t in self.recvs_of(rank)}
+                | {c.dst_local_slot for c in self.local_copies_of(rank)})
 
     def batches(self, max_transfers_per_rank: int) -> list[list[int]]:
         """Split the transfers into batches that every rank runs in the same order.
