@@ -1,0 +1,107 @@
+"""bench/decode_gpu.py on CPU (gloo, 2 ranks, tiny shapes): every mode runs in one call, the
+rebalancing modes rebalance exactly once, and every slot holds its expert afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from decode_engine import Shape, StandInMoE, expert_tags  # noqa: E402
+
+STEPS, WARMUP, TRIGGER, WINDOW, LAYERS, SLOTS, WORLD = 160, 20, 90, 50, 4, 9, 2
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[dict, str, str]:
+    out = tmp_path_factory.mktemp("decode") / "cpu_decode.md"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "bench" / "decode_gpu.py"), "--device", "cpu",
+           "--world", str(WORLD), "--hidden", "64", "--inter", "32", "--tokens", "32",
+           "--layers", str(LAYERS), "--slots", str(SLOTS), "--steps", str(STEPS),
+           "--warmup", str(WARMUP), "--rebalance-at", str(TRIGGER), "--window", str(WINDOW),
+           "--sigma", "1.5", "--timeout", "150", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    raw = json.loads(out.with_suffix(".json").read_text())
+    return raw, out.read_text(), proc.stdout
+
+
+def test_every_mode_ran_with_the_same_steps(bench_run) -> None:
+    raw, table, stdout = bench_run
+    modes = raw["summary"]["modes"]
+    assert list(modes) == ["no-rebalance", "stop-the-world", "async", "sidecar"]
+    for name, m in modes.items():
+        assert m["steps_measured"] == STEPS - WARMUP, name
+        assert all(len(r) == STEPS for r in raw["per_rank_step_ms"][name])
+        assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
+    assert "RESULT: ok" in stdout
+    for title in ("no rebalance", "stop-the-world", "in-engine async", "sidecar (eplb)"):
+        assert title in table.splitlines()[4]
+    assert raw["summary"]["ceiling_gbps"] > 0
+
+
+def test_rebalancing_modes_rebalance_once_and_move_real_bytes(bench_run) -> None:
+    raw, _, _ = bench_run
+    modes = raw["summary"]["modes"]
+    assert modes["no-rebalance"]["rebalances"] == 0 and modes["no-rebalance"]["chunks"] == 0
+    bytes_per_expert = 3 * 64 * 32 * 2
+    for name in ("stop-the-world", "async", "sidecar"):
+        m = modes[name]
+        assert m["rebalances"] == 1, name
+        assert m["bytes_moved"] > 0 and m["bytes_moved"] % bytes_per_expert == 0, name
+        assert m["copy_steps"][0] >= TRIGGER, name  # nobody copies before the trigger
+        assert m["copy_steps"][-1] < STEPS - WINDOW, name  # done before the "after" window
+        assert m["copy_gbps"] > 0 and m["longest_chunk_ms"] > 0
+    # Stop-the-world copies every layer at the trigger step; the others one layer per step.
+    assert modes["stop-the-world"]["copy_steps"] == [TRIGGER]
+    for name in ("async", "sidecar"):
+        steps = modes[name]["copy_steps"]
+        assert steps == list(range(steps[0], steps[0] + len(steps))), name
+        assert 1 <= len(steps) <= LAYERS
+        layers = sorted(l for c in raw["copies"][name][0] for l in c["layers"])
+        assert len(layers) == len(set(layers)) == len(steps)  # one layer per chunk
+    assert modes["sidecar"]["placement_matches_leader"]
+    assert modes["sidecar"]["leader_counters"]["committed"] == 1
+
+
+def test_weights_hold_their_experts_and_balance_improves(bench_run) -> None:
+    raw, _, _ = bench_run
+    for name, m in raw["summary"]["modes"].items():
+        assert m["mismatched_slots"] == 0, name
+        assert m["slots_checked"] == WORLD * LAYERS * SLOTS
+        assert m["placements_agree"], name
+    modes = raw["summary"]["modes"]
+    base = modes["no-rebalance"]["balancedness"]
+    for name in ("stop-the-world", "async", "sidecar"):
+        b = modes[name]["balancedness"]
+        assert b["before"] == pytest.approx(base["before"])  # same routing in every mode
+        assert b["after"] > b["after_if_not_rebalanced"] + 0.02, name
+        assert b["after_if_not_rebalanced"] == pytest.approx(base["after"])
+
+
+def test_verify_catches_a_wrong_slot() -> None:
+    """The check the bench relies on fails when a slot holds another expert's weights."""
+    shape = Shape(layers=2, experts=6, slots=4, world=2, hidden=8, inter=4, tokens=4, topk=2)
+    engine = StandInMoE(shape, 1, torch.device("cpu"), torch.bfloat16, 0, 1.0, 100)
+    placement = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1], [5, 4, 3, 2, 1, 0, 5, 4]])
+    engine.reset(placement)
+    assert engine.verify() == 0
+    tags = expert_tags(placement, shape.experts)
+    assert len(set(tags[0].tolist()[:6])) == 6  # distinct within a layer
+    engine.w2[1][2][3, 1] = engine.w2[1][2][3, 1] * 2  # one element of one slot
+    assert engine.verify() == 1
+    engine.reset(placement)
+    # Serving a placement whose weights were not moved: slots 4 and 5 (rank 1's 0 and 1) swap.
+    swapped = placement.clone()
+    swapped[0, [4, 5]] = swapped[0, [5, 4]]
+    engine.set_layers([0], swapped)
+    assert engine.verify() == 2
