@@ -67,7 +67,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from decode_engine import Shape, StandInMoE  # noqa: E402
-from eplb.coordinator.planner import PlannerSpec, plan_placement  # noqa: E402
+from eplb.coordinator.planner import POLICIES, PlannerSpec, plan_placement  # noqa: E402
 from eplb.placement import default_placement, overall_balancedness, placement_hash  # noqa: E402
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
 from eplb.worker_hook.copy_plan import changed_layers, chunk_layers  # noqa: E402
@@ -562,6 +562,8 @@ def summarize(args, ranks: list[dict]) -> dict:
                    "steps_measured": len(measured)}
         copies = [c for pr in per_rank for c in pr["copies"]]
         copy_steps = sorted({c["step"] for c in copies})
+        m["p50_before_trigger_ms"] = statistics.median(steps_ms[args.warmup:args.rebalance_at - AROUND])
+        m["steps_ms"] = steps_ms
         m["copy_steps"] = copy_steps
         m["chunks"] = len(copy_steps)
         events = per_rank[0]["events"]
@@ -576,6 +578,11 @@ def summarize(args, ranks: list[dict]) -> dict:
             m["reference_p50_ms"] = reference
             window = steps_ms[lo:hi + 1]
             m["extra_ms"] = sum(t - reference for t in window)
+            if base:
+                m["extra_vs_same_steps_ms"] = sum(steps_ms[i] - base["steps_ms"][i]
+                                                  for i in range(lo, hi + 1))
+            after = steps_ms[hi + 1:]
+            m["p50_after_rebalance_ms"] = statistics.median(after) if after else None
             m["worst_window_ms"] = max(window)
             m["worst_window_step"] = lo + window.index(max(window))
             chunk_ms = {}
@@ -662,6 +669,9 @@ def render(args, ranks: list[dict], summary: dict) -> str:
     row("step p50 ms", lambda m: _f(m["p50_ms"]))
     row("step p99 ms", lambda m: _f(m["p99_ms"]))
     row("step max ms", lambda m: _f(m["max_ms"]))
+    row("step p50 before the trigger ms (same work in every mode)",
+        lambda m: _f(m["p50_before_trigger_ms"]))
+    row("step p50 after the last copy ms", lambda m: _f(m.get("p50_after_rebalance_ms")))
     if "no-rebalance" in modes:
         row("p99 vs no rebalance", lambda m: _f(m.get("p99_vs_no_rebalance_pct"), "{:+.1f} %"))
     row("rebalances committed", lambda m: str(m["rebalances"]))
@@ -671,6 +681,9 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         lambda m: _f(m.get("worst_window_ms")) + (f" (step {m['worst_window_step']})"
                                                   if "worst_window_step" in m else ""))
     row("extra time around the rebalance ms", lambda m: _f(m.get("extra_ms"), "{:+.1f}"))
+    if "no-rebalance" in modes:
+        row("extra time vs the same steps without rebalance ms",
+            lambda m: _f(m.get("extra_vs_same_steps_ms"), "{:+.1f}"))
     row("longest chunk copy ms", lambda m: _f(m.get("longest_chunk_ms")))
     row("bytes moved (all ranks) GB", lambda m: _f(m.get("bytes_moved", 0) / 1e9 if m.get("bytes_moved") else None, "{:.3f}"))
     row("copy GB/s (% of P2P ceiling)",
@@ -766,7 +779,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps of counts the plan uses (the sidecar's --window)")
     p.add_argument("--layers-per-step", type=int, default=1,
                    help="layers per copy chunk (async and sidecar)")
-    p.add_argument("--policy", choices=("greedy", "deepseek"), default="deepseek")
+    p.add_argument("--policy", choices=POLICIES, default="deepseek",
+                   help="placement policy of every mode (eplb.coordinator.planner)")
     p.add_argument("--async-margin", type=int, default=2,
                    help="async mode: each rank proposes its current step + this as begin step")
     p.add_argument("--flush-every", type=int, default=16,
@@ -800,8 +814,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--world {args.world} needs that many GPUs, found {torch.cuda.device_count()}")
     if not args.experts <= args.slots * args.world:
         p.error("--experts must be at most slots x world")
-    if not 0 <= args.warmup < args.rebalance_at < args.steps or not 0 < args.window <= args.rebalance_at:
-        p.error("need 0 <= warmup < rebalance-at < steps and 0 < window <= rebalance-at")
+    if not 0 <= args.warmup < args.rebalance_at - AROUND < args.steps or not 0 < args.window <= args.rebalance_at:
+        p.error(f"need 0 <= warmup < rebalance-at - {AROUND}, rebalance-at < steps and "
+                "0 < window <= rebalance-at")
     if args.steps >= 2 * args.rebalance_at:
         p.error("--steps must be < 2 x --rebalance-at so that the sidecar triggers once")
     return args
@@ -830,6 +845,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = str(cluster.run_dir(0))
         with tempfile.TemporaryDirectory(prefix="eplb-decode-") as result_dir:
             ranks = spawn_ranks(args, run_dir, result_dir)
+    except BaseException:
+        if cluster is not None:
+            for log in sorted(Path(cluster.log_dir).glob("*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-30:]
+                print(f"--- last lines of {log} ---", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         if cluster is not None:
             cluster.stop()

@@ -21,3 +21,9 @@ python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt"
 timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
 # One process per worker, as engines run (one rank per process): 128 + 16 processes.
 timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt"
+
+# --- Issue 5: decode-loop step times while experts move (bench/decode_gpu.py) -------------------
+# Every visible GPU, one process each; four modes in one call: no rebalance, stop-the-world,
+# in-engine async, sidecar (a real eplb-sidecar). About 10 GB per GPU, 2-4 minutes on 2 GPUs.
+# Table: $OUT/decode_gpu.md (+ .json with the raw step times); commit as bench/results/<card>x<N>_decode.md.
+timeout 1500 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | tee "$OUT/decode_gpu.txt"
