@@ -24,12 +24,13 @@ def test_sidecar_help_explains_every_option() -> None:
 def test_sidecar_rejects_bad_arguments_with_a_message_naming_the_option() -> None:
     out = run("-m", "eplb.coordinator", "--node-rank", "2", "--num-nodes", "2",
               "--leader", "tcp://127.0.0.1:1")
-    assert out.returncode != 0 and "--node-rank 2 must lie in [0, 2)" in out.stderr
+    assert out.returncode == 2 and "--node-rank 2 must lie in [0, 2)" in out.stderr
     out = run("-m", "eplb.coordinator", "--node-rank", "0", "--num-nodes", "1", "--leader", "host:1")
     assert out.returncode == 2 and "expected tcp://HOST:PORT" in out.stderr
     out = run("-m", "eplb.coordinator", "--node-rank", "0", "--num-nodes", "1",
               "--leader", "tcp://127.0.0.1:1", "--min-margin", "1")
-    assert out.returncode != 0 and "--min-margin must be at least 2" in out.stderr
+    assert out.returncode == 2 and "bad --min-margin: '1'" in out.stderr
+    assert "expected an integer >= 2" in out.stderr
 
 
 def test_eplbctl_without_a_sidecar_says_what_to_do(tmp_path: Path) -> None:

@@ -6,6 +6,12 @@ workers (identity = global rank) and a ROUTER on ``ipc://<run_dir>/control.sock`
 leader logic; the other nodes connect a DEALER to it and relay their workers' frames as
 ``[Relay header, worker frames...]``, a burst at a time. All decisions live in the sans-IO core; this module only moves
 frames, watches liveness and runs the planner in an executor.
+
+Operation: the tick loop stamps the health heartbeat (``/healthz``), pings systemd's watchdog,
+refreshes the metrics and decides readiness (``/readyz``). On stop (SIGTERM) the order is fixed:
+not ready, STOPPING=1 to systemd, the loops stop taking frames, the leader aborts an epoch that has
+not committed (never one that has: it repeats the COMMIT instead), and the sockets close with a
+short linger so those last frames still leave.
 """
 
 from __future__ import annotations
@@ -26,18 +32,24 @@ import zmq
 import zmq.asyncio
 
 from eplb import __version__
+from eplb.coordinator.agreement import Phase
+from eplb.coordinator.health import HealthState, HttpEndpoints
 from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output
+from eplb.coordinator.metrics import SHUTDOWN_REASON, SidecarMetrics
 from eplb.coordinator.planner import plan_rebalance
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
-from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch, InvalidField,
-                        MalformedFrame, Message, NodeHeartbeat, NodeHello, ProtocolError, Rejoin,
-                        Relay, Welcome, WorkerLeft, decode, encode)
+from eplb.proto import (Abort, Bye, Commit, ControlReply, ControlRequest, Hello, IdentityMismatch,
+                        InvalidField, MalformedFrame, Message, NodeHeartbeat, NodeHello,
+                        ProtocolError, Rejoin, Relay, Welcome, WorkerLeft, decode, encode)
+from eplb.sd_notify import Notifier
 
 log = logging.getLogger("eplb.sidecar")
 
 BROADCAST = -1
 #: Most worker messages a sidecar takes from its socket before giving other tasks a turn.
 MAX_BURST = 64
+#: How long closing sockets may wait for queued frames (the shutdown's ABORT) to leave.
+SHUTDOWN_LINGER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,12 @@ class SidecarConfig:
     control_timeout_s: float = 5.0
     planner_executor: str = "process"  # or "thread"
     group_access: bool = False
+    http: tuple[str, int] | None = None  # (host, port) for /metrics, /healthz, /readyz; 0: any
+    expected_workers: int = 0  # local workers that must have joined to be ready
+    grace_s: float = 10.0  # a stop must finish within this (the CLI enforces it)
+    stale_after_s: float = 5.0  # /healthz fails when the loop has not ticked for this long
+    refresh_s: float = 0.25  # metrics and readiness update period
+    balancedness_every_s: float = 2.0  # window balancedness is recomputed this often
 
     @property
     def is_leader(self) -> bool:
@@ -84,6 +102,14 @@ class Sidecar:
         self.leader_seen = 0.0
         self._executor: concurrent.futures.Executor | None = None
         self._tasks: set[asyncio.Task] = set()
+        role = "leader" if config.is_leader else "follower"
+        self.metrics = SidecarMetrics(config.node_rank, role)
+        self.health = HealthState(config.stale_after_s)
+        self.notifier = Notifier()
+        self.http: HttpEndpoints | None = None
+        self.http_address: tuple[str, int] | None = None
+        self.stopping = False
+        self.failed = False  # a loop died: the process should exit non-zero
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -146,8 +172,24 @@ class Sidecar:
 
     # --- main loop ------------------------------------------------------------------------------
 
+    def _start_http(self) -> None:
+        cfg = self.config
+        if cfg.http is None:
+            return
+        self.http = HttpEndpoints(cfg.http[0], cfg.http[1], self.metrics.registry, self.health)
+        try:
+            self.http_address = self.http.start()
+        except OSError as exc:
+            self.close()
+            raise SystemExit(f"eplb-sidecar: cannot listen on --http {cfg.http[0]}:{cfg.http[1]}: "
+                             f"{exc}; choose another port, or --http off") from None
+        log.info("node %d: /metrics, /healthz, /readyz on http://%s:%d", cfg.node_rank,
+                 *self.http_address)
+
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set (or a loop fails), then shut down in order."""
         self._bind()
+        self._start_http()
         cfg = self.config
         role = "leader" if cfg.is_leader else "follower"
         log.info("node %d/%d: sidecar %s (%s) up; workers on %s, control on %s, leader %s",
@@ -162,20 +204,61 @@ class Sidecar:
             self._start_executor()
         tasks = [asyncio.ensure_future(c) for c in loops]
         stopper = asyncio.ensure_future(stop.wait())
+        self.notifier.ready(f"{role} of {cfg.num_nodes} node(s)")
         done, _ = await asyncio.wait(tasks + [stopper], return_when=asyncio.FIRST_COMPLETED)
+        # 1. not ready, and systemd knows we are stopping
+        self.stopping = True
+        self.health.set_ready(False, "shutting down")
+        self.metrics.ready.set(0)
+        self.notifier.stopping("shutting down")
+        log.info("node %d: stopping", cfg.node_rank)
+        # 2. no more frames in: after this no PROMISE can turn the epoch into a COMMIT
         for task in tasks + [stopper] + list(self._tasks):
             task.cancel()
         for task in done:
             if task is not stopper and not task.cancelled() and task.exception():
+                self.failed = True
                 log.error("node %d: a sidecar loop failed", cfg.node_rank,
                           exc_info=task.exception())
         await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
+        # 3. an epoch before COMMIT is aborted; a committed one is never aborted (invariant I1)
+        try:
+            await self._settle_epoch_for_shutdown()
+        except Exception:  # still close the sockets
+            log.exception("node %d: could not end the epoch in flight", cfg.node_rank)
+        # 4. close with a short linger: the frames just queued still leave
         self.close()
+
+    async def _settle_epoch_for_shutdown(self) -> None:
+        """Leader, stopping: ABORT an epoch that has not committed, so that promised workers stop
+        holding at S; repeat the COMMIT of a committed one, in case the broadcast that carried it
+        was cut short by the stop (workers ignore a COMMIT they already have)."""
+        if self.core is None or self.core.agreement is None:
+            return
+        agreement = self.core.agreement
+        fields = {"epoch": agreement.epoch, "phase": agreement.phase.value,
+                  "step": agreement.switch_step}
+        if agreement.phase in (Phase.PLANNED, Phase.PREPARING):
+            log.warning("epoch %d: aborting it (%s, not committed): %s", agreement.epoch,
+                        agreement.phase.value, SHUTDOWN_REASON, extra=fields)
+            await self._execute([Broadcast(Abort(epoch=agreement.epoch, reason=SHUTDOWN_REASON))])
+            self.metrics.epochs_aborted.labels("shutdown").inc()
+        elif agreement.phase is Phase.COMMITTED:
+            assert agreement.switch_step is not None
+            log.warning("epoch %d: committed at S=%d, so it is not aborted; the workers finish "
+                        "their copies without this leader", agreement.epoch,
+                        agreement.switch_step, extra=fields)
+            await self._execute([Broadcast(Commit(epoch=agreement.epoch,
+                                                  step=agreement.switch_step))])
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self.ctx.destroy(linger=200)
+        if self.http is not None:
+            self.http.close()
+        linger_ms = int(1000 * min(SHUTDOWN_LINGER_S, self.config.grace_s / 4))
+        self.ctx.destroy(linger=linger_ms)
+        self.notifier.close()
         for endpoint in (workers_endpoint(self.config.run_dir), control_endpoint(self.config.run_dir)):
             try:
                 os.unlink(endpoint.removeprefix("ipc://"))
@@ -195,6 +278,7 @@ class Sidecar:
         """Invariant I4: a bad frame is counted and logged, and changes nothing. Logging is capped
         at one line per reason per second, so a flood cannot fill the disk."""
         self.rejected[exc.reason] += 1
+        self.metrics.frames_rejected.labels(exc.reason).inc()
         now = time.monotonic()
         last, suppressed = self._reject_logged.get(exc.reason, (0.0, 0))
         if now - last < 1.0:
@@ -256,7 +340,8 @@ class Sidecar:
             if msg.node != self.config.node_rank:
                 log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
                             rank, msg.node, self.config.node_rank)
-            log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step)
+            log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step,
+                     extra={"rank": rank, "step": msg.step})
         elif rank not in self.local:
             # No HELLO since this sidecar started (or the rank was declared gone): ask for one.
             await self._ask_rejoin(None, rank,
@@ -269,7 +354,8 @@ class Sidecar:
         return False
 
     async def _worker_left(self, rank: int, why: str) -> None:
-        log.warning("node %d: rank %d left: %s", self.config.node_rank, rank, why)
+        log.warning("node %d: rank %d left: %s", self.config.node_rank, rank, why,
+                    extra={"rank": rank})
         if self.core is None:
             await self._send_up([encode(WorkerLeft(node=self.config.node_rank, rank=rank,
                                                    reason=why))])
@@ -296,7 +382,7 @@ class Sidecar:
             if not error:
                 self.rank_node[msg.rank] = node
             else:
-                log.error("rank %d refused: %s", msg.rank, error)
+                log.error("rank %d refused: %s", msg.rank, error, extra={"rank": msg.rank})
                 if node == 0:
                     self.local.pop(msg.rank, None)
             await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,
@@ -315,7 +401,8 @@ class Sidecar:
         if now - self._rejoin_asked.get(rank, 0.0) < 1.0:
             return
         self._rejoin_asked[rank] = now
-        log.info("node %d: asking rank %d to join again: %s", self.config.node_rank, rank, why)
+        log.info("node %d: asking rank %d to join again: %s", self.config.node_rank, rank, why,
+                 extra={"rank": rank})
         frame = encode(Rejoin(rank=rank, reason=why))
         if node is None:
             await self._to_local(rank, frame)
@@ -361,6 +448,8 @@ class Sidecar:
                                                      req.force, req.spec)
         except Exception as exc:  # planner bug or dead pool: record it, keep serving
             result = exc
+        else:
+            self.metrics.plan_seconds.observe(result.plan_seconds)
         await self._execute(self.core.on_plan_result(req.request_id, result, time.monotonic()))
 
     async def _peer_loop(self) -> None:
@@ -463,10 +552,15 @@ class Sidecar:
 
     async def _tick_loop(self) -> None:
         cfg = self.config
-        next_beat = 0.0
+        next_beat = next_refresh = next_balance = next_watchdog = 0.0
+        watchdog_every = self.notifier.watchdog_interval_s
         while True:
             await asyncio.sleep(cfg.tick_s)
             now = time.monotonic()
+            self.health.beat()
+            if watchdog_every is not None and now >= next_watchdog:
+                next_watchdog = now + watchdog_every
+                self.notifier.watchdog()
             for rank, seen in list(self.local.items()):
                 if now - seen > cfg.worker_timeout_s:
                     del self.local[rank]
@@ -493,6 +587,46 @@ class Sidecar:
                 else:
                     for follower in list(self.nodes.values()):
                         await self.peers.send_multipart([follower.identity, beat])
+            if now >= next_refresh:
+                next_refresh = now + cfg.refresh_s
+                self._refresh(now, balance=now >= next_balance)
+                if now >= next_balance:
+                    next_balance = now + cfg.balancedness_every_s
+
+    def _refresh(self, now: float, balance: bool) -> None:
+        """Metrics and readiness from the current state (on the loop, so nothing races)."""
+        m = self.metrics
+        m.workers_connected.set(len(self.local))
+        if self.core is not None:
+            m.follow_leader(self.core)
+            m.followers.set(len(self.nodes))
+            if balance and self.http is not None:
+                m.leader_balancedness(self.core)
+        elif self.leader_seen:
+            m.leader_last_seen.set(round(now - self.leader_seen, 3))
+        ready, why = self.readiness(now)
+        if not self.stopping:
+            self.health.set_ready(ready, why)
+            m.ready.set(1 if ready else 0)
+
+    def readiness(self, now: float) -> tuple[bool, str]:
+        """Ready: the expected local workers have joined, the leader is reachable (a follower
+        heard it within --node-timeout) and the instance is not unsafe. Returns (ready, why)."""
+        cfg = self.config
+        if self.stopping:
+            return False, "shutting down"
+        if len(self.local) < cfg.expected_workers:
+            return False, (f"{len(self.local)}/{cfg.expected_workers} local workers joined "
+                           f"(ranks {sorted(self.local)})")
+        if self.core is None:
+            if not self.leader_seen:
+                return False, f"leader {cfg.leader_address} not heard from yet"
+            if now - self.leader_seen > cfg.node_timeout_s:
+                return False, (f"leader {cfg.leader_address} silent for "
+                               f"{now - self.leader_seen:.1f}s (limit {cfg.node_timeout_s:g}s)")
+        elif self.core.unsafe_reason:
+            return False, f"unsafe: {self.core.unsafe_reason}"
+        return True, f"ready: {len(self.local)} local worker(s) {sorted(self.local)}"
 
     # --- control --------------------------------------------------------------------------------
 
@@ -543,6 +677,9 @@ class Sidecar:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "local_workers": sorted(self.local),
             "frames_rejected": dict(self.rejected),
+            "http": (f"{self.http_address[0]}:{self.http_address[1]}"
+                     if self.http_address else None),
+            "ready": self.readiness(time.monotonic())[0],
             "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
                                    if self.leader_seen else None),
         }

@@ -8,6 +8,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
+    """``(status, body)`` of a GET (a sidecar's /metrics, /healthz, /readyz); an HTTP error status
+    is an answer too."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
+               every_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; raise TimeoutError
+    naming ``what`` and the last value otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise TimeoutError(f"{what}: not within {timeout_s:g}s (last: {last!r})")
 
 
 @dataclass
@@ -49,9 +76,12 @@ class LocalCluster:
         return self.base_dir / f"n{node}"
 
     def start_sidecar(self, node: int, extra: list[str] | None = None) -> subprocess.Popen:
+        # Port 0: every sidecar of the cluster gets a free port for its HTTP endpoints
+        # (http_address() says which); a --http in the extra flags wins.
         cmd = [sys.executable, "-m", "eplb.coordinator", "--node-rank", str(node),
                "--num-nodes", str(self.num_nodes), "--leader", self.leader,
-               "--run-dir", str(self.run_dir(node)), *self.sidecar_args, *(extra or [])]
+               "--run-dir", str(self.run_dir(node)), "--http", "127.0.0.1:0",
+               *self.sidecar_args, *(extra or [])]
         log = open(self.log_dir / f"sidecar{node}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -83,6 +113,14 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"sidecar {node} not ready within {timeout_s:g}s")
                 time.sleep(0.05)
+
+    def http_address(self, node: int, timeout_s: float = 5.0) -> str:
+        """``http://HOST:PORT`` of a running sidecar's /metrics, /healthz and /readyz."""
+        local = control_call("status", {"local": True}, self.run_dir(node), timeout_s=timeout_s)
+        local = local.get("leader", local)  # the leader answers with the whole status
+        if not local.get("http"):
+            raise RuntimeError(f"sidecar {node} serves no HTTP endpoints (--http off?)")
+        return f"http://{local['http']}"
 
     def start_worker(self, args: list[str], log_name: str,
                      command: list[str] | None = None) -> subprocess.Popen:

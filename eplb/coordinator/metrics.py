@@ -1,0 +1,165 @@
+"""The sidecar's Prometheus metrics, in a registry of its own.
+
+The event loop updates them (prometheus-client's metrics are thread-safe); the HTTP thread only
+renders them, so a scrape never reads the leader's state while the loop changes it. Epoch metrics
+come from the leader's history (:class:`~eplb.coordinator.leader.EpochRecord`) and are zero on
+followers; sum over sidecars, or select ``role="leader"`` through ``eplb_sidecar_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from eplb import __version__
+from eplb.coordinator.leader import LeaderCore
+from eplb.placement import balancedness
+
+log = logging.getLogger("eplb.sidecar")
+
+#: The values of the ``reason`` label of ``eplb_epochs_aborted_total``.
+ABORT_REASONS = ("refused", "timeout", "worker_left", "node_lost", "shutdown", "other")
+#: The values of the ``reason`` label of ``eplb_frames_rejected_total`` (ProtocolError.reason).
+FRAME_REASONS = ("protocol", "too_large", "malformed", "version", "unknown_type", "invalid_field",
+                 "identity_mismatch")
+SHUTDOWN_REASON = "sidecar shutting down"
+
+
+def abort_reason(text: str) -> str:
+    """Map an abort's free-text reason (see :mod:`eplb.coordinator.agreement`) to one of
+    :data:`ABORT_REASONS`, so the label has few values."""
+    if text.startswith(SHUTDOWN_REASON):
+        return "shutdown"
+    if text.startswith("timeout"):
+        return "timeout"
+    if re.match(r"rank \d+ refused", text):
+        return "refused"
+    if re.search(r"node \d+ lost", text):
+        return "node_lost"
+    if re.match(r"rank \d+ left", text):
+        return "worker_left"
+    return "other"
+
+
+class SidecarMetrics:
+    """Every metric one sidecar exports.
+
+    Args:
+        node: this sidecar's node rank; role: ``leader`` or ``follower``.
+    """
+
+    def __init__(self, node: int, role: str) -> None:
+        r = self.registry = CollectorRegistry()
+        info = Gauge("eplb_sidecar_info", "Constant 1, labelled with this sidecar's identity",
+                     ["node", "role", "version"], registry=r)
+        info.labels(str(node), role, __version__).set(1)
+        self.ready = Gauge("eplb_ready", "1 when /readyz answers 200", registry=r)
+        self.workers_connected = Gauge(
+            "eplb_workers_connected", "Workers of this node that have joined and are alive",
+            registry=r)
+        self.group_workers = Gauge(
+            "eplb_group_workers_joined", "Leader: workers of the whole EP group that have joined",
+            registry=r)
+        self.group_size = Gauge("eplb_group_world_size", "Leader: the EP group's size (0: unknown)",
+                                registry=r)
+        self.followers = Gauge("eplb_follower_sidecars", "Leader: follower sidecars heard from",
+                               registry=r)
+        self.leader_last_seen = Gauge(
+            "eplb_leader_last_seen_seconds",
+            "Follower: seconds since the leader was last heard from (-1: never)", registry=r)
+        self.unsafe = Gauge("eplb_unsafe", "Leader: 1 after an epoch failed after COMMIT; the "
+                            "engine must be restarted", registry=r)
+        self.epochs_started = Counter("eplb_epochs_started", "Epochs whose PLAN was sent",
+                                      registry=r)
+        self.epochs_committed = Counter(
+            "eplb_epochs_committed", "Epochs committed and DONE on every worker", registry=r)
+        self.epochs_aborted = Counter("eplb_epochs_aborted", "Epochs aborted before COMMIT",
+                                      ["reason"], registry=r)
+        self.epochs_skipped = Counter(
+            "eplb_epochs_skipped", "Rebalances not started: predicted gain below --min-gain",
+            registry=r)
+        self.epochs_failed = Counter(
+            "eplb_epochs_failed", "Epochs that failed after COMMIT (copy error or missing DONE)",
+            registry=r)
+        self.plan_errors = Counter("eplb_plan_errors", "Planner calls that raised", registry=r)
+        self.plan_seconds = Histogram(
+            "eplb_plan_seconds", "Planner compute time per rebalance", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.agreement_seconds = Histogram(
+            "eplb_agreement_seconds", "PREPARE sent to COMMIT sent, per committed epoch",
+            registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                 1, 2.5))
+        self.bytes_moved = Counter(
+            "eplb_bytes_moved", "Expert weight bytes received by all ranks in finished epochs",
+            registry=r)
+        self.experts_moved = Counter("eplb_experts_moved",
+                                     "Slots whose expert changed in committed epochs", registry=r)
+        self.balancedness = Gauge(
+            "eplb_balancedness", "Leader: mean/max GPU load over the count window, averaged "
+            "over layers (1 is perfect; -1: no counts yet)", registry=r)
+        self.layer_balancedness = Gauge(
+            "eplb_layer_balancedness", "Leader: mean/max GPU load over the count window, per "
+            "MoE layer", ["layer"], registry=r)
+        self.frames_rejected = Counter(
+            "eplb_frames_rejected", "Frames dropped as malformed, of an unknown version or type, "
+            "invalid or spoofed (invariant I4)", ["reason"], registry=r)
+        for reason in ABORT_REASONS:
+            self.epochs_aborted.labels(reason)
+        for reason in FRAME_REASONS:
+            self.frames_rejected.labels(reason)
+        self.balancedness.set(-1)
+        self.leader_last_seen.set(-1)
+        self._records_seen = 0
+        self._started_seen = 0
+
+    def follow_leader(self, core: LeaderCore) -> None:
+        """Count what the leader's history gained since the last call (cheap; call per tick)."""
+        started = core.counters.get("started", 0)
+        if started > self._started_seen:
+            self.epochs_started.inc(started - self._started_seen)
+            self._started_seen = started
+        history = core.history
+        if len(history) < self._records_seen:  # history was trimmed: count from its end
+            self._records_seen = len(history)
+        for record in history[self._records_seen:]:
+            outcome = record.outcome
+            if outcome == "committed":
+                self.epochs_committed.inc()
+                self.experts_moved.inc(record.experts_moved)
+                if record.agreement_ms is not None:
+                    self.agreement_seconds.observe(record.agreement_ms / 1e3)
+            elif outcome == "aborted":
+                self.epochs_aborted.labels(abort_reason(record.reason)).inc()
+            elif outcome == "skipped":
+                self.epochs_skipped.inc()
+            elif outcome == "failed":
+                self.epochs_failed.inc()
+            elif outcome == "plan_error":
+                self.plan_errors.inc()
+            if record.bytes_received:
+                self.bytes_moved.inc(record.bytes_received)
+            if outcome in ("committed", "aborted", "failed", "skipped"):
+                log.info("epoch %s ended: %s", "-" if record.epoch is None else record.epoch, outcome,
+                         extra={"epoch": record.epoch, "outcome": outcome,
+                                "step": record.switch_step, "reason": record.reason or None,
+                                "bytes_moved": record.bytes_received,
+                                "experts_moved": record.experts_moved})
+        self._records_seen = len(history)
+        self.unsafe.set(1 if core.unsafe_reason else 0)
+        self.group_workers.set(len(core.workers))
+        self.group_size.set(core.world_size or 0)
+
+    def leader_balancedness(self, core: LeaderCore) -> None:
+        """Balancedness of the served placement over the current count window (sums the window:
+        call it every second or so, not per tick)."""
+        if core.placement is None or not core.world_size or core.shape is None:
+            return
+        load = core.window_load()  # [L, E]
+        if not bool(load.any()):
+            return
+        per_layer = balancedness(load, core.placement, core.world_size)  # [L]
+        self.balancedness.set(float(per_layer.mean()))
+        for layer, value in enumerate(per_layer.tolist()):
+            self.layer_balancedness.labels(str(layer)).set(value)
