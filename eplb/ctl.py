@@ -55,10 +55,10 @@ def _plan(args: argparse.Namespace) -> int:
     from eplb.offline_plan import PlanInputError, plan_offline
 
     try:
-        summary = plan_offline(args.load, args.num_physical, args.num_gpus,
-                               PlannerSpec(args.policy, args.num_groups, args.num_nodes),
+        spec = PlannerSpec(args.policy, args.num_groups, args.num_nodes, args.max_moves)
+        summary = plan_offline(args.load, args.num_physical, args.num_gpus, spec,
                                args.current, args.output, args.bytes_per_expert)
-    except PlanInputError as exc:
+    except (PlanInputError, ValueError) as exc:
         print(f"eplbctl plan: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
@@ -102,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=int, required=True, help="EP size, G (P %% G == 0)")
     s.add_argument("--num-nodes", type=int, default=1, help="nodes (deepseek policy)")
     s.add_argument("--num-groups", type=int, default=1, help="expert groups (deepseek policy)")
-    s.add_argument("--policy", choices=("greedy", "deepseek"), default="greedy")
+    s.add_argument("--policy", choices=("stable", "greedy", "deepseek"), default="stable",
+                   help="stable: start from --current and change the fewest slots that reach the "
+                        "balancedness of a from-scratch plan (without --current it plans from "
+                        "scratch: greedy replica counts, replicas heaviest first to the lightest "
+                        "GPU); greedy and deepseek always plan from scratch")
+    s.add_argument("--max-moves", type=int, default=0,
+                   help="stable with --current: change at most this many slots (0: no cap)")
     s.add_argument("--bytes-per-expert", type=int, default=0,
                    help="size of one expert, to report bytes moved")
     s.set_defaults(func=_plan)

@@ -2,7 +2,8 @@
 
 Reads expert load as ``[L, E]`` (or ``[steps, L, E]``, summed) from ``.pt``, ``.json`` or ``.npy``,
 bare or inside a dict under ``logical_count`` (SGLang's expert-distribution dump); optionally the
-current placement ``[L, P]`` (bare or under ``physical_to_logical_map``). Writes the new placement
+current placement ``[L, P]`` (bare or under ``physical_to_logical_map``), which the ``stable``
+policy starts from (without it, ``stable`` plans from scratch). Writes the new placement
 as ``{"physical_to_logical_map": [L, P]}`` in ``.pt`` or ``.json``, the form SGLang's
 ``--init-expert-location`` reads, and returns a summary.
 """
@@ -103,7 +104,7 @@ def plan_offline(load_path: Path, num_physical: int, num_gpus: int, spec: Planne
             raise PlanInputError(f"{current_path}: {exc}") from None
     try:
         started = time.perf_counter()
-        phys2log = plan_placement(load, num_physical, num_gpus, spec)
+        phys2log = plan_placement(load, num_physical, num_gpus, spec, current)
         plan_ms = (time.perf_counter() - started) * 1e3
     except (ValueError, InvalidPlacement) as exc:
         raise PlanInputError(f"cannot plan {layers} layers x {experts} experts into "

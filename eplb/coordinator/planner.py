@@ -1,10 +1,12 @@
 """Placement planning: pure functions over tensors (no I/O, no state).
 
-Two policies, both planning from scratch. ``greedy`` (the default) gives each redundant slot to the
-expert with the highest load per replica, then packs replicas onto GPUs heaviest first, each to the
-least-loaded GPU that still has a free slot. ``deepseek`` is DeepSeek's EPLB algorithm
-(:mod:`eplb.coordinator.policy_deepseek`). A transfer-aware policy that keeps experts in place is a
-separate piece of work.
+Three policies. ``stable`` (the default, :mod:`eplb.coordinator.policy_stable`) starts from the
+placement served now and changes as few slots as it can while reaching the balancedness of a
+from-scratch plan (within a small tolerance), optionally under a cap on slots changed. ``greedy``
+gives each redundant slot to the expert with the highest load per replica, then packs replicas onto
+GPUs heaviest first, each to the least-loaded GPU that still has a free slot. ``deepseek`` is
+DeepSeek's EPLB algorithm (:mod:`eplb.coordinator.policy_deepseek`). ``greedy`` and ``deepseek``
+plan from scratch and ignore the current placement.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.coordinator.policy_deepseek import rebalance_deepseek
+from eplb.coordinator.policy_stable import rebalance_stable
 from eplb.placement import overall_balancedness, validate_placement
 
 
@@ -66,42 +69,58 @@ def pack_replicas(load: torch.Tensor, replicas: torch.Tensor, num_gpus: int) -> 
     return phys2log
 
 
-POLICIES = ("greedy", "deepseek")
+POLICIES = ("stable", "greedy", "deepseek")
 
 
 @dataclass(frozen=True)
 class PlannerSpec:
     """Which policy plans, and the cluster shape it needs.
 
+    ``stable``: keep the current placement where it can, change the fewest slots that reach the
+    from-scratch plan's balancedness (:func:`eplb.coordinator.policy_stable.rebalance_stable`);
+    without a current placement it plans from scratch.
     ``greedy``: replicate the heaviest experts, pack replicas onto GPUs (one global pass).
     ``deepseek``: DeepSeek's EPLB (groups to nodes, replicas within nodes, replicas to GPUs),
     hierarchical when ``num_groups`` divides among ``num_nodes``, else global.
+    ``max_moves``: ``stable`` changes at most this many slots per rebalance (0: no cap); the
+    from-scratch policies ignore it.
     """
 
-    policy: str = "greedy"
+    policy: str = "stable"
     num_groups: int = 1
     num_nodes: int = 1
+    max_moves: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if not isinstance(self.max_moves, int) or self.max_moves < 0:
+            raise ValueError(f"max_moves must be an integer >= 0 (0: no cap), got {self.max_moves!r}")
 
 
 def plan_placement(load: torch.Tensor, num_physical: int, num_gpus: int,
-                   spec: PlannerSpec = PlannerSpec()) -> torch.Tensor:
+                   spec: PlannerSpec = PlannerSpec(),
+                   current: torch.Tensor | None = None) -> torch.Tensor:
     """A balanced placement for ``load``.
 
     Args:
         load: ``[L, E]`` expert selections over a window (summed over ranks).
         num_physical: ``P`` slots per layer; num_gpus: ``G`` with ``P % G == 0``.
         spec: the policy.
+        current: ``[L, P]`` the placement served now (used by ``stable``; None: ``stable`` plans
+            from scratch and ``max_moves`` does not apply).
     Returns:
         phys2log ``[L, P]`` int64, validated (invariant I5).
     """
     if num_gpus < 1 or num_physical % num_gpus or num_physical < load.shape[1]:
         raise ValueError(f"P={num_physical} slots must be at least E={load.shape[1]} and divisible "
                          f"by G={num_gpus}")
-    if spec.policy == "deepseek":
+    if current is not None and tuple(current.shape) != (load.shape[0], num_physical):
+        raise ValueError(f"current placement is {list(current.shape)}, expected "
+                         f"[{load.shape[0]}, {num_physical}]")
+    if spec.policy == "stable":
+        phys2log = rebalance_stable(load, num_physical, num_gpus, current, spec.max_moves)
+    elif spec.policy == "deepseek":
         phys2log = rebalance_deepseek(load, num_physical, spec.num_groups, spec.num_nodes, num_gpus)
     else:
         phys2log = pack_replicas(load, replicate_heaviest(load, num_physical), num_gpus)
@@ -138,7 +157,7 @@ def plan_rebalance(load: torch.Tensor, current: torch.Tensor, num_gpus: int, min
         spec: the policy.
     """
     started = time.perf_counter()
-    phys2log = plan_placement(load, current.shape[1], num_gpus, spec)
+    phys2log = plan_placement(load, current.shape[1], num_gpus, spec, current)
     before = overall_balancedness(load, current, num_gpus)
     after = overall_balancedness(load, phys2log, num_gpus)
     moved = int((phys2log != current).sum())

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.planner import plan_placement, plan_rebalance, replicate_heaviest
+from eplb.coordinator.planner import (POLICIES, PlannerSpec, plan_placement, plan_rebalance,
+                                      replicate_heaviest)
 from eplb.placement import (InvalidPlacement, balancedness, default_placement, gpu_loads,
                             overall_balancedness, validate_placement)
 
@@ -43,16 +44,28 @@ def test_plan_beats_default_placement_on_skewed_load() -> None:
     assert result.experts_moved == int((result.phys2log != current).sum())
 
 
-def test_small_gain_is_skipped_unless_forced() -> None:
+@pytest.mark.parametrize("policy", POLICIES)
+def test_small_gain_is_skipped_unless_forced(policy: str) -> None:
+    spec = PlannerSpec(policy)
     load = torch.ones(2, 8) * 10
     current = default_placement(2, 8, 8)
-    skipped = plan_rebalance(load, current, 4, min_gain=0.01)
+    skipped = plan_rebalance(load, current, 4, min_gain=0.01, spec=spec)
     assert skipped.skip_reason  # already perfectly balanced
-    load[0, 0] = 11  # a tiny imbalance: gain below the threshold
-    result = plan_rebalance(load, current, 4, min_gain=0.5)
+    # GPUs hold {0, 1} {2, 3} {4, 5} {6, 7}: loads 21, 19, 20, 20; pairing 11 with 9 balances
+    load[:, 0], load[:, 2] = 11, 9
+    result = plan_rebalance(load, current, 4, min_gain=0.5, spec=spec)
     assert "below min_gain" in result.skip_reason
-    assert plan_rebalance(load, current, 4, min_gain=0.5, force=True).skip_reason in (
-        "", "the plan equals the current placement")
+    assert result.balancedness_after == pytest.approx(1.0) and result.experts_moved > 0
+    forced = plan_rebalance(load, current, 4, min_gain=0.5, force=True, spec=spec)
+    assert forced.skip_reason == "" and forced.balancedness_after == pytest.approx(1.0)
+
+
+def test_planner_spec_defaults_to_stable_and_checks_max_moves() -> None:
+    assert PlannerSpec().policy == "stable" and PlannerSpec().max_moves == 0
+    with pytest.raises(ValueError, match="max_moves"):
+        PlannerSpec(max_moves=-1)
+    with pytest.raises(ValueError, match="current placement"):
+        plan_placement(torch.ones(2, 4), 4, 2, current=default_placement(3, 4, 4))
 
 
 def test_balancedness_is_mean_over_max_gpu_load() -> None:

@@ -1,0 +1,438 @@
+"""The `stable` placement policy: balance as well as a from-scratch plan, moving few experts.
+
+Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current placement
+``current: [L, P]`` and ``G`` GPUs of ``S = P / G`` slots:
+
+1. **Reference.** Plan from scratch (:func:`plan_from_scratch`: replicate the heaviest expert per
+   replica, then deal replicas onto GPUs in rounds, heaviest replica to the lightest GPU) and note
+   its balancedness per layer, ``b_ref: [L]``. The target is ``mean(b_ref) - tolerance``: the
+   balancedness (mean GPU load / max, averaged over layers, as
+   :func:`eplb.placement.overall_balancedness`) the plan must reach.
+2. **Keep.** If the current placement already reaches the target, it is the plan (no move).
+3. **Repair chain.** A local search from the current placement lowers each layer's max GPU load
+   one move at a time: either swap a slot of the most loaded GPU with a lighter slot elsewhere
+   (2 slots change) or give an expert of the most loaded GPU one more replica in a slot of an
+   expert that has a spare one (1 slot changes). Every step is checked exactly and keeps every
+   expert present, so each layer gets a chain of valid states with growing balancedness.
+4. **Fallback.** Where the chains cannot reach the target, the reference plan itself is an option
+   for each layer, aligned to the current placement (its GPUs matched to the current GPUs by
+   shared experts, experts kept in their old slots within a GPU).
+5. **Choice.** Per layer, pick one state (current, a point of the chain, or the aligned
+   reference) so the mean balancedness reaches the target with the fewest slots changed:
+   increments taken in order of balancedness gained per slot moved, and never more than
+   ``max_moves`` slots changed in total when a cap is given.
+
+"Moved" means a slot whose logical expert changes (``phys2log != current``).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from eplb.coordinator.policy_deepseek import balanced_packing
+
+#: How far below the from-scratch plan's balancedness the stable plan may stay (absolute).
+DEFAULT_TOLERANCE = 0.002
+#: Local-search steps per layer before the reference plan is used as the fallback.
+DEFAULT_STEPS = 24
+#: A local-search move lands on one of this many least-loaded GPUs.
+LIGHT_GPUS = 16
+
+
+def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
+    """Replica counts: one each, then one more at a time to the highest load per replica.
+
+    Args:
+        load: ``[L, E]`` float64 loads.
+        num_physical: ``P >= E``.
+    Returns:
+        ``[L, E]`` int64 counts, each row summing to ``P``.
+    """
+    layers, experts = load.shape
+    counts = torch.ones(layers, experts, dtype=torch.int64)
+    rows = torch.arange(layers)
+    for _ in range(num_physical - experts):
+        counts[rows, (load / counts).argmax(dim=1)] += 1
+    return counts
+
+
+def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Deal replicas onto GPUs in ``S`` rounds: each round gives the next ``G`` heaviest replicas,
+    heaviest first, to the GPUs from the lightest up, one each.
+
+    Args:
+        load: ``[L, E]`` float64; counts: ``[L, E]`` replica counts, rows summing to ``P``.
+        num_gpus: ``G``, dividing ``P``.
+    Returns:
+        phys2log ``[L, P]`` int64; GPU ``g`` holds slots ``[g * S, (g + 1) * S)``.
+    """
+    layers, _ = load.shape
+    num_physical = int(counts[0].sum())
+    per_gpu = num_physical // num_gpus
+    per_replica = load / counts
+    order = per_replica.argsort(dim=1, descending=True, stable=True)  # [L, E]
+    ends = counts.gather(1, order).cumsum(dim=1)  # [L, E]
+    position = torch.arange(num_physical).expand(layers, -1).contiguous()
+    replica_expert = order.gather(1, torch.searchsorted(ends, position, right=True))  # [L, P]
+    replica_load = per_replica.gather(1, replica_expert)  # [L, P], descending
+    gpu_load = torch.zeros(layers, num_gpus, dtype=torch.float64)
+    phys2log = torch.empty(layers, num_physical, dtype=torch.int64)
+    for r in range(per_gpu):
+        lightest = gpu_load.argsort(dim=1, stable=True)  # [L, G]
+        part = slice(r * num_gpus, (r + 1) * num_gpus)
+        phys2log.scatter_(1, lightest * per_gpu + r, replica_expert[:, part])
+        gpu_load.scatter_add_(1, lightest, replica_load[:, part])
+    return phys2log
+
+
+def plan_from_scratch(load: torch.Tensor, num_physical: int, num_gpus: int) -> torch.Tensor:
+    """The reference plan: :func:`replicate_greedy`, then replicas to GPUs heaviest first, each to
+    the lightest GPU with room. With two slots per GPU that is :func:`pack_in_rounds` (the same
+    assignment, cheaper); with more it is DeepSeek's :func:`balanced_packing` (as the global
+    form of the ``deepseek`` policy).
+
+    Args:
+        load: ``[L, E]``; num_physical: ``P``; num_gpus: ``G``.
+    Returns:
+        phys2log ``[L, P]`` int64.
+    """
+    load = load.to(torch.float64)
+    counts = replicate_greedy(load, num_physical)
+    if num_physical // num_gpus <= 2:
+        return pack_in_rounds(load, counts, num_gpus)
+    layers = load.shape[0]
+    order = (load / counts).argsort(dim=1, descending=True, stable=True)
+    ends = counts.gather(1, order).cumsum(dim=1)
+    position = torch.arange(num_physical).expand(layers, -1).contiguous()
+    replica_expert = order.gather(1, torch.searchsorted(ends, position, right=True))  # [L, P]
+    pack, rank = balanced_packing((load / counts).gather(1, replica_expert), num_gpus)
+    phys2log = torch.empty_like(replica_expert)
+    return phys2log.scatter_(1, pack * (num_physical // num_gpus) + rank, replica_expert)
+
+
+def counts_of(phys2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Replicas per expert. ``phys2log: [L, P]`` -> ``[L, E]`` int64."""
+    counts = torch.zeros(phys2log.shape[0], num_experts, dtype=torch.int64)
+    return counts.scatter_add_(1, phys2log, torch.ones_like(phys2log))
+
+
+def gpu_load_of(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
+                num_gpus: int) -> torch.Tensor:
+    """Load per GPU, each expert's load split evenly over its replicas.
+
+    Args:
+        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts.
+    Returns:
+        ``[L, G]`` float64.
+    """
+    slot_load = (load / counts.clamp(min=1)).gather(1, phys2log)
+    return slot_load.view(phys2log.shape[0], num_gpus, -1).sum(dim=2)
+
+
+def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tensor:
+    """Mean over max GPU load per layer (1.0 for an idle layer), as
+    :func:`eplb.placement.balancedness`. ``load: [L, E]``, ``gpu_load: [L, G]`` -> ``[L]``."""
+    peak = gpu_load.max(dim=1).values
+    mean = load.sum(dim=1) / gpu_load.shape[1]
+    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
+
+
+def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
+               gpu_load: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """For each layer, the single change that most lowers the max GPU load per slot changed.
+
+    Candidates, all touching the most loaded GPU ``g``: swap a slot of ``g`` with a slot of
+    lighter load on another GPU (2 slots change, counts unchanged), or turn a slot ``t`` off ``g``
+    whose expert has a spare replica into one more replica of an expert on ``g`` (1 slot). The
+    new max is bounded from above (the other GPUs holding the expert that gives up a replica are
+    charged with its heavier share), so a chosen move never raises the max; the caller checks.
+
+    Args:
+        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]``;
+        gpu_load: ``[L, G]`` the placement's GPU loads.
+    Returns:
+        gain ``[L]`` (max-load reduction per slot changed, ``<= 0`` when nothing helps),
+        is_swap ``[L]`` bool, source ``[L]`` (the slot on ``g``) and target ``[L]`` (the other
+        slot), both slot indices.
+    """
+    layers, slots = phys2log.shape
+    num_gpus = gpu_load.shape[1]
+    per_gpu = slots // num_gpus
+    peak, hot = gpu_load.max(dim=1)  # [L]
+    slot_gpu = torch.arange(slots) // per_gpu  # [P]
+    per_replica = load / counts.clamp(min=1)
+    x_all = per_replica.gather(1, phys2log)  # [L, P]
+    load_all = load.gather(1, phys2log)
+    count_all = counts.gather(1, phys2log)
+    gpu_all = gpu_load[:, slot_gpu]  # [L, P]
+    # the most loaded other GPU holding each slot's expert: top two holder loads per expert
+    first = torch.zeros_like(per_replica).scatter_reduce_(1, phys2log, gpu_all, "amax")
+    first_at = first.gather(1, phys2log)  # [L, P]
+    top_slot = gpu_all >= first_at
+    second = torch.zeros_like(per_replica).scatter_reduce_(
+        1, phys2log, gpu_all.masked_fill(top_slot, 0.0), "amax").gather(1, phys2log)
+    tied = torch.zeros_like(per_replica).scatter_add_(1, phys2log, top_slot.double()).gather(1, phys2log)
+    other_holder = torch.where(top_slot & (tied < 2), second, first_at)  # [L, P]
+
+    # Targets: the slots of the lightest GPUs only (a move must land below the peak; the
+    # lightest leave the most room), which keeps each step small.
+    light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False).indices  # [L, K]
+    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).view(layers, -1)  # [L, C]
+    x = x_all.gather(1, target)  # [L, C]
+    expert = phys2log.gather(1, target)
+    target_gpu_load = gpu_all.gather(1, target)
+    source = hot[:, None] * per_gpu + torch.arange(per_gpu)  # [L, S]
+    xs = x_all.gather(1, source)  # [L, S]
+    es = phys2log.gather(1, source)  # [L, S]
+    off_hot = (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]  # [L, 1, C]
+    other_expert = es[:, :, None] != expert[:, None, :]  # [L, S, C]
+    inf = torch.tensor(float("-inf"), dtype=torch.float64)
+
+    # Moves are ranked by the load of the GPUs they touch (not by the layer's new max, which
+    # other hot GPUs may pin): the best local fix first, so the next step starts from a low base.
+    # swaps: d moves from the hot GPU to the target slot's GPU
+    d = xs[:, :, None] - x[:, None, :]  # [L, S, C]
+    swapped = torch.maximum(peak[:, None, None] - d, target_gpu_load[:, None, :] + d)
+    swap_gain = torch.where(off_hot & other_expert & (d > 0), (peak[:, None, None] - swapped) / 2, inf)
+
+    # splits: slot t (expert a, spare replica) becomes one more replica of b = es; a's other
+    # holders take its heavier share
+    count_a = count_all.gather(1, target)
+    raise_a = load_all.gather(1, target) / (count_a - 1).clamp(min=1) - x
+    holders = other_holder.gather(1, target) + raise_a  # [L, C]
+    new_share = load.gather(1, es) / (counts.gather(1, es) + 1)  # [L, S]
+    hot_after = peak[:, None] - (xs - new_share)  # [L, S]
+    split = torch.maximum(torch.maximum(hot_after[:, :, None],
+                                        target_gpu_load[:, None, :] - x[:, None, :] + new_share[:, :, None]),
+                          holders[:, None, :])
+    spare = (count_a >= 2)[:, None, :]
+    split_gain = torch.where(off_hot & other_expert & spare, peak[:, None, None] - split, inf)
+
+    gains = torch.cat([swap_gain, split_gain], dim=1).view(layers, -1)  # [L, 2 * S * P]
+    gain, index = gains.max(dim=1)
+    width = target.shape[1]
+    kind, rest_index = index // (per_gpu * width), index % (per_gpu * width)
+    src = source.gather(1, (rest_index // width)[:, None]).squeeze(1)
+    dst = target.gather(1, (rest_index % width)[:, None]).squeeze(1)
+    return gain, kind == 0, src, dst
+
+
+def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps: int,
+                 goal: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local search from ``current``: at each step, in every layer that can still improve, apply
+    :func:`best_moves`' change if it truly lowers the layer's max GPU load. Stops after ``steps``
+    steps, when no layer improves, or once the last states' mean balancedness reaches ``goal``.
+
+    Args:
+        load: ``[L, E]`` float64; current: ``[L, P]`` int64; num_gpus: ``G``.
+    Returns:
+        states ``[K + 1, L, P]`` (state 0 is ``current``), balancedness ``[K + 1, L]`` and slots
+        changed against ``current`` ``[K + 1, L]``.
+    """
+    layers, slots = current.shape
+    rows = torch.arange(layers)
+    phys2log = current.clone()
+    counts = counts_of(phys2log, load.shape[1])
+    gpu_load = gpu_load_of(load, phys2log, counts, num_gpus)
+    peak = gpu_load.max(dim=1).values
+    live = torch.ones(layers, dtype=torch.bool)
+    states, scores = [phys2log.clone()], [layer_balancedness(load, gpu_load)]
+    for _ in range(steps):
+        if float(scores[-1].mean()) >= goal:
+            break
+        gain, is_swap, src, dst = best_moves(load, phys2log, counts, gpu_load)
+        act = live & (gain > peak * 1e-9)
+        if not bool(act.any()):
+            break
+        before, before_counts = phys2log.clone(), counts.clone()
+        a, b = phys2log[rows, dst], phys2log[rows, src]
+        swap, split = act & is_swap, act & ~is_swap
+        phys2log[rows[swap], src[swap]] = a[swap]
+        phys2log[rows[act], dst[act]] = b[act]
+        counts[rows[split], a[split]] -= 1
+        counts[rows[split], b[split]] += 1
+        new_load = gpu_load_of(load, phys2log, counts, num_gpus)
+        new_peak = new_load.max(dim=1).values
+        worse = act & ~(new_peak < peak)
+        if bool(worse.any()):  # the bound was loose here: undo, and stop searching this layer
+            phys2log[worse], counts[worse] = before[worse], before_counts[worse]
+            new_load[worse] = gpu_load[worse]
+            new_peak[worse] = peak[worse]
+            live &= ~worse
+        gpu_load, peak = new_load, new_peak
+        states.append(phys2log.clone())
+        scores.append(layer_balancedness(load, gpu_load))
+    stacked = torch.stack(states)
+    return stacked, torch.stack(scores), (stacked != current).sum(dim=2)
+
+
+def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Renumber ``plan``'s GPUs and order each GPU's slots so that as many slots as possible keep
+    their current expert. GPUs are matched greedily by shared experts (each plan GPU proposes to
+    the current GPU it shares most with; a contested GPU takes the proposer sharing most; three
+    rounds; the rest paired in order); within a GPU, experts that stay keep their slot.
+
+    Args:
+        plan: ``[L, P]``; current: ``[L, P]``; num_gpus: ``G``.
+    Returns:
+        ``[L, P]``: the same GPU contents as ``plan``, GPUs permuted, slots reordered.
+    """
+    layers, slots = plan.shape
+    per_gpu = slots // num_gpus
+    experts = int(max(plan.max(), current.max())) + 1
+    # presence [L, G, E] of each expert on each current GPU; overlap [L, G_plan, G_cur]
+    gpu_of_slot = torch.arange(slots) // per_gpu
+    holds = torch.zeros(layers, num_gpus, experts, dtype=torch.float32)
+    holds.view(layers, -1).scatter_(1, gpu_of_slot * experts + current, 1.0)
+    held = holds.gather(2, plan[:, None, :].expand(-1, num_gpus, -1))  # [L, G_cur, P]
+    overlap = held.view(layers, num_gpus, num_gpus, per_gpu).sum(3).transpose(1, 2)  # [L, Gp, Gc]
+    match = torch.full((layers, num_gpus), -1, dtype=torch.int64)  # plan GPU -> current GPU
+    taken = torch.zeros(layers, num_gpus, dtype=torch.bool)  # current GPU matched
+    big = float(per_gpu + 1)
+    for _ in range(3):
+        free = overlap.masked_fill(taken[:, None, :] | (match >= 0)[:, :, None], -1.0)
+        best, choice = free.max(dim=2)  # [L, Gp]
+        bid = torch.where(best > 0, best * big * num_gpus + (num_gpus - 1 - torch.arange(num_gpus)),
+                          torch.full_like(best, -1.0))
+        winner = torch.full((layers, num_gpus), -1.0, dtype=torch.float32).scatter_reduce_(
+            1, choice, bid, "amax")  # per current GPU, the best bid
+        won = (bid >= 0) & (winner.gather(1, choice) == bid)
+        match = torch.where(won, choice, match)
+        taken.view(-1)[(torch.arange(layers)[:, None] * num_gpus + choice)[won]] = True
+    # pair the rest in order
+    left_plan = (match < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    left_cur = (~taken).to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    unmatched = (match < 0).sum(dim=1, keepdim=True)
+    first = torch.arange(num_gpus) < unmatched  # [L, G]
+    match.scatter_(1, left_plan, torch.where(first, left_cur, match.gather(1, left_plan)))
+    # contents of plan GPU i go to current GPU match[i]
+    contents = torch.empty(layers, num_gpus, per_gpu, dtype=plan.dtype)
+    contents.scatter_(1, match[:, :, None].expand(-1, -1, per_gpu), plan.view(layers, num_gpus, per_gpu))
+    return keep_slots(contents, current.view(layers, num_gpus, per_gpu)).view(layers, slots)
+
+
+def keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Order each GPU's new experts so those it already holds stay in their slots.
+
+    Args:
+        new: ``[L, G, S]`` the experts each GPU will hold (any order); old: ``[L, G, S]`` now.
+    Returns:
+        ``[L, G, S]``: a permutation of each ``new[l, g]``, equal to ``old`` where possible.
+    """
+    per_gpu = new.shape[2]
+    used = torch.zeros_like(new, dtype=torch.bool)  # new items placed in a kept slot
+    kept = torch.zeros_like(old, dtype=torch.bool)
+    for s in range(per_gpu):
+        same = (new == old[:, :, s:s + 1]) & ~used  # [L, G, S]
+        hit = same.any(dim=2)
+        first = same.to(torch.int8).argmax(dim=2, keepdim=True)
+        used.scatter_(2, first, hit[:, :, None] | used.gather(2, first))
+        kept[:, :, s] = hit
+    out = torch.where(kept, old, torch.zeros_like(old))
+    # the remaining new items, in order, fill the remaining slots in order
+    src = (~used).to(torch.int8).argsort(dim=2, descending=True, stable=True)
+    dst = (~kept).to(torch.int8).argsort(dim=2, descending=True, stable=True)
+    fill = torch.arange(per_gpu) < (~kept).sum(dim=2, keepdim=True)
+    values = new.gather(2, src)
+    out.scatter_(2, dst, torch.where(fill, values, out.gather(2, dst)))
+    return out
+
+
+def choose_states(scores: list[list[float]], moves: list[list[int]], goal_sum: float,
+                  max_moves: int) -> list[int]:
+    """Pick one option per layer: reach ``goal_sum`` of balancedness with the fewest moves.
+
+    Each layer's options (option 0 moves nothing) are reduced to their upper hull; increments are
+    taken by balancedness gained per slot moved, best first, until the sum reaches ``goal_sum``.
+    With ``max_moves > 0`` an increment that would pass the cap is skipped (and that layer's later
+    increments with it).
+
+    Args:
+        scores: per layer, the balancedness of each option; moves: per layer, its slots changed.
+    Returns:
+        the chosen option index per layer.
+    """
+    total = sum(layer[0] for layer in scores)
+    heap: list[tuple[float, int, int]] = []
+    hulls: list[list[int]] = []
+    for layer, (score, move) in enumerate(zip(scores, moves)):
+        hull = [0]
+        for k in sorted(range(1, len(score)), key=lambda k: (move[k], -score[k])):
+            if score[k] <= score[hull[-1]] or move[k] <= move[hull[-1]]:
+                continue
+            while len(hull) >= 2:  # drop a point under the segment from its neighbours
+                a, b = hull[-2], hull[-1]
+                if (score[b] - score[a]) * (move[k] - move[a]) <= (score[k] - score[a]) * (move[b] - move[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(k)
+        hulls.append(hull)
+        if len(hull) > 1:
+            heapq.heappush(heap, (-(score[hull[1]] - score[0]) / (move[hull[1]] - move[0]), layer, 1))
+    chosen = [0] * len(scores)
+    spent = 0
+    while heap and total < goal_sum:
+        _, layer, step = heapq.heappop(heap)
+        hull, score, move = hulls[layer], scores[layer], moves[layer]
+        a, b = hull[step - 1], hull[step]
+        cost = move[b] - move[a]
+        if max_moves and spent + cost > max_moves:
+            continue
+        spent += cost
+        total += score[b] - score[a]
+        chosen[layer] = b
+        if step + 1 < len(hull):
+            c = hull[step + 1]
+            heapq.heappush(heap, (-(score[c] - score[b]) / (move[c] - move[b]), layer, step + 1))
+    return chosen
+
+
+def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
+                     current: torch.Tensor | None = None, max_moves: int = 0,
+                     tolerance: float = DEFAULT_TOLERANCE, steps: int = DEFAULT_STEPS) -> torch.Tensor:
+    """The stable policy (see the module docstring).
+
+    Args:
+        load: ``[L, E]`` expert loads over a window.
+        num_physical: ``P``; num_gpus: ``G``, dividing ``P``.
+        current: ``[L, P]`` the placement served now, or None: then the plan is the from-scratch
+            reference (:func:`plan_from_scratch`) and ``max_moves`` does not apply.
+        max_moves: at most this many slots change (0: no cap).
+        tolerance: how far below the reference's mean balancedness the plan may stay.
+        steps: local-search steps per layer.
+    Returns:
+        phys2log ``[L, P]`` int64 with every expert present in every layer. When the current
+        placement already reaches the target it is returned unchanged (no slot moves).
+    """
+    load = load.to(torch.float64)
+    layers, experts = load.shape
+    reference = plan_from_scratch(load, num_physical, num_gpus)
+    if current is None:
+        return reference
+    current = current.to(torch.int64)
+    ref_score = layer_balancedness(load, gpu_load_of(load, reference, counts_of(reference, experts),
+                                                     num_gpus))
+    goal = float(ref_score.mean()) - tolerance
+    states, scores, moves = repair_chain(load, current, num_gpus, steps, goal)
+    if float(scores[0].mean()) >= goal:
+        return current.clone()
+    layer_scores, layer_moves = scores.T.tolist(), moves.T.tolist()
+    short = (scores.max(dim=0).values < ref_score).nonzero().flatten()  # layers the chains miss
+    aligned = None
+    if float(scores.max(dim=0).values.mean()) < goal:  # offer the aligned reference there
+        aligned = align_to_current(reference[short], current[short], num_gpus)
+        for layer, moved in zip(short.tolist(), (aligned != current[short]).sum(dim=1).tolist()):
+            layer_scores[layer].append(float(ref_score[layer]))
+            layer_moves[layer].append(moved)
+    chosen = torch.tensor(choose_states(layer_scores, layer_moves, goal * layers, max_moves))
+    rows = torch.arange(layers)
+    last = states.shape[0]
+    out = states[chosen.clamp(max=last - 1), rows]
+    if aligned is not None:
+        use = chosen[short] == last
+        out[short[use]] = aligned[use]
+    return out
