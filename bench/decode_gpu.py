@@ -768,8 +768,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--tokens", type=int, default=512, help="decode tokens per rank per step")
     p.add_argument("--topk", type=int, default=4)
-    p.add_argument("--sigma", type=float, default=1.0, help="lognormal skew of expert popularity")
-    p.add_argument("--drift-steps", type=int, default=4000,
+    p.add_argument("--sigma", type=float, default=1.5,
+                   help="lognormal skew of expert popularity (std of its log)")
+    p.add_argument("--drift-steps", type=int, default=8000,
                    help="steps for the popularity to turn a quarter (to an independent ranking)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=100, help="first steps left out of the stats")
@@ -795,9 +796,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--hold-timeout", type=float, default=60.0,
                    help="longest wait for an agreed step (async thread, hook)")
-    p.add_argument("--collective-timeout", type=float, default=300.0,
+    p.add_argument("--collective-timeout", type=float, default=120.0,
                    help="process group and copy timeout, seconds")
-    p.add_argument("--timeout", type=float, default=1800.0,
+    p.add_argument("--timeout", type=float, default=540.0,
                    help="the whole run, seconds; a hung rank ends the bench with an error")
     p.add_argument("--out", default=None,
                    help="write the table here (Markdown) and the raw numbers next to it (.json)")

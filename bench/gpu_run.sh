@@ -26,4 +26,4 @@ timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-pr
 # Every visible GPU, one process each; four modes in one call: no rebalance, stop-the-world,
 # in-engine async, sidecar (a real eplb-sidecar). About 10 GB per GPU, 2-4 minutes on 2 GPUs.
 # Table: $OUT/decode_gpu.md (+ .json with the raw step times); commit as bench/results/<card>x<N>_decode.md.
-timeout 1500 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | tee "$OUT/decode_gpu.txt"
+timeout 580 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | tee "$OUT/decode_gpu.txt"

@@ -69,6 +69,14 @@ def test_rebalancing_modes_rebalance_once_and_move_real_bytes(bench_run) -> None
         assert 1 <= len(steps) <= LAYERS
         layers = sorted(l for c in raw["copies"][name][0] for l in c["layers"])
         assert len(layers) == len(set(layers)) == len(steps)  # one layer per chunk
+    # A step that copied took at least as long as its copy (slowest rank of each).
+    for name in ("stop-the-world", "async", "sidecar"):
+        step_ms = [max(r[i] for r in raw["per_rank_step_ms"][name]) for i in range(STEPS)]
+        for rank_copies in raw["copies"][name]:
+            for c in rank_copies:
+                assert step_ms[c["step"]] >= c["seconds"] * 1e3, (name, c)
+    hook = modes["sidecar"]["hook"]
+    assert hook["steps"] >= WORLD * (STEPS - WARMUP - LAYERS) and hook["on_step_p50_us"] > 0
     assert modes["sidecar"]["placement_matches_leader"]
     assert modes["sidecar"]["leader_counters"]["committed"] == 1
 
