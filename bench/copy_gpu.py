@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
+from eplb.worker_hook.copy_plan import plan_copies  # noqa: E402
 
 def make_placements(layers: int, slots: int, world: int, change: float,
                     seed: int) -> tuple[torch.Tensor, ...]:
@@ -131,6 +132,16 @@ def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tens
     return out
 
 
+def plan_ms(old: torch.Tensor, new: torch.Tensor, world: int) -> float:
+    """Median host time of planning one layer's copies (part of every copy call)."""
+    times = []
+    for layer in range(old.shape[0]):
+        t0 = time.perf_counter()
+        plan_copies(old, new, [layer], world, world)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
@@ -148,18 +159,28 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                     torch.empty(args.slots, args.hidden, args.inter, dtype=dtype, device=device)]
                    for _ in range(args.layers)]
         per_expert = sum(t[0].numel() * t.element_size() for t in weights[0])
-        copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world, timeout_s=120.0)
         old, new, full = make_placements(args.layers, args.slots, args.world, args.change, args.seed)
-        ceil = ceiling(per_expert * args.slots, device, args.repeats)
         k = max(1, round(args.change * args.slots))
+        ceil_full = ceiling(per_expert * args.slots, device, args.repeats)
+        ceil_same = ceiling(per_expert * k, device, args.repeats)
         shapes = [tuple(t.shape[1:]) for t in weights[0]]
         pattern = op_pattern_ceiling(shapes, dtype, k, device, args.repeats)
-        timed_copy(copier, weights, old, new, rank, device, 0)  # warm-up
-        ours, everything = [], []
-        for r in range(args.repeats):
-            ours += timed_copy(copier, weights, old, new, rank, device, 1 + 2 * r)
-            everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r)
-        rows[dtype_name] = (per_expert, ceil, pattern, ours, everything)
+        variants = {}
+        for piece_mb in args.piece_mb:
+            copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world,
+                                  timeout_s=120.0, piece_bytes=int(piece_mb * 2**20))
+            timed_copy(copier, weights, old, new, rank, device, 0)  # warm-up
+            timed_copy(copier, weights, old, full, rank, device, 0)
+            ours, everything = [], []
+            for r in range(args.repeats):
+                ours += timed_copy(copier, weights, old, new, rank, device, 1 + 2 * r)
+                everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r)
+            variants[piece_mb] = (copier.experts_per_piece, ours, everything)
+        rows[dtype_name] = (per_expert, k, ceil_full, ceil_same, pattern, variants,
+                            plan_ms(old, new, args.world))
+        del weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if rank == 0:
         results.put(rows)
     dist.barrier()
@@ -179,6 +200,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--piece-mb", type=float, nargs="+", default=[0],
+                   help="CopyExecutor piece_bytes to compare, in MiB (0 = one piece per peer)")
     args = p.parse_args()
     if args.world is None:
         args.world = torch.cuda.device_count() if args.device == "cuda" else 2
@@ -202,25 +225,30 @@ def main() -> None:
           f"{args.slots} slots per GPU, {args.layers} layers, {args.change:.0%} of slots move, "
           f"{args.repeats} repeats; times are rank 0's per layer (one copy call per layer, "
           "synchronized), GB/s = bytes received / time")
-    print("| weights | MB per expert | P2P ceiling GB/s (each way) | ours: experts in per layer | "
-          "ours ms/layer (median) | ours GB/s | % of ceiling | move-everything ms/layer | "
-          "move-everything GB/s | % of ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    patterns = {}
-    for dtype_name, (per_expert, ceil, pattern, ours, everything) in rows.items():
-        o_t = statistics.median(t for t, _ in ours)
-        o_b = statistics.median(b for _, b in ours)
-        e_t = statistics.median(t for t, _ in everything)
-        e_b = statistics.median(b for _, b in everything)
-        print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {ceil:.1f} | {o_b / per_expert:.0f} | "
-              f"{o_t * 1e3:.2f} | {o_b / o_t / 1e9:.1f} | {100 * o_b / o_t / 1e9 / ceil:.0f} % | "
-              f"{e_t * 1e3:.2f} | {e_b / e_t / 1e9:.1f} | {100 * e_b / e_t / 1e9 / ceil:.0f} % |")
-        patterns[dtype_name] = pattern
-    for dtype_name, pattern in patterns.items():
-        print(f"{dtype_name}: P2P ceiling for the copy's own op pattern (one isend/irecv per weight "
-              f"tensor, {round(args.change * args.slots)} experts each way in one batch): "
-              f"{pattern:.1f} GB/s each way")
-
+    print("| weights | MB per expert | piece MB (experts) | ceiling GB/s: same bytes / whole "
+          "layer | ours: experts in per layer | ours ms/layer | ours GB/s | % of same-bytes "
+          "ceiling | % of whole-layer ceiling | move-everything ms/layer | GB/s | % of whole-layer "
+          "ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    notes = []
+    for dtype_name, (per_expert, k, ceil_full, ceil_same, pattern, variants, p_ms) in rows.items():
+        for piece_mb, (per_piece, ours, everything) in variants.items():
+            o_t = statistics.median(t for t, _ in ours)
+            o_b = statistics.median(b for _, b in ours)
+            e_t = statistics.median(t for t, _ in everything)
+            e_b = statistics.median(b for _, b in everything)
+            o_g, e_g = o_b / o_t / 1e9, e_b / e_t / 1e9
+            piece = "whole (0)" if not piece_mb else f"{piece_mb:g} ({per_piece})"
+            print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {ceil_same:.1f} / "
+                  f"{ceil_full:.1f} | {o_b / per_expert:.0f} | {o_t * 1e3:.2f} | {o_g:.1f} | "
+                  f"{100 * o_g / ceil_same:.0f} % | {100 * o_g / ceil_full:.0f} % | "
+                  f"{e_t * 1e3:.2f} | {e_g:.1f} | {100 * e_g / ceil_full:.0f} % |")
+        notes.append(f"{dtype_name}: the same-bytes ceiling is one {k * per_expert / 1e6:.0f} MB "
+                     f"message each way, the whole-layer one {args.slots * per_expert / 1e6:.0f} MB; "
+                     f"one isend/irecv per weight tensor ({k} experts each way in one batch) gives "
+                     f"{pattern:.1f} GB/s; planning one layer's copies takes {p_ms:.2f} ms of "
+                     "host time inside every copy call")
+    print("\n".join(notes))
 
 if __name__ == "__main__":
     main()

@@ -4,16 +4,21 @@ The worker hook calls a :class:`CopyExecutor` at the agreed step for each chunk 
 plan comes from :mod:`eplb.worker_hook.copy_plan` (pure, the same on every rank); this module only
 moves bytes. Per layer:
 
-1. stage (clone) the OLD contents of the local slots that are read and also overwritten;
+1. stage (clone) the OLD contents of the local slots that a local copy reads and this layer
+   overwrites;
 2. run the transfers in the plan's batches, every rank in the same order (a batch is capped so
-   batched NCCL send/recv stays far from the op counts where it is reported to hang);
-3. run the local copies (from staged/unchanged slots, or from slots just received).
+   batched NCCL send/recv stays far from the op counts where it is reported to hang). In a batch,
+   the experts going to one peer are packed into one buffer, cut into pieces of about
+   ``piece_bytes``; each piece is one group of isend/irecv calls;
+3. unpack what arrived, then run the local copies (from staged/unchanged slots, or from slots just
+   received).
 
-Every wait has a deadline (``timeout_s`` per batch); a failure or timeout raises
-:class:`CopyError`, after which the weights are in an unknown state and the engine must stop
-serving (DESIGN.md §4.7). On CUDA the work runs on a side stream that first waits for the current
-stream; the host synchronizes with that stream before returning, which is allowed here since it
-only happens at the agreed step.
+On CUDA the work runs on two side streams that first wait for the current stream: packing and
+NCCL on one, unpacking and local copies on the other, so that packing piece ``i + 1`` and
+unpacking piece ``i - 1`` overlap piece ``i`` on the wire. The host only queues work, then waits
+once per call (allowed: this happens only at the agreed step). Every wait has a deadline
+(``timeout_s`` per layer); a failure or timeout raises :class:`CopyError`, after which the
+weights are in an unknown state and the engine must stop serving (DESIGN.md §4.7).
 
 NCCL note: a batch only involves the ranks with transfers in it, so the group's NCCL communicator
 must already exist (a collective ran on it, or it was created eagerly with ``device_id``).
@@ -30,10 +35,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from eplb.worker_hook.copy_plan import LayerCopyPlan, PeerOp, plan_copies
+from eplb.worker_hook.copy_plan import LayerCopyPlan, LocalCopy, PeerOp, plan_copies
 
-# How often a CUDA batch is polled for completion while waiting for its deadline.
-_POLL_S = 0.00005
+# How often the host polls a CUDA copy for completion: it spins (yielding the GIL) for the first
+# _SPIN_S seconds, then sleeps _POLL_S between polls.
+_SPIN_S = 0.005
+_POLL_S = 0.0001
 # Byte alignment of each weight tensor inside a packed expert (any dtype views in place).
 _ALIGN = 16
 
@@ -73,9 +80,10 @@ class _Totals:
 class ChunkStats:
     """What one call of :class:`CopyExecutor` did on this rank.
 
-    ``p2p_ops`` counts the isend/irecv calls issued (one per peer and direction in each batch:
-    the experts travel packed); ``staged_bytes`` is the most extra device memory one layer took (packed sends,
-    staged local-copy sources, one batch of receive buffers); ``seconds`` is wall time.
+    ``p2p_ops`` counts the isend/irecv calls issued (one per peer, direction and piece: the
+    experts travel packed); ``batches`` counts the group calls (pieces) issued;
+    ``staged_bytes`` is the most extra device memory one layer took (packed sends and receive
+    buffers, staged local-copy sources); ``seconds`` is wall time.
     """
 
     epoch: int
@@ -103,22 +111,29 @@ class CopyExecutor:
         group: the EP process group, or None for the default group; group ranks ``0..G-1`` are
             the EP ranks.
         max_ops_per_batch: bounds one batch to ``max_ops_per_batch // tensors per expert``
-            expert transfers of this rank (at least one), which bounds its receive buffers. Each
-            batch issues one isend and one irecv per peer, the experts packed into one buffer.
-        timeout_s: deadline of each batch, in seconds.
-        bytes_budget: most extra device bytes one layer may take on any rank (packed sends,
-            staged local-copy sources, one batch of receive buffers); None for no limit. Checked
-            on the global plan before any transfer, so with equal budgets every rank fails alike.
+            expert transfers of this rank (at least one).
+        timeout_s: the longest one layer's transfers may take, in seconds.
+        bytes_budget: most extra device bytes one layer may take on any rank (every packed send
+            and receive buffer of the layer, and the staged local-copy sources); None for no
+            limit. Checked on the global plan before any transfer, so with equal budgets every
+            rank fails alike.
+        piece_bytes: experts sent to one peer in one batch travel in pieces of
+            ``max(1, piece_bytes // packed expert bytes)`` experts, each its own isend/irecv, so
+            that packing, the wire and unpacking overlap on CUDA; 0 (the default) = one piece per
+            peer and batch. On 2 x H200 over NVLink pieces were slower (each group call costs
+            about 60 us, and copy kernels slow NCCL down about as much as they overlap it; see
+            ``bench/copy_breakdown.py``); they may pay off where the wire is slow (PCIe, network).
     """
 
     def __init__(self, rank: int, num_gpus: int, weights: Sequence[Sequence[torch.Tensor]],
                  ranks_per_node: int, group: dist.ProcessGroup | None = None,
                  max_ops_per_batch: int = 256, timeout_s: float = 60.0,
-                 bytes_budget: int | None = None) -> None:
+                 bytes_budget: int | None = None, piece_bytes: int = 0) -> None:
         if num_gpus < 1 or not 0 <= rank < num_gpus:
             raise ValueError(f"rank {rank} is not in [0, {num_gpus})")
-        if ranks_per_node < 1 or max_ops_per_batch < 1 or timeout_s <= 0:
-            raise ValueError("ranks_per_node, max_ops_per_batch and timeout_s must be positive")
+        if ranks_per_node < 1 or max_ops_per_batch < 1 or timeout_s <= 0 or piece_bytes < 0:
+            raise ValueError("ranks_per_node, max_ops_per_batch and timeout_s must be positive, "
+                             "piece_bytes >= 0")
         self.rank = rank
         self.num_gpus = num_gpus
         self.ranks_per_node = ranks_per_node
@@ -141,8 +156,11 @@ class CopyExecutor:
             if size != num_gpus or me != rank:
                 raise ValueError(f"group has size {size} and rank {me}, expected {num_gpus} "
                                  f"and {rank}")
+        self.experts_per_piece = (max(1, piece_bytes // self._packed_expert_bytes)
+                                  if piece_bytes else self.transfers_per_batch)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self._unpack_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
 
     def __call__(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> ChunkStats:
@@ -161,6 +179,7 @@ class CopyExecutor:
         start = time.perf_counter()
         plans = self._plan(epoch, layers, old, new)
         totals = _Totals()
+        pending: list[_Piece] = []
         stream_ctx = nullcontext()
         if self._stream is not None:
             # The side stream must not overwrite weights that queued kernels still read.
@@ -169,9 +188,9 @@ class CopyExecutor:
         with stream_ctx:
             for plan in plans:
                 if not plan.is_empty:
-                    self._run_layer(epoch, plan, totals)
+                    pending += self._run_layer(epoch, plan, totals)
         if self._stream is not None:
-            self._stream.synchronize()
+            self._wait_cuda(epoch, pending, time.monotonic() + self.timeout_s * max(1, len(plans)))
         return ChunkStats(epoch, tuple(int(x) for x in layers), totals.sent, totals.received,
                           totals.copies, totals.ops, totals.batches, totals.staged,
                           time.perf_counter() - start)
@@ -197,51 +216,92 @@ class CopyExecutor:
                                     f"{self.bytes_budget}")
         return plans
 
-    def _run_layer(self, epoch: int, plan: LayerCopyPlan, totals: _Totals) -> None:
-        """Copy one layer: every expert a peer needs from this rank is packed, with the others
-        going to that peer in the same batch, into one buffer sent with one isend (NCCL moves one
-        large message far faster than many); received buffers are unpacked into their slots."""
+    def _run_layer(self, epoch: int, plan: LayerCopyPlan, totals: _Totals) -> list[_Piece]:
+        """Copy one layer. The experts going to one peer in one batch travel packed in one buffer
+        (NCCL moves one large message far faster than many), cut into pieces of at most
+        ``piece_bytes``. On CUDA every piece is its own NCCL group call on the communicator's
+        stream: piece ``i + 1`` is packed while piece ``i`` is on the wire, and piece ``i`` is
+        unpacked (on a second side stream) while piece ``i + 1`` is, so the wire stays busy.
+        Nothing here waits for the device; :meth:`_wait_cuda` does, once per call.
+
+        Returns:
+            the pieces issued, for the caller to wait on (CUDA; on gloo they are complete).
+        """
         weights = self.weights[plan.layer]
-        batches = [plan.ops_for(self.rank, batch)
-                   for batch in plan.batches(self.transfers_per_batch)]
-        # Pack every outgoing expert now, from the OLD contents, before any slot is written.
-        packed = [{peer: self._pack(weights, [op.local_slot for op in ops if op.kind == "send"
-                                              and op.peer == peer])
-                   for peer in sorted({op.peer for op in ops if op.kind == "send"})}
-                  for ops in batches]
-        # Old contents that local copies read from slots this layer overwrites.
+        deadline = time.monotonic() + self.timeout_s
         copies = plan.local_copies_of(self.rank)
+        # Old contents that local copies read from slots this layer overwrites.
         staged = {slot: [t[slot].clone() for t in weights]
                   for slot in plan.copy_sources_to_stage(self.rank)}
         totals.staged = max(totals.staged, self._working_bytes(plan, self.rank))
-
-        for b, (ops, sends) in enumerate(zip(batches, packed)):
+        pieces: list[_Piece] = []
+        for b, batch in enumerate(plan.batches(self.transfers_per_batch)):
+            ops = plan.ops_for(self.rank, batch)
             if not ops:
                 continue
-            p2p: list[dist.P2POp] = []
-            peers: list[int] = []
-            landing: list[tuple[list[int], torch.Tensor]] = []
-            for peer in sorted({op.peer for op in ops}):
-                if peer in sends:
-                    p2p.append(dist.P2POp(dist.isend, sends[peer], self._global_ranks[peer],
-                                          self.group, b))
-                    peers.append(peer)
-                    totals.sent += sends[peer].numel() // self._packed_expert_bytes * \
-                        self.bytes_per_expert
-                slots = [op.local_slot for op in ops if op.kind == "recv" and op.peer == peer]
-                if slots:
-                    buf = torch.empty(len(slots) * self._packed_expert_bytes, dtype=torch.uint8,
-                                      device=self.device)
-                    p2p.append(dist.P2POp(dist.irecv, buf, self._global_ranks[peer], self.group, b))
-                    peers.append(peer)
-                    landing.append((slots, buf))
-                    totals.received += len(slots) * self.bytes_per_expert
-            self._exchange(epoch, plan.layer, p2p, peers, ops)
-            for slots, buf in landing:
-                self._unpack(weights, slots, buf)
-            totals.ops += len(p2p)
-            totals.batches += 1
+            sends = _slots_by_peer(ops, "send")
+            recvs = _slots_by_peer(ops, "recv")
+            longest = max(len(slots) for slots in [*sends.values(), *recvs.values()])
+            for first in range(0, longest, self.experts_per_piece):
+                window = slice(first, first + self.experts_per_piece)
+                p2p: list[dist.P2POp] = []
+                piece = _Piece(plan.layer, [], [], [], [])
+                # Sends are packed from the OLD contents: every pack is queued before any unpack.
+                for peer in sorted(set(sends) | set(recvs)):
+                    out = sends.get(peer, [])[window]
+                    if out:
+                        buf = self._pack(weights, out)
+                        piece.buffers.append(buf)
+                        p2p.append(dist.P2POp(dist.isend, buf, self._global_ranks[peer],
+                                              self.group, b))
+                        piece.peers.append(peer)
+                        totals.sent += len(out) * self.bytes_per_expert
+                    into = recvs.get(peer, [])[window]
+                    if into:
+                        buf = torch.empty(len(into) * self._packed_expert_bytes,
+                                          dtype=torch.uint8, device=self.device)
+                        piece.buffers.append(buf)
+                        p2p.append(dist.P2POp(dist.irecv, buf, self._global_ranks[peer],
+                                              self.group, b))
+                        piece.peers.append(peer)
+                        piece.landing.append((into, buf))
+                        totals.received += len(into) * self.bytes_per_expert
+                if not p2p:
+                    continue
+                piece.works = self._start(epoch, plan.layer, p2p, piece.peers)
+                totals.ops += len(p2p)
+                totals.batches += 1
+                pieces.append(piece)
 
+        if self._stream is None:  # gloo: wait on the host, then unpack in order
+            for piece in pieces:
+                self._wait_host(epoch, piece, deadline)
+                for slots, buf in piece.landing:
+                    self._unpack(weights, slots, buf)
+            self._local_copies(weights, copies, staged)
+            totals.copies += len(copies)
+            return pieces
+
+        packed = torch.cuda.Event()
+        packed.record(self._stream)
+        with torch.cuda.stream(self._unpack_stream):
+            self._unpack_stream.wait_event(packed)  # no slot is written before every pack ran
+            for piece in pieces:
+                for work in piece.works:
+                    work.wait()  # the unpack stream waits for the NCCL stream, the host does not
+                for slots, buf in piece.landing:
+                    self._unpack(weights, slots, buf)
+            self._local_copies(weights, copies, staged)
+        totals.copies += len(copies)
+        # The buffers were allocated on the side stream: once it waits for the unpack stream
+        # (which waited for every NCCL work), the caching allocator may hand them out again.
+        self._stream.wait_stream(self._unpack_stream)
+        for piece in pieces:
+            piece.landing, piece.buffers = [], []
+        return pieces
+
+    def _local_copies(self, weights: list[torch.Tensor], copies: list[LocalCopy],
+                      staged: dict[int, list[torch.Tensor]]) -> None:
         for copy in copies:
             for k, tensor in enumerate(weights):
                 if copy.from_old and copy.src_local_slot in staged:
@@ -249,15 +309,13 @@ class CopyExecutor:
                 else:
                     src = tensor[copy.src_local_slot]
                 tensor[copy.dst_local_slot].copy_(src)
-            totals.copies += 1
 
     def _working_bytes(self, plan: LayerCopyPlan, rank: int) -> int:
-        """Extra device bytes ``rank`` holds while copying ``plan``'s layer: every packed send
-        (all packed up front), the staged local-copy sources, and the largest batch's receives."""
-        recvs = max((sum(op.kind == "recv" for op in plan.ops_for(rank, batch))
-                     for batch in plan.batches(self.transfers_per_batch)), default=0)
-        packed = len(plan.sends_of(rank)) + recvs
-        return (packed * self._packed_expert_bytes
+        """Extra device bytes ``rank`` holds while copying ``plan``'s layer: every packed send and
+        every receive buffer of the layer (all are issued before the first is unpacked), and the
+        staged local-copy sources."""
+        transfers = len(plan.sends_of(rank)) + len(plan.recvs_of(rank))
+        return (transfers * self._packed_expert_bytes
                 + len(plan.copy_sources_to_stage(rank)) * self.bytes_per_expert)
 
     def _slices(self) -> list[tuple[int, int]]:
@@ -288,41 +346,84 @@ class CopyExecutor:
                 dst = tensor[slot]
                 dst.copy_(buf[base + offset:base + offset + nbytes].view(dst.dtype).view(dst.shape))
 
-    def _exchange(self, epoch: int, layer: int, p2p: list[dist.P2POp], peers: list[int],
-                  ops: list[PeerOp]) -> None:
-        """Start one batch and wait for all of it, at most ``timeout_s``."""
-        deadline = time.monotonic() + self.timeout_s
-        batch_peers = sorted({op.peer for op in ops})
+    def _start(self, epoch: int, layer: int, p2p: list[dist.P2POp], peers: list[int]) -> list:
+        """Issue one group of P2P ops; the works it returns."""
         try:
-            works = dist.batch_isend_irecv(p2p)
+            return dist.batch_isend_irecv(p2p)
         except Exception as exc:  # noqa: BLE001 - any backend failure becomes a CopyError
-            raise CopyError(epoch, layer, batch_peers[0] if len(batch_peers) == 1 else None,
-                            f"could not start a batch with peers {batch_peers}: {exc}") from exc
-        for i, work in enumerate(works):
-            # Gloo returns one work per op; NCCL may return one for the coalesced batch.
-            if len(works) == len(peers):
-                peer: int | None = peers[i]
-            else:
-                peer = batch_peers[0] if len(batch_peers) == 1 else None
+            unique = sorted(set(peers))
+            raise CopyError(epoch, layer, unique[0] if len(unique) == 1 else None,
+                            f"could not start transfers with peers {unique}: {exc}") from exc
+
+    def _wait_host(self, epoch: int, piece: _Piece, deadline: float) -> None:
+        """gloo: wait for one piece's works on the host, at most until ``deadline``."""
+        for i, work in enumerate(piece.works):
+            peer = piece.peer_of(i, len(piece.works))
             try:
-                if self._cuda:
-                    # NCCL's wait() only orders streams; polling the work keeps the deadline.
-                    while not work.is_completed():
-                        if time.monotonic() > deadline:
-                            raise CopyError(epoch, layer, peer, f"timed out after "
-                                            f"{self.timeout_s}s (batch peers {batch_peers})")
-                        time.sleep(_POLL_S)
-                    work.wait()
-                else:
-                    remaining = max(deadline - time.monotonic(), 0.001)
-                    if work.wait(timeout=timedelta(seconds=remaining)) is False:
-                        raise CopyError(epoch, layer, peer, f"timed out after {self.timeout_s}s "
-                                        f"(batch peers {batch_peers})")
+                remaining = max(deadline - time.monotonic(), 0.001)
+                if work.wait(timeout=timedelta(seconds=remaining)) is False:
+                    raise CopyError(epoch, piece.layer, peer, f"timed out after {self.timeout_s}s "
+                                    f"(peers {sorted(set(piece.peers))})")
             except CopyError:
                 raise
             except Exception as exc:  # noqa: BLE001 - gloo reports a timeout as RuntimeError
-                raise CopyError(epoch, layer, peer, f"transfer failed (batch peers "
-                                f"{batch_peers}, timeout {self.timeout_s}s): {exc}") from exc
+                raise CopyError(epoch, piece.layer, peer, f"transfer failed (peers "
+                                f"{sorted(set(piece.peers))}, timeout {self.timeout_s}s): "
+                                f"{exc}") from exc
+
+    def _wait_cuda(self, epoch: int, pieces: list[_Piece], deadline: float) -> None:
+        """CUDA: wait until every queued copy ran, at most until ``deadline``. NCCL's ``wait()``
+        only orders streams, so the host polls (spinning first: this is the agreed step, and a
+        layer takes about a millisecond) and names the first unfinished piece on a timeout."""
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        started = time.monotonic()
+        while not done.query():
+            now = time.monotonic()
+            if now > deadline:
+                for piece in pieces:
+                    for i, work in enumerate(piece.works):
+                        if not work.is_completed():
+                            raise CopyError(epoch, piece.layer, piece.peer_of(i, len(piece.works)),
+                                            f"timed out after {self.timeout_s}s per layer "
+                                            f"(peers {sorted(set(piece.peers))})")
+                raise CopyError(epoch, None, None, f"local copies did not finish within "
+                                f"{deadline - started:.1f}s")
+            time.sleep(0 if now - started < _SPIN_S else _POLL_S)
+        try:
+            for piece in pieces:
+                for work in piece.works:
+                    work.wait()  # raises if NCCL reported an error for this work
+        except Exception as exc:  # noqa: BLE001
+            raise CopyError(epoch, None, None, f"transfer failed: {exc}") from exc
+
+
+@dataclass
+class _Piece:
+    """One group call of P2P ops of one layer: its works, the peers of its ops (in op order),
+    and the receive buffers to unpack as ``(local slots, buffer)``."""
+
+    layer: int
+    peers: list[int]
+    landing: list[tuple[list[int], torch.Tensor]]
+    buffers: list[torch.Tensor]  # every send and receive buffer, alive until the NCCL ops ran
+    works: list
+
+    def peer_of(self, i: int, works: int) -> int | None:
+        """The peer of work ``i``: gloo returns one work per op, NCCL one for the group."""
+        if works == len(self.peers):
+            return self.peers[i]
+        unique = set(self.peers)
+        return unique.pop() if len(unique) == 1 else None
+
+
+def _slots_by_peer(ops: list[PeerOp], kind: str) -> dict[int, list[int]]:
+    """Local slots of ``ops`` of ``kind``, per peer, in op order (the order both sides use)."""
+    out: dict[int, list[int]] = {}
+    for op in ops:
+        if op.kind == kind:
+            out.setdefault(op.peer, []).append(op.local_slot)
+    return out
 
 
 def _check_weights(weights: list[list[torch.Tensor]]) -> tuple[int, int, torch.device]:

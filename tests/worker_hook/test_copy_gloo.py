@@ -239,9 +239,11 @@ def job_copy_cases(rank: int, world_size: int, payload: dict) -> str:
     for i, (old, new) in enumerate(payload["cases"]):
         weights = make_weights(old, rank, world_size)
         assert not mismatches(weights, old, rank, world_size)
-        # Small batches on odd cases force several batches per layer (3 tensors per expert).
+        # Odd cases: small batches force several batches per layer (3 tensors per expert).
+        # Cases 0, 1 mod 4: one expert per piece; else one piece per peer and batch.
         executor = CopyExecutor(rank, world_size, weights, rpn,
-                                max_ops_per_batch=3 if i % 2 else 256, timeout_s=20.0)
+                                max_ops_per_batch=3 if i % 2 else 256, timeout_s=20.0,
+                                piece_bytes=1 if i % 4 < 2 else 0)
         if i % 2:
             chunks = chunk_layers(changed_layers(old, new), bytes_per_layer=1, bytes_per_chunk=3)
         else:
@@ -253,11 +255,14 @@ def job_copy_cases(rank: int, world_size: int, payload: dict) -> str:
             assert stats.bytes_received == sum(s.bytes_received[rank] for s in layer_stats)
             assert stats.bytes_sent == sum(s.bytes_sent[rank] for s in layer_stats)
             assert stats.local_copies == sum(s.local_copies[rank] for s in layer_stats)
-            # One isend and one irecv per peer and batch: the experts travel packed.
+            # One isend and one irecv per peer, batch and piece: the experts travel packed.
             plans = plan_copies(old, new, chunk, world_size, rpn)
+            per_piece = executor.experts_per_piece
             assert stats.p2p_ops == sum(
-                len({(op.peer, op.kind) for op in p.ops_for(rank, batch)})
-                for p in plans for batch in p.batches(executor.transfers_per_batch))
+                -(-sum(op.peer == peer and op.kind == kind for op in ops) // per_piece)
+                for p in plans for batch in p.batches(executor.transfers_per_batch)
+                for ops in [p.ops_for(rank, batch)] for peer, kind in {(o.peer, o.kind)
+                                                                        for o in ops})
             moved += stats.bytes_received
         bad = mismatches(weights, new, rank, world_size)
         assert not bad, f"case {i}: {bad[:5]}"
