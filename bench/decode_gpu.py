@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -685,7 +686,7 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         row("extra time vs the same steps without rebalance ms",
             lambda m: _f(m.get("extra_vs_same_steps_ms"), "{:+.1f}"))
     row("longest chunk copy ms", lambda m: _f(m.get("longest_chunk_ms")))
-    row("bytes moved (all ranks) GB", lambda m: _f(m.get("bytes_moved", 0) / 1e9 if m.get("bytes_moved") else None, "{:.3f}"))
+    row("bytes moved (all ranks) MB", lambda m: _f(m["bytes_moved"] / 1e6 if m.get("bytes_moved") else None, "{:.1f}"))
     row("copy GB/s (% of P2P ceiling)",
         lambda m: f"{m['copy_gbps']:.1f} ({m['copy_pct_of_ceiling']:.0f} %)" if "copy_gbps" in m else "-")
     row("plan ms (where)", lambda m: _plan_cell(m))
@@ -727,8 +728,10 @@ def render(args, ranks: list[dict], summary: dict) -> str:
                 f"goals (sidecar): worst step {side['worst_window_ms']:.2f} ms <= normal "
                 f"{normal:.2f} + one chunk {side['longest_chunk_ms']:.2f} ms: "
                 f"{'met' if goals['worst_step_le_normal_plus_chunk'] else 'NOT met'}; p99 within "
-                f"5 % of no rebalance ({side.get('p99_vs_no_rebalance_pct', float('nan')):+.1f} %): "
-                f"{'met' if goals['p99_within_5pct'] else 'NOT met'}; copies >= 80 % of the "
+                + (f"5 % of no rebalance ({side['p99_vs_no_rebalance_pct']:+.1f} %): "
+                   f"{'met' if goals['p99_within_5pct'] else 'NOT met'}"
+                   if "p99_vs_no_rebalance_pct" in side else "5 %: n/a (no-rebalance not run)")
+                + "; copies >= 80 % of the "
                 f"ceiling ({side['copy_pct_of_ceiling']:.0f} %): "
                 f"{'met' if goals['copy_ge_80pct_ceiling'] else 'NOT met'}")
     for mode in modes:
@@ -855,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.stop()
+    if cluster is not None:  # kept only when something failed (its logs)
+        shutil.rmtree(cluster.base_dir, ignore_errors=True)
     summary = summarize(args, ranks)
     text = render(args, ranks, summary)
     print(text, end="")
