@@ -264,6 +264,7 @@ class InEngineAsync(NoRebalance):
             gathered = time.perf_counter()
             old = c.engine.phys2log.clone()  # no copy runs before the begin step
             new, info = c.plan(load, old)
+            new = new.contiguous()
             dist.broadcast(new, 0, group=c.side)
             layers = changed_layers(old, new)
             chunks = chunk_layers(layers, layers_per_chunk=a.layers_per_step)
@@ -515,37 +516,38 @@ def spawn_ranks(args, run_dir: str | None, result_dir: str) -> list[dict]:
     port = free_port()
     procs = [ctx.Process(target=rank_main, args=(r, args, port, run_dir, result_dir),
                          name=f"decode-rank{r}") for r in range(args.world)]
-    for proc in procs:
-        proc.start()
     deadline = time.monotonic() + args.timeout
     failed = ""
-    while any(p.is_alive() for p in procs):
-        bad = [p for p in procs if p.exitcode not in (None, 0)]
-        if bad:
-            failed = f"{bad[0].name} exited with {bad[0].exitcode}"
-            break
-        if time.monotonic() > deadline:
-            failed = f"the ranks did not finish within --timeout {args.timeout:g}s"
-            break
-        time.sleep(0.2)
-    if not failed:
-        bad = [p for p in procs if p.exitcode != 0]
-        if bad:
-            failed = f"{bad[0].name} exited with {bad[0].exitcode}"
-    if failed:
+    try:
+        for proc in procs:
+            proc.start()
+        while any(p.is_alive() for p in procs):
+            bad = [p for p in procs if p.exitcode not in (None, 0)]
+            if bad:
+                failed = f"{bad[0].name} exited with {bad[0].exitcode}"
+                break
+            if time.monotonic() > deadline:
+                failed = f"the ranks did not finish within --timeout {args.timeout:g}s"
+                break
+            time.sleep(0.2)
+        if not failed:
+            bad = [p for p in procs if p.exitcode != 0]
+            if bad:
+                failed = f"{bad[0].name} exited with {bad[0].exitcode}"
+    finally:  # whatever happened here, no rank outlives the bench
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
-            p.join(10)
+            if p.pid is not None:
+                p.join(10)
             if p.is_alive():
                 p.kill()
                 p.join(5)
+    if failed:
         errors = "".join(f"--- rank {r} ---\n{Path(result_dir, f'rank{r}.error').read_text()}"
                          for r in range(args.world) if Path(result_dir, f"rank{r}.error").exists())
         raise SystemExit(f"decode bench failed: {failed}\n{errors}")
-    for p in procs:
-        p.join(10)
     return [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(args.world)]
 
 

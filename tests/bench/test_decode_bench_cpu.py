@@ -113,3 +113,15 @@ def test_verify_catches_a_wrong_slot() -> None:
     swapped[0, [4, 5]] = swapped[0, [5, 4]]
     engine.set_layers([0], swapped)
     assert engine.verify() == 2
+
+
+def test_a_run_past_its_timeout_ends_with_an_error() -> None:
+    """A bench that cannot finish in time stops its ranks and says so (it never hangs)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "bench" / "decode_gpu.py"), "--device", "cpu",
+           "--world", "2", "--hidden", "64", "--inter", "32", "--tokens", "32", "--layers", "2",
+           "--steps", "60", "--warmup", "5", "--rebalance-at", "40", "--window", "20",
+           "--modes", "no-rebalance", "--timeout", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert "did not finish within --timeout 1s" in proc.stderr
