@@ -496,9 +496,14 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
            "device_name": torch.cuda.get_device_name(device) if cuda else "CPU (gloo)",
            "torch": torch.__version__}
     for mode in args.modes:
+        if mode == args.inject_failure and rank == args.world - 1:
+            raise RuntimeError(f"injected failure at the start of mode {mode} (--inject-failure)")
         dist.barrier()
         out["modes"][mode] = run_mode(mode, args, rank, device, engine, copier, side, run_dir)
-    Path(result_dir, f"rank{rank}.json").write_text(json.dumps(out))
+        # After every mode, so that a later failure still leaves the modes that ran.
+        tmp = Path(result_dir, f"rank{rank}.json.tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(Path(result_dir, f"rank{rank}.json"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -511,7 +516,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(args, run_dir: str | None, result_dir: str) -> list[dict]:
+def spawn_ranks(args, run_dir: str | None, result_dir: str) -> tuple[list[dict | None], str]:
+    """Run the ranks. Returns what each rank wrote (None where nothing) and '' or what failed."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=rank_main, args=(r, args, port, run_dir, result_dir),
@@ -547,8 +553,9 @@ def spawn_ranks(args, run_dir: str | None, result_dir: str) -> list[dict]:
     if failed:
         errors = "".join(f"--- rank {r} ---\n{Path(result_dir, f'rank{r}.error').read_text()}"
                          for r in range(args.world) if Path(result_dir, f"rank{r}.error").exists())
-        raise SystemExit(f"decode bench failed: {failed}\n{errors}")
-    return [json.loads(Path(result_dir, f"rank{r}.json").read_text()) for r in range(args.world)]
+        failed = f"{failed}\n{errors}"
+    files = [Path(result_dir, f"rank{r}.json") for r in range(args.world)]
+    return [json.loads(f.read_text()) if f.exists() else None for f in files], failed
 
 
 def summarize(args, ranks: list[dict]) -> dict:
@@ -805,6 +812,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="process group and copy timeout, seconds")
     p.add_argument("--timeout", type=float, default=540.0,
                    help="the whole run, seconds; a hung rank ends the bench with an error")
+    p.add_argument("--inject-failure", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None,
                    help="write the table here (Markdown) and the raw numbers next to it (.json)")
     args = p.parse_args(argv)
@@ -836,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         [REPO] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
     cluster = None
     run_dir = None
+    ranks: list[dict | None] = []
+    failed = ""
     try:
         if "sidecar" in args.modes:
             from eplb.demo.cluster import LocalCluster
@@ -850,18 +860,28 @@ def main(argv: list[str] | None = None) -> int:
             cluster.wait_ready(60.0)
             run_dir = str(cluster.run_dir(0))
         with tempfile.TemporaryDirectory(prefix="eplb-decode-") as result_dir:
-            ranks = spawn_ranks(args, run_dir, result_dir)
-    except BaseException:
+            ranks, failed = spawn_ranks(args, run_dir, result_dir)
+        if failed:
+            raise RuntimeError(failed)
+    except BaseException as exc:
         if cluster is not None:
             for log in sorted(Path(cluster.log_dir).glob("*.log")):
                 tail = log.read_text(errors="replace").splitlines()[-30:]
                 print(f"--- last lines of {log} ---", *tail, sep="\n", file=sys.stderr)
-        raise
+        print(f"decode bench failed: {exc}", file=sys.stderr)
+        failed = failed or f"{type(exc).__name__}: {exc}"
     finally:
         if cluster is not None:
             cluster.stop()
-    if cluster is not None:  # kept only when something failed (its logs)
+    if cluster is not None and not failed:  # kept when something failed (its logs)
         shutil.rmtree(cluster.base_dir, ignore_errors=True)
+    done = [m for m in args.modes if ranks and all(r is not None and m in r["modes"] for r in ranks)]
+    if failed:
+        if not done:
+            return 1
+        print(f"PARTIAL RESULTS: only {', '.join(done)} finished before the failure above",
+              file=sys.stderr)
+        args = argparse.Namespace(**{**vars(args), "modes": done})
     summary = summarize(args, ranks)
     text = render(args, ranks, summary)
     print(text, end="")
@@ -881,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"WARNING: {mode} committed {summary['modes'][mode]['rebalances']} rebalances "
                   "(expected exactly 1)")
             ok = False
+    if failed:
+        print(f"FAILED: the run stopped early: {failed.splitlines()[0]}")
+        ok = False
     print("RESULT:", "ok" if ok else "FAILED (see above)")
     return 0 if ok else 1
 

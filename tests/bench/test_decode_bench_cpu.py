@@ -125,3 +125,19 @@ def test_a_run_past_its_timeout_ends_with_an_error() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode != 0
     assert "did not finish within --timeout 1s" in proc.stderr
+
+
+def test_a_failing_rank_ends_the_run_with_the_modes_that_finished() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "bench" / "decode_gpu.py"), "--device", "cpu",
+           "--world", "2", "--hidden", "64", "--inter", "32", "--tokens", "16", "--layers", "2",
+           "--steps", "60", "--warmup", "5", "--rebalance-at", "40", "--window", "20",
+           "--modes", "no-rebalance", "stop-the-world", "--inject-failure", "stop-the-world",
+           "--timeout", "60"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=REPO)
+    assert proc.returncode == 1
+    assert "injected failure at the start of mode stop-the-world" in proc.stderr
+    assert "PARTIAL RESULTS: only no-rebalance finished" in proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| |"))
+    assert header == "| | no rebalance |"
+    assert "RESULT: FAILED" in proc.stdout
