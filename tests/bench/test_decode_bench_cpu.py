@@ -141,3 +141,18 @@ def test_a_failing_rank_ends_the_run_with_the_modes_that_finished() -> None:
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| |"))
     assert header == "| | no rebalance |"
     assert "RESULT: FAILED" in proc.stdout
+
+
+def test_the_default_gpu_configuration_is_valid() -> None:
+    """The GPU run uses the defaults: they must parse, trigger once, and fit an 80 GB card."""
+    import decode_gpu
+
+    args = decode_gpu.parse_args(["--device", "cpu", "--world", "2", "--hidden", "7168",
+                                  "--inter", "2048", "--ceiling-mb", "512"])
+    assert args.experts == (args.slots - 1) * args.world and args.slots >= 9
+    assert args.dtype == "bf16" and args.modes == list(decode_gpu.MODES)
+    assert args.warmup < args.rebalance_at < args.steps <= 2 * args.rebalance_at
+    assert 5 < decode_gpu.memory_estimate_gb(args) < 40
+    for world in (4, 8):
+        wide = decode_gpu.parse_args(["--device", "cpu", "--world", str(world)])
+        assert wide.experts == 8 * world
