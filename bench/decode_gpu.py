@@ -46,6 +46,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -695,6 +696,14 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         f"sum over steps [trigger-{AROUND}, last copy+{AROUND}] of (step - p50 of the no-rebalance "
         f"run); NCCL P2P ceiling measured in this run: {summary['ceiling_gbps']:.1f} GB/s per "
         f"direction (one {args.ceiling_mb:g} MB message each way)",
+    ]
+    if "sidecar" in modes:
+        lines.append(f"sidecar mode: one eplb-sidecar, --interval {args.rebalance_at} --window "
+                     f"{args.window} --min-gain 0 --layers-per-step {args.layers_per_step} "
+                     f"--policy {args.policy} --planner thread {args.sidecar_args}".rstrip()
+                     + f"; WorkerHook(flush_every={args.flush_every}); async mode: begin step = "
+                     f"max over ranks of (step + {args.async_margin})")
+    lines += [
         "",
         "| | " + " | ".join(MODE_TITLES[m] for m in modes) + " |",
         "|---|" + "---|" * len(modes),
@@ -839,6 +848,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="process group and copy timeout, seconds")
     p.add_argument("--timeout", type=float, default=540.0,
                    help="the whole run, seconds; a hung rank ends the bench with an error")
+    p.add_argument("--sidecar-args", default="",
+                   help="extra eplb-sidecar flags, one string (e.g. \"--bytes-per-step 400000000\")")
     p.add_argument("--inject-failure", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None,
                    help="write the table here (Markdown) and the raw numbers next to it (.json)")
@@ -884,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--min-gain", "0", "--layers-per-step", str(args.layers_per_step),
                 "--policy", args.policy, "--planner", "thread", "--max-retries", "3",
                 "--worker-timeout", "10", "--ack-timeout", "10", "--promise-timeout", "10",
-                "--log-level", "INFO"])
+                "--log-level", "INFO", *shlex.split(args.sidecar_args)])
             cluster.start()
             cluster.wait_ready(60.0)
             run_dir = str(cluster.run_dir(0))
