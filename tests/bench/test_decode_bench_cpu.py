@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from decode_engine import Shape, StandInMoE, expert_tags  # noqa: E402
 
-STEPS, WARMUP, TRIGGER, WINDOW, LAYERS, SLOTS, WORLD = 160, 20, 90, 50, 4, 9, 2
+STEPS, WARMUP, TRIGGER, WINDOW, LAYERS, SLOTS, WORLD = 120, 10, 60, 40, 3, 9, 2
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,10 @@ def bench_run(tmp_path_factory) -> tuple[dict, str, str]:
     out = tmp_path_factory.mktemp("decode") / "cpu_decode.md"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "bench" / "decode_gpu.py"), "--device", "cpu",
-           "--world", str(WORLD), "--hidden", "64", "--inter", "32", "--tokens", "32",
+           "--world", str(WORLD), "--hidden", "64", "--inter", "32", "--tokens", "16",
            "--layers", str(LAYERS), "--slots", str(SLOTS), "--steps", str(STEPS),
            "--warmup", str(WARMUP), "--rebalance-at", str(TRIGGER), "--window", str(WINDOW),
-           "--sigma", "1.5", "--timeout", "150", "--out", str(out)]
+           "--ceiling-repeats", "2", "--timeout", "150", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     raw = json.loads(out.with_suffix(".json").read_text())
@@ -130,9 +130,10 @@ def test_a_run_past_its_timeout_ends_with_an_error() -> None:
 def test_a_failing_rank_ends_the_run_with_the_modes_that_finished() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "bench" / "decode_gpu.py"), "--device", "cpu",
-           "--world", "2", "--hidden", "64", "--inter", "32", "--tokens", "16", "--layers", "2",
-           "--steps", "60", "--warmup", "5", "--rebalance-at", "40", "--window", "20",
-           "--modes", "no-rebalance", "stop-the-world", "--inject-failure", "stop-the-world",
+           "--world", "2", "--hidden", "64", "--inter", "32", "--tokens", "16", "--layers", "1",
+           "--steps", "30", "--warmup", "2", "--rebalance-at", "20", "--window", "10",
+           "--ceiling-repeats", "1", "--modes", "no-rebalance", "stop-the-world",
+           "--inject-failure", "stop-the-world",
            "--timeout", "60"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=REPO)
     assert proc.returncode == 1
