@@ -1,4 +1,4 @@
-"""``eplbctl``: status, rebalance, demo."""
+"""``eplbctl``: status, rebalance, plan, keys, demo."""
 
 from __future__ import annotations
 
@@ -65,6 +65,21 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from eplb.curve import CurveKeyError, create_keys
+
+    try:
+        files = create_keys(args.directory)
+    except CurveKeyError as exc:
+        print(f"eplbctl keys: {exc}", file=sys.stderr)
+        return 2
+    for path in files:
+        print(path)
+    print(f"give every sidecar this directory with --curve-keys {args.directory} (or "
+          "EPLB_CURVE_KEYS); the *.key_secret files are secret", file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eplb.demo.run import DemoOptions, run_demo
 
@@ -112,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bytes-per-expert", type=int, default=0,
                    help="size of one expert, to report bytes moved")
     s.set_defaults(func=_plan)
+    s = sub.add_parser("keys", help="make CURVE key pairs for the sidecars' TCP link",
+                       description="Write leader.key/leader.key_secret and node.key/node.key_secret "
+                                   "(ZeroMQ certificates) into DIRECTORY, for eplb-sidecar "
+                                   "--curve-keys. Existing keys are never overwritten.")
+    s.add_argument("directory", type=Path, help="where to write the keys (created, mode 0700)")
+    s.set_defaults(func=_keys)
     s = sub.add_parser("demo", help="run a local 2-node x 2-worker cluster on synthetic load",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--steps", type=int, default=2000, help="decode steps to run")

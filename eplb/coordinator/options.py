@@ -57,10 +57,14 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("leader", str, "the leader's TCP address; followers connect to it", CLUSTER,
            required=True, check=_tcp_address, metavar="tcp://HOST:PORT"),
-    Option("bind", str, "leader only: address to bind instead of --leader (e.g. tcp://0.0.0.0:5555)",
-           CLUSTER, check=_tcp_address, metavar="tcp://HOST:PORT"),
+    Option("bind", str, "leader only: address to bind instead of --leader (e.g. tcp://0.0.0.0:5555); "
+           "followers ignore it, so every node can share one config", CLUSTER,
+           check=_tcp_address, metavar="tcp://HOST:PORT"),
     Option("run-dir", Path, "private directory for the ipc sockets the workers and eplbctl use",
            CLUSTER, default_text="$XDG_RUNTIME_DIR/eplb, else /tmp/eplb-UID", metavar="DIR"),
+    Option("curve-keys", Path, "directory of CURVE certificates from `eplbctl keys`: the leader "
+           "serves only followers whose public key (*.key) is in its directory, and the link is "
+           "encrypted; unset: plain TCP, for a trusted network only", CLUSTER, metavar="DIR"),
     Option("group-access", bool, "make the run directory 0770 instead of 0700 (workers in the "
            "same group)", CLUSTER, default=False),
     Option("interval", int, "decode steps between rebalance attempts", POLICY, default=1000,
@@ -132,8 +136,6 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
     if not v["node-rank"] < v["num-nodes"]:
         raise ConfigError(f"--node-rank {v['node-rank']} must lie in [0, {v['num-nodes']}) "
                           f"(--num-nodes {v['num-nodes']})")
-    if v.get("bind") and v["node-rank"] != 0:
-        raise ConfigError("--bind is for the leader (node 0) only; a follower connects to --leader")
     leader = LeaderConfig(
         interval_steps=v["interval"], window_steps=v["window"], min_gain=v["min-gain"],
         min_margin=v["min-margin"], max_retries=v["max-retries"],
@@ -147,4 +149,5 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         heartbeat_s=v["heartbeat"], worker_timeout_s=v["worker-timeout"],
         node_timeout_s=v["node-timeout"], planner_executor=v["planner"],
         group_access=v["group-access"], http=parse_http(v["http"]),
-        expected_workers=v["expected-workers"], grace_s=v["grace-period"])
+        expected_workers=v["expected-workers"], grace_s=v["grace-period"],
+        curve_keys=v.get("curve-keys"))

@@ -30,6 +30,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from eplb import __version__
 from eplb.coordinator.agreement import Phase
@@ -37,6 +38,7 @@ from eplb.coordinator.health import HealthState, HttpEndpoints
 from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output
 from eplb.coordinator.metrics import SHUTDOWN_REASON, SidecarMetrics
 from eplb.coordinator.planner import plan_rebalance
+from eplb.curve import CurveKeyError, CurveKeys, load_keys
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
 from eplb.proto import (Abort, Bye, Commit, ControlReply, ControlRequest, Hello, IdentityMismatch,
                         InvalidField, MalformedFrame, Message, NodeHeartbeat, NodeHello,
@@ -73,6 +75,7 @@ class SidecarConfig:
     expected_workers: int = 0  # local workers that must have joined to be ready
     grace_s: float = 10.0  # a stop must finish within this (the CLI enforces it)
     stale_after_s: float = 5.0  # /healthz fails when the loop has not ticked for this long
+    curve_keys: Path | None = None  # directory of CURVE certificates (eplb.curve); None: plain TCP
     refresh_s: float = 0.25  # metrics and readiness update period
     balancedness_every_s: float = 2.0  # window balancedness is recomputed this often
 
@@ -110,6 +113,7 @@ class Sidecar:
         self.http_address: tuple[str, int] | None = None
         self.stopping = False
         self.failed = False  # a loop died: the process should exit non-zero
+        self._auth: AsyncioAuthenticator | None = None
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -126,11 +130,14 @@ class Sidecar:
         self.control.setsockopt(zmq.LINGER, 200)
         self.control.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
         self._bind_ipc(self.control, control_endpoint(cfg.run_dir))
+        keys = self._curve_keys()
         if cfg.is_leader:
             self.peers = self.ctx.socket(zmq.ROUTER)
             self.peers.setsockopt(zmq.LINGER, 200)
             self.peers.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self.peers.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 4096)
+            if keys is not None:
+                self._serve_curve(self.peers, keys)
             address = cfg.bind_address or cfg.leader_address
             try:
                 self.peers.bind(address)
@@ -142,7 +149,40 @@ class Sidecar:
             self.up.setsockopt(zmq.IDENTITY, f"node-{cfg.node_rank}-{self.incarnation}".encode())
             self.up.setsockopt(zmq.LINGER, 200)
             self.up.setsockopt(zmq.SNDHWM, 100000)
+            if keys is not None:
+                self.up.curve_serverkey = keys.leader_public
+                self.up.curve_publickey = keys.public
+                self.up.curve_secretkey = keys.secret
             self.up.connect(cfg.leader_address)
+
+    def _curve_keys(self) -> CurveKeys | None:
+        if self.config.curve_keys is None:
+            return None
+        try:
+            return load_keys(self.config.curve_keys, leader=self.config.is_leader)
+        except CurveKeyError as exc:
+            raise SystemExit(f"eplb-sidecar: --curve-keys: {exc}") from None
+
+    def _serve_curve(self, sock: zmq.asyncio.Socket, keys: CurveKeys) -> None:
+        """Leader: CURVE server; a ZAP handler admits only the followers' known public keys
+        (invariant I4: a refused handshake is counted and logged like a bad frame)."""
+        sidecar = self
+
+        class Gate:
+            def callback(self, domain: str, key: bytes) -> bool:
+                if key in keys.authorized:
+                    return True
+                sidecar._reject("a peer's CURVE handshake", Unauthenticated(
+                    f"public key {key.decode(errors='replace')} is not among the authorized "
+                    f"keys in {sidecar.config.curve_keys}"))
+                return False
+
+        self._auth = AsyncioAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", Gate())
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        sock.curve_server = True
 
     def _bind_ipc(self, sock: zmq.Socket, endpoint: str) -> None:
         path = endpoint.removeprefix("ipc://")
@@ -256,6 +296,8 @@ class Sidecar:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.http is not None:
             self.http.close()
+        if self._auth is not None:
+            self._auth.stop()
         linger_ms = int(1000 * min(SHUTDOWN_LINGER_S, self.config.grace_s / 4))
         self.ctx.destroy(linger=linger_ms)
         self.notifier.close()
@@ -620,7 +662,9 @@ class Sidecar:
                            f"(ranks {sorted(self.local)})")
         if self.core is None:
             if not self.leader_seen:
-                return False, f"leader {cfg.leader_address} not heard from yet"
+                hint = (" (CURVE: does the leader have this node's public key, and this node the "
+                        "leader's?)" if cfg.curve_keys else "")
+                return False, f"leader {cfg.leader_address} not heard from yet{hint}"
             if now - self.leader_seen > cfg.node_timeout_s:
                 return False, (f"leader {cfg.leader_address} silent for "
                                f"{now - self.leader_seen:.1f}s (limit {cfg.node_timeout_s:g}s)")
@@ -683,6 +727,12 @@ class Sidecar:
             "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
                                    if self.leader_seen else None),
         }
+
+
+class Unauthenticated(ProtocolError):
+    """A peer failed CURVE authentication."""
+
+    reason = "unauthenticated"
 
 
 @dataclass

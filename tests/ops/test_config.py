@@ -76,8 +76,6 @@ def test_missing_and_inconsistent_cluster_settings_are_refused(tmp_path: Path) -
         config_from_argv(["--node-rank", "0", "--num-nodes", "1"], {})
     with pytest.raises(ConfigError, match=r"--node-rank 3 must lie in \[0, 2\)"):
         config_from_argv([*BASE, "--node-rank", "3"], {})
-    with pytest.raises(ConfigError, match="--bind is for the leader"):
-        config_from_argv([*BASE, "--node-rank", "1", "--bind", "tcp://0.0.0.0:1"], {})
     with pytest.raises(ConfigError, match="does not exist"):
         config_from_argv([*BASE, "--config", str(tmp_path / "nope.toml")], {})
 
