@@ -34,11 +34,15 @@ import torch
 from eplb.coordinator.policy_deepseek import balanced_packing
 
 #: How far below the from-scratch plan's balancedness the stable plan may stay (absolute).
-DEFAULT_TOLERANCE = 0.002
+DEFAULT_TOLERANCE = 0.003
+#: A layer's repair stops once its max GPU load is within this fraction of the reference's.
+SLACK = 0.002
 #: Local-search steps per layer before the reference plan is used as the fallback.
 DEFAULT_STEPS = 24
 #: A local-search move lands on one of this many least-loaded GPUs.
 LIGHT_GPUS = 16
+#: A replica-splitting move takes its slot from one of this many cheapest donors.
+DONORS = 32
 
 
 def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
@@ -140,8 +144,8 @@ def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tens
 
 
 def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-               gpu_load: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                torch.Tensor]:
+               gpu_load: torch.Tensor, ceiling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor, torch.Tensor]:
     """For each layer, the single change that most lowers the max GPU load per slot changed.
 
     Candidates, all touching the most loaded GPU ``g``: swap a slot of ``g`` with a slot of
@@ -189,41 +193,91 @@ def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
     es = phys2log.gather(1, source)  # [L, S]
     off_hot = (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]  # [L, 1, C]
     other_expert = es[:, :, None] != expert[:, None, :]  # [L, S, C]
-    inf = torch.tensor(float("-inf"), dtype=torch.float64)
+    never = torch.tensor(float("-inf"), dtype=torch.float64)
 
     # Moves are ranked by the load of the GPUs they touch (not by the layer's new max, which
     # other hot GPUs may pin): the best local fix first, so the next step starts from a low base.
     # swaps: d moves from the hot GPU to the target slot's GPU
     d = xs[:, :, None] - x[:, None, :]  # [L, S, C]
     swapped = torch.maximum(peak[:, None, None] - d, target_gpu_load[:, None, :] + d)
-    swap_gain = torch.where(off_hot & other_expert & (d > 0), (peak[:, None, None] - swapped) / 2, inf)
+    swap_ok = off_hot & other_expert & (d > 0)
 
-    # splits: slot t (expert a, spare replica) becomes one more replica of b = es; a's other
-    # holders take its heavier share
-    count_a = count_all.gather(1, target)
-    raise_a = load_all.gather(1, target) / (count_a - 1).clamp(min=1) - x
-    holders = other_holder.gather(1, target) + raise_a  # [L, C]
+    # splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
+    # a's other holders take its heavier share. Donors: those cheapest to give up.
+    raise_all = load_all / (count_all - 1).clamp(min=1) - x_all  # [L, P]
+    give_up = torch.maximum(other_holder + raise_all, gpu_all - x_all)
+    give_up = give_up.masked_fill((count_all < 2) | (slot_gpu == hot[:, None]), float("inf"))
+    donor = give_up.topk(min(slots, DONORS), dim=1, largest=False).indices  # [L, M]
+    x_d = x_all.gather(1, donor)
+    holders = other_holder.gather(1, donor) + raise_all.gather(1, donor)  # [L, M]
     new_share = load.gather(1, es) / (counts.gather(1, es) + 1)  # [L, S]
     hot_after = peak[:, None] - (xs - new_share)  # [L, S]
     split = torch.maximum(torch.maximum(hot_after[:, :, None],
-                                        target_gpu_load[:, None, :] - x[:, None, :] + new_share[:, :, None]),
-                          holders[:, None, :])
-    spare = (count_a >= 2)[:, None, :]
-    split_gain = torch.where(off_hot & other_expert & spare, peak[:, None, None] - split, inf)
+                                        (gpu_all.gather(1, donor) - x_d)[:, None, :] + new_share[:, :, None]),
+                          holders[:, None, :])  # [L, S, M]
+    split_ok = (give_up.gather(1, donor) < float("inf"))[:, None, :] & \
+        (es[:, :, None] != phys2log.gather(1, donor)[:, None, :])
 
-    gains = torch.cat([swap_gain, split_gain], dim=1).view(layers, -1)  # [L, 2 * S * P]
-    gain, index = gains.max(dim=1)
-    width = target.shape[1]
-    kind, rest_index = index // (per_gpu * width), index % (per_gpu * width)
-    src = source.gather(1, (rest_index // width)[:, None]).squeeze(1)
-    dst = target.gather(1, (rest_index % width)[:, None]).squeeze(1)
-    return gain, kind == 0, src, dst
+    # Rank: a move that brings every GPU it touches under the ceiling first, fewer slots first,
+    # then lower touched load; otherwise the load shed per slot changed.
+    touched = torch.cat([swapped.view(layers, -1), split.view(layers, -1)], dim=1)  # [L, S*(C+M)]
+    ok = torch.cat([swap_ok.view(layers, -1), split_ok.view(layers, -1)], dim=1)
+    n_swap = swapped[0].numel()
+    cost = torch.ones_like(touched)
+    cost[:, :n_swap] = 2.0
+    shed = (peak[:, None] - touched) / peak.clamp(min=1e-300)[:, None]  # <= 1
+    rank = torch.where(touched <= ceiling[:, None], 4.0 - cost + shed, shed / cost)
+    rank = torch.where(ok & (shed > 1e-9), rank, never)
+    best, index = rank.max(dim=1)
+    chosen = index[:, None]
+    gain = torch.where(best > never, shed.gather(1, chosen).squeeze(1) * peak
+                       / cost.gather(1, chosen).squeeze(1), torch.zeros_like(peak))
+    is_swap = index < n_swap
+    width, donors = target.shape[1], donor.shape[1]
+    swap_at, split_at = index.clamp(max=n_swap - 1), (index - n_swap).clamp(min=0)
+    src = source.gather(1, torch.where(is_swap, swap_at // width, split_at // donors)[:, None]).squeeze(1)
+    dst = torch.where(is_swap, target.gather(1, (swap_at % width)[:, None]).squeeze(1),
+                      donor.gather(1, (split_at % donors)[:, None]).squeeze(1))
+    return gain, is_swap, src, dst
+
+
+def needed_replica(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
+                   gpu_load: torch.Tensor, ref_counts: torch.Tensor) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """The replica each layer must move first: an expert on the most loaded GPU whose load per
+    replica exceeds the reference's heaviest replica cannot fit the reference way, so it takes a slot of an
+    expert that has more replicas than the reference gives it (one slot changes; the slot is on
+    the most loaded GPU that holds the donor).
+
+    Args:
+        load: ``[L, E]``; phys2log: ``[L, P]``; counts: ``[L, E]``; gpu_load: ``[L, G]``;
+        ref_counts: ``[L, E]`` the reference's replica counts.
+    Returns:
+        expert ``[L]`` (the one that gains a replica, -1 where none must) and slot ``[L]``.
+    """
+    layers, slots = phys2log.shape
+    per_gpu = slots // gpu_load.shape[1]
+    limit = (load / ref_counts).max(dim=1).values  # [L]
+    hot = gpu_load.argmax(dim=1, keepdim=True) * per_gpu + torch.arange(per_gpu)  # [L, S]
+    on_hot = phys2log.gather(1, hot)
+    excess, at = ((load / counts).gather(1, on_hot) - limit[:, None]).max(dim=1)
+    expert = on_hot.gather(1, at[:, None]).squeeze(1)
+    spare = counts > ref_counts
+    donor = torch.where(spare, load / (counts - 1).clamp(min=1), torch.full_like(load, float("inf")))
+    donor_load, donor_expert = donor.min(dim=1)
+    needed = (excess > limit * 1e-9) & (donor_load < float("inf")) & (donor_expert != expert)
+    slot_gpu = torch.arange(slots) // per_gpu
+    on = torch.where(phys2log == donor_expert[:, None], gpu_load[:, slot_gpu],
+                     torch.full_like(phys2log, -1.0, dtype=torch.float64))
+    return torch.where(needed, expert, torch.full_like(expert, -1)), on.argmax(dim=1)
 
 
 def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps: int,
-                 goal: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 goal: float, ceiling: torch.Tensor,
+                 ref_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local search from ``current``: at each step, in every layer that can still improve, apply
-    :func:`best_moves`' change if it truly lowers the layer's max GPU load. Stops after ``steps``
+    :func:`best_moves`' change if it truly lowers the layer's max GPU load (or leaves fewer GPUs
+    at that max). Stops after ``steps``
     steps, when no layer improves, or once the last states' mean balancedness reaches ``goal``.
 
     Args:
@@ -243,12 +297,16 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps
     for _ in range(steps):
         if float(scores[-1].mean()) >= goal:
             break
-        gain, is_swap, src, dst = best_moves(load, phys2log, counts, gpu_load)
-        act = live & (gain > peak * 1e-9)
+        gain, is_swap, src, dst = best_moves(load, phys2log, counts, gpu_load, ceiling)
+        grow, slot = needed_replica(load, phys2log, counts, gpu_load, ref_counts)
+        forced = (grow >= 0) & (peak > ceiling)
+        act = (live & (gain > peak * 1e-9) & (peak > ceiling)) | forced
         if not bool(act.any()):
             break
+        is_swap = is_swap & ~forced
+        dst = torch.where(forced, slot, dst)
         before, before_counts = phys2log.clone(), counts.clone()
-        a, b = phys2log[rows, dst], phys2log[rows, src]
+        a, b = phys2log[rows, dst], torch.where(forced, grow, phys2log[rows, src])
         swap, split = act & is_swap, act & ~is_swap
         phys2log[rows[swap], src[swap]] = a[swap]
         phys2log[rows[act], dst[act]] = b[act]
@@ -256,7 +314,10 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps
         counts[rows[split], b[split]] += 1
         new_load = gpu_load_of(load, phys2log, counts, num_gpus)
         new_peak = new_load.max(dim=1).values
-        worse = act & ~(new_peak < peak)
+        # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains)
+        at_peak = (gpu_load >= peak[:, None]).sum(dim=1)
+        still = (new_load >= peak[:, None]).sum(dim=1)
+        worse = act & ~forced & ~((new_peak < peak) | ((new_peak <= peak) & (still < at_peak)))
         if bool(worse.any()):  # the bound was loose here: undo, and stop searching this layer
             phys2log[worse], counts[worse] = before[worse], before_counts[worse]
             new_load[worse] = gpu_load[worse]
@@ -414,14 +475,17 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
     if current is None:
         return reference
     current = current.to(torch.int64)
-    ref_score = layer_balancedness(load, gpu_load_of(load, reference, counts_of(reference, experts),
-                                                     num_gpus))
+    ref_counts = counts_of(reference, experts)
+    ref_load = gpu_load_of(load, reference, ref_counts, num_gpus)
+    ref_score = layer_balancedness(load, ref_load)
     goal = float(ref_score.mean()) - tolerance
-    states, scores, moves = repair_chain(load, current, num_gpus, steps, goal)
+    states, scores, moves = repair_chain(load, current, num_gpus, steps, goal,
+                                         ref_load.max(dim=1).values * (1 + SLACK), ref_counts)
     if float(scores[0].mean()) >= goal:
         return current.clone()
     layer_scores, layer_moves = scores.T.tolist(), moves.T.tolist()
-    short = (scores.max(dim=0).values < ref_score).nonzero().flatten()  # layers the chains miss
+    # layers whose chain stays above the ceiling
+    short = (scores.max(dim=0).values * (1 + SLACK) < ref_score * (1 - 1e-9)).nonzero().flatten()
     aligned = None
     if float(scores.max(dim=0).values.mean()) < goal:  # offer the aligned reference there
         aligned = align_to_current(reference[short], current[short], num_gpus)
