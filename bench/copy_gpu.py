@@ -114,18 +114,29 @@ def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count:
 
 
 def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tensor, rank: int,
-               device: torch.device, epoch: int) -> list[tuple[float, int]]:
-    """Copy every layer from old to new, one layer per call (a chunk per step).
-    Returns (seconds, bytes received) per layer."""
+               device: torch.device, epoch: int, prefetch: bool = False) -> list[tuple[float, int, float]]:
+    """Copy every layer from old to new, one layer per call (a chunk per step). With ``prefetch``
+    each layer is first prepared by ``copier.prefetch`` outside the timed call (as the hook does
+    during the step before), and that preparation is timed on its own.
+    Returns (seconds, bytes received, prefetch seconds) per layer."""
     fill(weights, old, rank)
     out = []
     for layer in range(old.shape[0]):
+        ahead = 0.0
+        if prefetch:
+            sync(device)
+            t0 = time.perf_counter()
+            copier.prefetch(epoch, [layer], old, new)
+            sync(device)
+            ahead = time.perf_counter() - t0
         sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         stats = copier(epoch, [layer], old, new)
         sync(device)
-        out.append((time.perf_counter() - t0, stats.bytes_received))
+        out.append((time.perf_counter() - t0, stats.bytes_received, ahead))
+        if stats.prefetched_layers != int(prefetch):
+            raise SystemExit(f"rank {rank}: prefetched_layers {stats.prefetched_layers}")
     bad = check(weights, new, rank)
     if bad:
         raise SystemExit(f"rank {rank}: {bad} slot tensors hold the wrong expert after the copy")
@@ -167,15 +178,17 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
         pattern = op_pattern_ceiling(shapes, dtype, k, device, args.repeats)
         variants = {}
         for piece_mb in args.piece_mb:
-            copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world,
-                                  timeout_s=120.0, piece_bytes=int(piece_mb * 2**20))
-            timed_copy(copier, weights, old, new, rank, device, 0)  # warm-up
-            timed_copy(copier, weights, old, full, rank, device, 0)
-            ours, everything = [], []
-            for r in range(args.repeats):
-                ours += timed_copy(copier, weights, old, new, rank, device, 1 + 2 * r)
-                everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r)
-            variants[piece_mb] = (copier.experts_per_piece, ours, everything)
+            for ahead in (False, True):
+                copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world,
+                                      timeout_s=120.0, piece_bytes=int(piece_mb * 2**20))
+                timed_copy(copier, weights, old, new, rank, device, 0, ahead)  # warm-up
+                timed_copy(copier, weights, old, full, rank, device, 0, ahead)
+                ours, everything = [], []
+                for r in range(args.repeats):
+                    ours += timed_copy(copier, weights, old, new, rank, device, 1 + 2 * r, ahead)
+                    everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r,
+                                             ahead)
+                variants[(piece_mb, ahead)] = (copier.experts_per_piece, ours, everything)
         rows[dtype_name] = (per_expert, k, ceil_full, ceil_same, pattern, variants,
                             plan_ms(old, new, args.world))
         del weights
@@ -225,24 +238,25 @@ def main() -> None:
           f"{args.slots} slots per GPU, {args.layers} layers, {args.change:.0%} of slots move, "
           f"{args.repeats} repeats; times are rank 0's per layer (one copy call per layer, "
           "synchronized), GB/s = bytes received / time")
-    print("| weights | MB per expert | piece MB (experts) | ceiling GB/s: same bytes / whole "
-          "layer | ours: experts in per layer | ours ms/layer | ours GB/s | % of same-bytes "
-          "ceiling | % of whole-layer ceiling | move-everything ms/layer | GB/s | % of whole-layer "
-          "ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| weights | MB per expert | piece MB (experts) | prefetched | ceiling GB/s: same bytes / "
+          "whole layer | ours: experts in per layer | ours ms/layer | ours GB/s | % of same-bytes "
+          "ceiling | % of whole-layer ceiling | prefetch ms/layer (before the step) | "
+          "move-everything ms/layer | GB/s | % of whole-layer ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for dtype_name, (per_expert, k, ceil_full, ceil_same, pattern, variants, p_ms) in rows.items():
-        for piece_mb, (per_piece, ours, everything) in variants.items():
-            o_t = statistics.median(t for t, _ in ours)
-            o_b = statistics.median(b for _, b in ours)
-            e_t = statistics.median(t for t, _ in everything)
-            e_b = statistics.median(b for _, b in everything)
+        for (piece_mb, ahead), (per_piece, ours, everything) in variants.items():
+            o_t = statistics.median(t for t, _, _ in ours)
+            o_b = statistics.median(b for _, b, _ in ours)
+            o_a = statistics.median(a for _, _, a in ours)
+            e_t = statistics.median(t for t, _, _ in everything)
+            e_b = statistics.median(b for _, b, _ in everything)
             o_g, e_g = o_b / o_t / 1e9, e_b / e_t / 1e9
             piece = "whole (0)" if not piece_mb else f"{piece_mb:g} ({per_piece})"
-            print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {ceil_same:.1f} / "
-                  f"{ceil_full:.1f} | {o_b / per_expert:.0f} | {o_t * 1e3:.2f} | {o_g:.1f} | "
-                  f"{100 * o_g / ceil_same:.0f} % | {100 * o_g / ceil_full:.0f} % | "
-                  f"{e_t * 1e3:.2f} | {e_g:.1f} | {100 * e_g / ceil_full:.0f} % |")
+            print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {'yes' if ahead else 'no'} | "
+                  f"{ceil_same:.1f} / {ceil_full:.1f} | {o_b / per_expert:.0f} | {o_t * 1e3:.2f} | "
+                  f"{o_g:.1f} | {100 * o_g / ceil_same:.0f} % | {100 * o_g / ceil_full:.0f} % | "
+                  f"{o_a * 1e3:.2f} | {e_t * 1e3:.2f} | {e_g:.1f} | {100 * e_g / ceil_full:.0f} % |")
         notes.append(f"{dtype_name}: the same-bytes ceiling is one {k * per_expert / 1e6:.0f} MB "
                      f"message each way, the whole-layer one {args.slots * per_expert / 1e6:.0f} MB; "
                      f"one isend/irecv per weight tensor ({k} experts each way in one batch) gives "

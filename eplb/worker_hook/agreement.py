@@ -200,6 +200,15 @@ class WorkerAgreement:
                              layers=self._chunks[i], old=self.phys2log, new=self._new)
         return PROCEED
 
+    def upcoming_chunk(self) -> CopyChunk | None:
+        """The chunk a committed epoch copies next (before or after S), else None."""
+        if self.state is not WorkerState.COPYING:
+            return None
+        assert self._new is not None
+        i = self._next_chunk
+        return CopyChunk(epoch=self.epoch, index=i, num_chunks=len(self._chunks),
+                         layers=self._chunks[i], old=self.phys2log, new=self._new)
+
     @property
     def pending_done(self) -> bool:
         """True while a committed epoch still has chunks to copy."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -74,6 +74,7 @@ class _Totals:
     ops: int = 0
     batches: int = 0
     staged: int = 0
+    prefetched: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class ChunkStats:
     ``p2p_ops`` counts the isend/irecv calls issued (one per peer, direction and piece: the
     experts travel packed); ``batches`` counts the group calls (pieces) issued;
     ``staged_bytes`` is the most extra device memory one layer took (packed sends and receive
-    buffers, staged local-copy sources); ``seconds`` is wall time.
+    buffers, staged local-copy sources); ``seconds`` is wall time; ``prefetched_layers`` counts
+    the layers that :meth:`CopyExecutor.prefetch` had prepared.
     """
 
     epoch: int
@@ -95,6 +97,7 @@ class ChunkStats:
     batches: int
     staged_bytes: int
     seconds: float
+    prefetched_layers: int = 0
 
 
 class CopyExecutor:
@@ -161,10 +164,14 @@ class CopyExecutor:
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._unpack_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self._prefetched: dict[tuple[int, int], _Prepared] = {}
 
     def __call__(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> ChunkStats:
         """Switch the slots of ``layers`` from ``old`` to ``new``.
+
+        Layers that :meth:`prefetch` prepared for this epoch and the same placements skip the
+        planning, packing and staging here.
 
         Args:
             epoch: the rebalance epoch (for errors and stats).
@@ -177,30 +184,75 @@ class CopyExecutor:
             CopyError: on bad input, a staging budget overrun, a failed transfer or a timeout.
         """
         start = time.perf_counter()
-        plans = self._plan(epoch, layers, old, new)
+        self._check_shapes(epoch, old, new)
+        layers = [int(x) for x in layers]
         totals = _Totals()
         pending: list[_Piece] = []
-        stream_ctx = nullcontext()
+        with self._side_stream():
+            prepared = [self._take_prefetched(epoch, layer, old, new) for layer in layers]
+            totals.prefetched = sum(prep is not None for prep in prepared)
+            missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
+            fresh = {plan.layer: self._prepare(plan)
+                     for plan in self._plan(epoch, missing, old, new)} if missing else {}
+            for layer, prep in zip(layers, prepared):
+                prep = prep or fresh[layer]
+                if not prep.plan.is_empty:
+                    pending += self._run_layer(epoch, prep, totals)
         if self._stream is not None:
-            # The side stream must not overwrite weights that queued kernels still read.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            stream_ctx = torch.cuda.stream(self._stream)
-        with stream_ctx:
-            for plan in plans:
-                if not plan.is_empty:
-                    pending += self._run_layer(epoch, plan, totals)
-        if self._stream is not None:
-            self._wait_cuda(epoch, pending, time.monotonic() + self.timeout_s * max(1, len(plans)))
-        return ChunkStats(epoch, tuple(int(x) for x in layers), totals.sent, totals.received,
-                          totals.copies, totals.ops, totals.batches, totals.staged,
-                          time.perf_counter() - start)
+            self._wait_cuda(epoch, pending, time.monotonic() + self.timeout_s * max(1, len(layers)))
+        return ChunkStats(epoch, tuple(layers), totals.sent, totals.received, totals.copies,
+                          totals.ops, totals.batches, totals.staged, time.perf_counter() - start,
+                          totals.prefetched)
 
-    def _plan(self, epoch: int, layers: list[int], old: torch.Tensor,
-              new: torch.Tensor) -> list[LayerCopyPlan]:
+    def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor,
+                 new: torch.Tensor) -> None:
+        """Plan ``layers`` and pack what this rank will send (and stage what it will read) now,
+        so that the call at the agreed step mostly moves bytes. Call it any time before that
+        call while the weights of ``layers`` stay unchanged (a layer's weights change only in
+        its own copy). On CUDA this only queues device work on the side stream: it never waits
+        for the device. The buffers stay allocated until the copy (about the bytes the layers
+        send, plus staging); anything prefetched for another epoch is dropped.
+
+        Same arguments as :meth:`__call__`.
+
+        Raises:
+            CopyError: on bad input or a staging budget overrun (as the copy itself would).
+        """
+        self._check_shapes(epoch, old, new)
+        self._prefetched = {key: prep for key, prep in self._prefetched.items() if key[0] == epoch}
+        plans = self._plan(epoch, [int(x) for x in layers], old, new)
+        with self._side_stream():
+            for plan in plans:
+                prep = self._prepare(plan)
+                prep.rows = (old[plan.layer].clone(), new[plan.layer].clone())
+                self._prefetched[(epoch, plan.layer)] = prep
+
+    def _side_stream(self):
+        """A context that queues device work on the side stream, behind the work already queued
+        on the current stream (whose kernels may still read the weights)."""
+        if self._stream is None:
+            return nullcontext()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._stream)
+
+    def _take_prefetched(self, epoch: int, layer: int, old: torch.Tensor,
+                         new: torch.Tensor) -> _Prepared | None:
+        prep = self._prefetched.pop((epoch, layer), None)
+        if prep is None or prep.rows is None:
+            return None
+        old_row, new_row = prep.rows
+        if not (torch.equal(old_row, old[layer]) and torch.equal(new_row, new[layer])):
+            return None  # prefetched for other placements: plan again
+        return prep
+
+    def _check_shapes(self, epoch: int, old: torch.Tensor, new: torch.Tensor) -> None:
         expected = [len(self.weights), self.slots_per_gpu * self.num_gpus]
         if list(old.shape) != expected or list(new.shape) != expected:
             raise CopyError(epoch, None, None, f"placements must be {expected}, got "
                             f"{list(old.shape)} and {list(new.shape)}")
+
+    def _plan(self, epoch: int, layers: list[int], old: torch.Tensor,
+              new: torch.Tensor) -> list[LayerCopyPlan]:
         try:
             plans = plan_copies(old, new, layers, self.num_gpus, self.ranks_per_node)
         except ValueError as exc:
@@ -216,69 +268,78 @@ class CopyExecutor:
                                     f"{self.bytes_budget}")
         return plans
 
-    def _run_layer(self, epoch: int, plan: LayerCopyPlan, totals: _Totals) -> list[_Piece]:
-        """Copy one layer. The experts going to one peer in one batch travel packed in one buffer
-        (NCCL moves one large message far faster than many), cut into pieces of at most
-        ``piece_bytes``. On CUDA every piece is its own NCCL group call on the communicator's
-        stream: piece ``i + 1`` is packed while piece ``i`` is on the wire, and piece ``i`` is
-        unpacked (on a second side stream) while piece ``i + 1`` is, so the wire stays busy.
-        Nothing here waits for the device; :meth:`_wait_cuda` does, once per call.
-
-        Returns:
-            the pieces issued, for the caller to wait on (CUDA; on gloo they are complete).
-        """
+    def _prepare(self, plan: LayerCopyPlan) -> _Prepared:
+        """Everything of one layer's copy that reads only OLD contents or nothing: this rank's
+        pieces (one group call each, with its send buffers packed and its receive buffers
+        allocated), the staged local-copy sources and the local copies. Device work goes to the
+        current stream (the side stream, when called from this class)."""
         weights = self.weights[plan.layer]
-        deadline = time.monotonic() + self.timeout_s
-        copies = plan.local_copies_of(self.rank)
-        # Old contents that local copies read from slots this layer overwrites.
-        staged = {slot: [t[slot].clone() for t in weights]
-                  for slot in plan.copy_sources_to_stage(self.rank)}
-        totals.staged = max(totals.staged, self._working_bytes(plan, self.rank))
-        pieces: list[_Piece] = []
+        prep = _Prepared(plan)
+        if plan.is_empty:
+            return prep
+        prep.copies = plan.local_copies_of(self.rank)
+        prep.working_bytes = self._working_bytes(plan, self.rank)
+        prep.staged = {slot: [t[slot].clone() for t in weights]
+                       for slot in plan.copy_sources_to_stage(self.rank)}
         for b, batch in enumerate(plan.batches(self.transfers_per_batch)):
             ops = plan.ops_for(self.rank, batch)
             if not ops:
                 continue
-            sends = _slots_by_peer(ops, "send")
-            recvs = _slots_by_peer(ops, "recv")
+            sends, recvs = _slots_by_peer(ops, "send"), _slots_by_peer(ops, "recv")
             longest = max(len(slots) for slots in [*sends.values(), *recvs.values()])
             for first in range(0, longest, self.experts_per_piece):
                 window = slice(first, first + self.experts_per_piece)
-                p2p: list[dist.P2POp] = []
-                piece = _Piece(plan.layer, [], [], [], [])
-                # Sends are packed from the OLD contents: every pack is queued before any unpack.
+                piece = _Piece(plan.layer)
                 for peer in sorted(set(sends) | set(recvs)):
-                    out = sends.get(peer, [])[window]
+                    out, into = sends.get(peer, [])[window], recvs.get(peer, [])[window]
                     if out:
                         buf = self._pack(weights, out)
-                        piece.buffers.append(buf)
-                        p2p.append(dist.P2POp(dist.isend, buf, self._global_ranks[peer],
-                                              self.group, b))
+                        piece.p2p.append(dist.P2POp(dist.isend, buf, self._global_ranks[peer],
+                                                    self.group, b))
                         piece.peers.append(peer)
-                        totals.sent += len(out) * self.bytes_per_expert
-                    into = recvs.get(peer, [])[window]
+                        piece.buffers.append(buf)
+                        piece.sent += len(out) * self.bytes_per_expert
                     if into:
                         buf = torch.empty(len(into) * self._packed_expert_bytes,
                                           dtype=torch.uint8, device=self.device)
-                        piece.buffers.append(buf)
-                        p2p.append(dist.P2POp(dist.irecv, buf, self._global_ranks[peer],
-                                              self.group, b))
+                        piece.p2p.append(dist.P2POp(dist.irecv, buf, self._global_ranks[peer],
+                                                    self.group, b))
                         piece.peers.append(peer)
+                        piece.buffers.append(buf)
                         piece.landing.append((into, buf))
-                        totals.received += len(into) * self.bytes_per_expert
-                if not p2p:
-                    continue
-                piece.works = self._start(epoch, plan.layer, p2p, piece.peers)
-                totals.ops += len(p2p)
-                totals.batches += 1
-                pieces.append(piece)
+                        piece.received += len(into) * self.bytes_per_expert
+                prep.pieces.append(piece)
+        return prep
+
+    def _run_layer(self, epoch: int, prep: _Prepared, totals: _Totals) -> list[_Piece]:
+        """Copy one prepared layer. The experts going to one peer in one batch travel packed in
+        one buffer (NCCL moves one large message far faster than many), cut into pieces of at
+        most ``piece_bytes``; each piece is one group call. On CUDA nothing here waits for the
+        device: unpacking runs on a second side stream behind the NCCL works, and
+        :meth:`_wait_cuda` waits once per call.
+
+        Returns:
+            the pieces issued, for the caller to wait on (CUDA; on gloo they are complete).
+        """
+        weights = self.weights[prep.plan.layer]
+        deadline = time.monotonic() + self.timeout_s
+        pieces, prep.pieces = prep.pieces, []
+        for piece in pieces:
+            piece.works = self._start(epoch, piece.layer, piece.p2p, piece.peers)
+            piece.p2p = []
+            totals.ops += len(piece.peers)
+            totals.batches += 1
+            totals.sent += piece.sent
+            totals.received += piece.received
+        totals.staged = max(totals.staged, prep.working_bytes)
+        copies = prep.copies
 
         if self._stream is None:  # gloo: wait on the host, then unpack in order
             for piece in pieces:
                 self._wait_host(epoch, piece, deadline)
                 for slots, buf in piece.landing:
                     self._unpack(weights, slots, buf)
-            self._local_copies(weights, copies, staged)
+            self._local_copies(weights, copies, prep.staged)
             totals.copies += len(copies)
             return pieces
 
@@ -291,11 +352,12 @@ class CopyExecutor:
                     work.wait()  # the unpack stream waits for the NCCL stream, the host does not
                 for slots, buf in piece.landing:
                     self._unpack(weights, slots, buf)
-            self._local_copies(weights, copies, staged)
+            self._local_copies(weights, copies, prep.staged)
         totals.copies += len(copies)
         # The buffers were allocated on the side stream: once it waits for the unpack stream
         # (which waited for every NCCL work), the caching allocator may hand them out again.
         self._stream.wait_stream(self._unpack_stream)
+        prep.staged = {}
         for piece in pieces:
             piece.landing, piece.buffers = [], []
         return pieces
@@ -400,14 +462,18 @@ class CopyExecutor:
 
 @dataclass
 class _Piece:
-    """One group call of P2P ops of one layer: its works, the peers of its ops (in op order),
-    and the receive buffers to unpack as ``(local slots, buffer)``."""
+    """One group call of P2P ops of one layer, this rank's side: the ops (in issue order) and
+    their peers, the receive buffers to unpack as ``(local slots, buffer)``, every buffer (kept
+    alive until the NCCL ops ran), the bytes moved, and once started, the works."""
 
     layer: int
-    peers: list[int]
-    landing: list[tuple[list[int], torch.Tensor]]
-    buffers: list[torch.Tensor]  # every send and receive buffer, alive until the NCCL ops ran
-    works: list
+    p2p: list[dist.P2POp] = field(default_factory=list)
+    peers: list[int] = field(default_factory=list)
+    landing: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    sent: int = 0
+    received: int = 0
+    works: list = field(default_factory=list)
 
     def peer_of(self, i: int, works: int) -> int | None:
         """The peer of work ``i``: gloo returns one work per op, NCCL one for the group."""
@@ -415,6 +481,21 @@ class _Piece:
             return self.peers[i]
         unique = set(self.peers)
         return unique.pop() if len(unique) == 1 else None
+
+
+@dataclass
+class _Prepared:
+    """One layer made ready to copy on this rank: its pieces in issue order, the staged OLD
+    tensors of local-copy sources by local slot, the local copies, the extra device bytes it
+    holds, and the placements' rows it was planned from (``[P]`` each; set by
+    :meth:`CopyExecutor.prefetch`)."""
+
+    plan: LayerCopyPlan
+    pieces: list[_Piece] = field(default_factory=list)
+    staged: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    copies: list[LocalCopy] = field(default_factory=list)
+    working_bytes: int = 0
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _slots_by_peer(ops: list[PeerOp], kind: str) -> dict[int, list[int]]:

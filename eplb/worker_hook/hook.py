@@ -29,13 +29,17 @@ from eplb.paths import default_run_dir, workers_endpoint
 from eplb.placement import default_placement, validate_placement
 from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
                         ProtocolError, Rejoin, Welcome, decode, encode)
-from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement
+from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState
 
 log = logging.getLogger("eplb.worker")
 
 #: ``copy_fn(epoch, layers, old, new)``: make every local slot of ``layers`` hold its expert under
 #: ``new`` (``old``/``new`` are full ``[L, P]`` placements). May return a stats object with
-#: ``bytes_received``; raising marks the rank unsafe.
+#: ``bytes_received``; raising marks the rank unsafe. If it also has a method
+#: ``prefetch(epoch, layers, old, new)`` (as :class:`~eplb.worker_hook.copy_exec.CopyExecutor`
+#: has), the hook calls it on the decode thread once a chunk is known to come: for the first chunk
+#: on the first step after the commit arrives (when that is before S), for each later chunk right
+#: after the previous one. It must not wait for the device; its errors are logged and ignored.
 CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
 
 
@@ -99,6 +103,8 @@ class WorkerHook:
         self.num_layers, self.num_experts, self.num_physical = num_layers, num_experts, num_physical
         self.device = torch.device(device)
         self.copy_fn = copy_fn
+        self._prefetch = getattr(copy_fn, "prefetch", None)
+        self._prefetched: tuple[int, int] | None = None  # (epoch, chunk index)
         self.flush_every = max(1, flush_every)
         self.heartbeat_s = heartbeat_s
         self.hold_timeout_s = hold_timeout_s
@@ -179,6 +185,8 @@ class WorkerHook:
                 action = self._hold(action, started)
         if isinstance(action, CopyChunk):
             self._copy(action)
+        if self._prefetch is not None and self._agreement.state is WorkerState.COPYING:
+            self._prefetch_upcoming()
         if step - self._flushed_at >= self.flush_every:
             self._snapshot_counts(step)
         elapsed = time.perf_counter() - started
@@ -240,6 +248,20 @@ class WorkerHook:
         log.debug("rank %d epoch %d: chunk %d/%d (layers %s) copied in %.2f ms", self.rank,
                   chunk.epoch, chunk.index + 1, chunk.num_chunks, list(chunk.layers), seconds * 1e3)
         self._send_from_decode_thread(replies)
+
+    def _prefetch_upcoming(self) -> None:
+        """Let the copy engine prepare the next chunk of the committed epoch, once per chunk."""
+        with self._lock:
+            chunk = self._agreement.upcoming_chunk()
+        if chunk is None or (chunk.epoch, chunk.index) == self._prefetched:
+            return
+        self._prefetched = (chunk.epoch, chunk.index)
+        try:
+            self._prefetch(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
+        except Exception as exc:  # noqa: BLE001 - the copy at its step plans again and reports
+            log.warning("rank %d epoch %d: prefetch of chunk %d failed (%s: %s); it will be "
+                        "prepared at its step", self.rank, chunk.epoch, chunk.index,
+                        type(exc).__name__, exc)
 
     def _snapshot_counts(self, step: int) -> None:
         try:

@@ -249,7 +249,14 @@ def job_copy_cases(rank: int, world_size: int, payload: dict) -> str:
         else:
             chunks = chunk_layers(list(range(old.shape[0])), layers_per_chunk=2)  # incl. unchanged
         for epoch, chunk in enumerate(chunks):
+            # Cases 1, 2 mod 4 prepare the chunk ahead (case 2 for the wrong placement, which
+            # the copy must notice and plan again); the others plan and pack inside the call.
+            if i % 4 == 1:
+                executor.prefetch(epoch, chunk, old, new)
+            elif i % 4 == 2:
+                executor.prefetch(epoch, chunk, new, old)
             stats = executor(epoch, chunk, old, new)
+            assert stats.prefetched_layers == (len(chunk) if i % 4 == 1 else 0)
             layer_stats = [p.stats(executor.bytes_per_expert)
                            for p in plan_copies(old, new, chunk, world_size, rpn)]
             assert stats.bytes_received == sum(s.bytes_received[rank] for s in layer_stats)

@@ -163,3 +163,49 @@ def test_counts_reach_the_sidecar_as_deltas_over_step_ranges(side, tmp_path: Pat
         assert second.counts.sum() == 1 and second.counts[0, 0] == 1
     finally:
         hook.close()
+
+
+class RecordingCopier:
+    """A copy_fn with ``prefetch``: records the order of the calls the hook makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, list[int]]] = []
+
+    def __call__(self, epoch, layers, old, new) -> None:
+        self.calls.append(("copy", epoch, list(layers)))
+
+    def prefetch(self, epoch, layers, old, new) -> None:
+        assert torch.equal(old, default_placement(L, E, P)) or layers == [2]
+        self.calls.append(("prefetch", epoch, list(layers)))
+
+
+def test_a_committed_epoch_prefetches_each_chunk_once_before_its_step(side, tmp_path) -> None:
+    copier = RecordingCopier()
+    committed = threading.Event()
+    hook = join(side, tmp_path, copy_fn=copier,
+                on_event=lambda msg: isinstance(msg, Commit) and committed.set())
+    try:
+        hook.on_step(1)
+        new = default_placement(L, E, P)
+        new[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])
+        new[2] = torch.tensor([1, 0, 3, 2, 1, 0, 3, 2])  # two layers, one per chunk
+        side.send(Plan(epoch=4, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
+        assert side.expect(PlanAck).epoch == 4
+        side.send(Prepare(epoch=4, step=5))
+        assert side.expect(Promise).epoch == 4
+        hook.on_step(2)
+        assert copier.calls == []  # promised, not committed: nothing is prepared yet
+        side.send(Commit(epoch=4, step=5))
+        assert committed.wait(5)
+        for step in (3, 4):
+            hook.on_step(step)
+        assert copier.calls == [("prefetch", 4, [1])]
+        hook.on_step(5)
+        assert copier.calls[1:] == [("copy", 4, [1]), ("prefetch", 4, [2])]
+        hook.on_step(6)
+        hook.on_step(7)
+        assert copier.calls[3:] == [("copy", 4, [2])]
+        assert side.expect(Done).ok
+        assert torch.equal(hook.phys2log, new)
+    finally:
+        hook.close()
