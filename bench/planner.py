@@ -1,9 +1,17 @@
-"""Planner speed and balance at DeepSeek-V3 scale: 58 MoE layers, 256 experts in 288 slots.
+"""Planner speed, balance and moves at DeepSeek-V3 scale: 58 MoE layers, 256 experts in 288 slots.
 
 For 32 / 72 / 144 GPUs over 4 / 9 / 18 nodes (8 expert groups) and three loads (lognormal
-sigma 0.5 and 1.0, Zipf s = 1.1), both policies run in this process on the same loads. Prints plan
-time (median of --repeats), balancedness (mean GPU load / max, averaged over layers) and how many
-slots differ from the previous plan of a drift sequence (ten windows whose ranking shifts a little).
+sigma 0.5 and 1.0, Zipf s = 1.1), every policy runs in this process, on one CPU thread, on the
+same loads. Each starts from the engine's default placement, plans the base load, then plans a
+drift sequence of ten windows (each swaps the loads of 4 random pairs of experts in every layer):
+``stable`` plans from its own previous output, ``deepseek`` and ``greedy`` from scratch; slots
+moved are counted against the placement that policy was serving.
+
+Columns: plan ms = median over the ten drift plans (and the base plan from the default placement
+for stable, in brackets); balancedness = mean GPU load / max, averaged over layers, on the base
+load and (mean) over the drift windows; slots moved = mean per drift window. The checks at the end
+are the goals of issue 4: stable >= deepseek - 0.005 on every load, stable moves <= 1/3 of
+deepseek's on drift, and <= 10 ms per plan at 144 GPUs.
 
     .venv/bin/python bench/planner.py
 """
@@ -17,7 +25,7 @@ import time
 import torch
 
 from eplb.coordinator.planner import PlannerSpec, plan_placement
-from eplb.placement import overall_balancedness
+from eplb.placement import default_placement, overall_balancedness
 
 L, E, P, GROUPS = 58, 256, 288, 8
 
@@ -43,32 +51,68 @@ def drift(base: torch.Tensor, windows: int, seed: int) -> list[torch.Tensor]:
     return out
 
 
+def timed(load: torch.Tensor, gpus: int, spec: PlannerSpec,
+          current: torch.Tensor) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    plan = plan_placement(load, P, gpus, spec, current)
+    return plan, time.perf_counter() - started
+
+
+def run(load: torch.Tensor, windows: list[torch.Tensor], gpus: int,
+        spec: PlannerSpec) -> dict[str, object]:
+    """One policy over the base load and the drift windows."""
+    start = default_placement(L, E, P)
+    plan, first = timed(load, gpus, spec, start)
+    row: dict[str, object] = {"first_ms": first * 1e3, "balance": overall_balancedness(load, plan, gpus)}
+    times, moved, drift_balance = [], [], []
+    for window in windows:
+        nxt, seconds = timed(window, gpus, spec, plan)
+        times.append(seconds)
+        moved.append(int((nxt != plan).sum()))
+        drift_balance.append(overall_balancedness(window, nxt, gpus))
+        plan = nxt
+    row.update(ms=statistics.median(times) * 1e3, moved=statistics.mean(moved),
+               drift_balance=drift_balance)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--policies", default="deepseek,stable,greedy",
+                   help="comma-separated; deepseek and stable are needed for the checks")
+    p.add_argument("--windows", type=int, default=10)
     args = p.parse_args()
+    policies = args.policies.split(",")
     torch.set_num_threads(1)
     print(f"planner at L={L}, E={E}, P={P}, {GROUPS} groups; one CPU thread, torch {torch.__version__}")
-    print("| GPUs / nodes | load | policy | plan ms (median) | balancedness | slots moved per drift window |")
-    print("|---|---|---|---|---|---|")
+    print("| GPUs / nodes | load | policy | plan ms (median) | balancedness | drift balancedness "
+          "(mean) | slots moved per drift window |")
+    print("|---|---|---|---|---|---|---|")
+    checks: list[str] = []
     for gpus, nodes in ((32, 4), (72, 9), (144, 18)):
         for kind in ("lognormal=0.5", "lognormal=1.0", "zipf=1.1"):
             load = loads(kind, seed=gpus)
-            for policy in ("greedy", "deepseek"):
-                spec = PlannerSpec(policy, GROUPS, nodes)
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    plan = plan_placement(load, P, gpus, spec)
-                    times.append(time.perf_counter() - t0)
-                previous, moved = plan, []
-                for window in drift(load, 10, seed=gpus + 1):
-                    nxt = plan_placement(window, P, gpus, spec)
-                    moved.append(int((nxt != previous).sum()))
-                    previous = nxt
-                print(f"| {gpus} / {nodes} | {kind} | {policy} | {statistics.median(times) * 1e3:.1f} | "
-                      f"{overall_balancedness(load, plan, gpus):.4f} | {statistics.mean(moved):.0f} "
-                      f"of {L * P} |")
+            windows = drift(load, args.windows, seed=gpus + 1)
+            rows = {}
+            for policy in policies:
+                row = rows[policy] = run(load, windows, gpus, PlannerSpec(policy, GROUPS, nodes))
+                ms = f"{row['ms']:.1f}" + (f" ({row['first_ms']:.0f})" if policy == "stable" else "")
+                print(f"| {gpus} / {nodes} | {kind} | {policy} | {ms} | {row['balance']:.4f} | "
+                      f"{statistics.mean(row['drift_balance']):.4f} | {row['moved']:.0f} of {L * P} |")
+            if "stable" in rows and "deepseek" in rows:
+                s, d = rows["stable"], rows["deepseek"]
+                worst = min([s["balance"] - d["balance"]]
+                            + [a - b for a, b in zip(s["drift_balance"], d["drift_balance"])])
+                ratio = s["moved"] / max(d["moved"], 1)
+                checks.append(f"{gpus:>3} / {nodes:<2} {kind:<13} balance: stable - deepseek >= "
+                              f"{worst:+.4f} ({'ok' if worst >= -0.005 else 'FAIL'}); moves: stable / "
+                              f"deepseek = {ratio:.2f} ({'ok' if ratio <= 1 / 3 else 'over 1/3'})"
+                              + (f"; stable plan {s['ms']:.1f} ms ({'ok' if s['ms'] <= 10 else 'over 10 ms'})"
+                                 if gpus == 144 else ""))
+    print()
+    print("checks (goals of issue 4):")
+    for line in checks:
+        print("  " + line)
 
 
 if __name__ == "__main__":

@@ -275,57 +275,60 @@ def needed_replica(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Ten
 def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps: int,
                  goal: float, ceiling: torch.Tensor,
                  ref_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local search from ``current``: at each step, in every layer that can still improve, apply
+    """Local search from ``current``. At each step, every layer whose max GPU load is above its
+    ``ceiling`` makes one change: the replica :func:`needed_replica` names if there is one, else
     :func:`best_moves`' change if it truly lowers the layer's max GPU load (or leaves fewer GPUs
-    at that max). Stops after ``steps``
-    steps, when no layer improves, or once the last states' mean balancedness reaches ``goal``.
+    at that max); a layer with no such change stops. Stops after ``steps`` steps, when no layer
+    changes, or once the last state's mean balancedness reaches ``goal``. Each step works on the
+    layers still above their ceiling only.
 
     Args:
-        load: ``[L, E]`` float64; current: ``[L, P]`` int64; num_gpus: ``G``.
+        load: ``[L, E]`` float64; current: ``[L, P]`` int64; num_gpus: ``G``;
+        ceiling: ``[L]`` max GPU load at which a layer is done; ref_counts: ``[L, E]``.
     Returns:
         states ``[K + 1, L, P]`` (state 0 is ``current``), balancedness ``[K + 1, L]`` and slots
         changed against ``current`` ``[K + 1, L]``.
     """
-    layers, slots = current.shape
-    rows = torch.arange(layers)
     phys2log = current.clone()
     counts = counts_of(phys2log, load.shape[1])
     gpu_load = gpu_load_of(load, phys2log, counts, num_gpus)
     peak = gpu_load.max(dim=1).values
-    live = torch.ones(layers, dtype=torch.bool)
+    live = peak > ceiling
     states, scores = [phys2log.clone()], [layer_balancedness(load, gpu_load)]
     for _ in range(steps):
-        if float(scores[-1].mean()) >= goal:
+        if float(scores[-1].mean()) >= goal or not bool(live.any()):
             break
-        gain, is_swap, src, dst = best_moves(load, phys2log, counts, gpu_load, ceiling)
-        grow, slot = needed_replica(load, phys2log, counts, gpu_load, ref_counts)
-        forced = (grow >= 0) & (peak > ceiling)
-        act = (live & (gain > peak * 1e-9) & (peak > ceiling)) | forced
-        if not bool(act.any()):
-            break
+        todo = live.nonzero().flatten()
+        t_load, t_p2l, t_counts, t_gpu = load[todo], phys2log[todo], counts[todo], gpu_load[todo]
+        t_peak, rows = peak[todo], torch.arange(todo.numel())
+        gain, is_swap, src, dst = best_moves(t_load, t_p2l, t_counts, t_gpu, ceiling[todo])
+        grow, slot = needed_replica(t_load, t_p2l, t_counts, t_gpu, ref_counts[todo])
+        forced = grow >= 0
+        act = (gain > t_peak * 1e-9) | forced
         is_swap = is_swap & ~forced
         dst = torch.where(forced, slot, dst)
-        before, before_counts = phys2log.clone(), counts.clone()
-        a, b = phys2log[rows, dst], torch.where(forced, grow, phys2log[rows, src])
+        a, b = t_p2l[rows, dst], torch.where(forced, grow, t_p2l[rows, src])
+        new_p2l, new_counts = t_p2l.clone(), t_counts.clone()
         swap, split = act & is_swap, act & ~is_swap
-        phys2log[rows[swap], src[swap]] = a[swap]
-        phys2log[rows[act], dst[act]] = b[act]
-        counts[rows[split], a[split]] -= 1
-        counts[rows[split], b[split]] += 1
-        new_load = gpu_load_of(load, phys2log, counts, num_gpus)
+        new_p2l[rows[swap], src[swap]] = a[swap]
+        new_p2l[rows[act], dst[act]] = b[act]
+        new_counts[rows[split], a[split]] -= 1
+        new_counts[rows[split], b[split]] += 1
+        new_load = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
         new_peak = new_load.max(dim=1).values
-        # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains)
-        at_peak = (gpu_load >= peak[:, None]).sum(dim=1)
-        still = (new_load >= peak[:, None]).sum(dim=1)
-        worse = act & ~forced & ~((new_peak < peak) | ((new_peak <= peak) & (still < at_peak)))
-        if bool(worse.any()):  # the bound was loose here: undo, and stop searching this layer
-            phys2log[worse], counts[worse] = before[worse], before_counts[worse]
-            new_load[worse] = gpu_load[worse]
-            new_peak[worse] = peak[worse]
-            live &= ~worse
-        gpu_load, peak = new_load, new_peak
+        # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
+        # a forced replica may raise the max for a step
+        fewer = (new_load >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
+        keep = act & (forced | (new_peak < t_peak) | ((new_peak <= t_peak) & fewer))
+        done = todo[keep]
+        phys2log[done], counts[done] = new_p2l[keep], new_counts[keep]
+        gpu_load[done], peak[done] = new_load[keep], new_peak[keep]
+        live[todo[~keep]] = False  # no change that helps (or the bound was loose): stop there
+        live[done] = peak[done] > ceiling[done]
+        score = scores[-1].clone()
+        score[done] = layer_balancedness(load[done], new_load[keep])
         states.append(phys2log.clone())
-        scores.append(layer_balancedness(load, gpu_load))
+        scores.append(score)
     stacked = torch.stack(states)
     return stacked, torch.stack(scores), (stacked != current).sum(dim=2)
 
