@@ -626,8 +626,11 @@ def summarize(args, ranks: list[dict]) -> dict:
                                                   for i in range(lo, hi + 1))
             after = steps_ms[hi + 1:]
             m["p50_after_rebalance_ms"] = statistics.median(after) if after else None
-            m["worst_window_ms"] = max(window)
-            m["worst_window_step"] = lo + window.index(max(window))
+            # "During the rebalance": from the trigger to the step after the last copy.
+            during_lo, during_hi = first, min(args.steps - 1, copy_steps[-1] + 1)
+            during = steps_ms[during_lo:during_hi + 1]
+            m["worst_window_ms"] = max(during)
+            m["worst_window_step"] = during_lo + during.index(max(during))
             chunk_ms = {}
             for c in copies:
                 chunk_ms[c["step"]] = max(chunk_ms.get(c["step"], 0.0), c["seconds"] * 1e3)
@@ -729,7 +732,7 @@ def render(args, ranks: list[dict], summary: dict) -> str:
     row("rebalances committed", lambda m: str(m["rebalances"]))
     row("copy steps (chunks)", lambda m: (f"{m['copy_steps'][0]}-{m['copy_steps'][-1]} "
                                           f"({m['chunks']})") if m["chunks"] else "-")
-    row("worst step around the rebalance ms",
+    row("worst step from trigger to last copy + 1 ms",
         lambda m: _f(m.get("worst_window_ms")) + (f" (step {m['worst_window_step']})"
                                                   if "worst_window_step" in m else ""))
     row("extra time around the rebalance ms", lambda m: _f(m.get("extra_ms"), "{:+.1f}"))

@@ -157,3 +157,12 @@ def test_the_default_gpu_configuration_is_valid() -> None:
     for world in (4, 8):
         wide = decode_gpu.parse_args(["--device", "cpu", "--world", str(world)])
         assert wide.experts == 8 * world
+
+
+def test_worst_step_is_taken_while_the_rebalance_runs(bench_run) -> None:
+    raw, _, _ = bench_run
+    for name in ("stop-the-world", "async", "sidecar"):
+        m = raw["summary"]["modes"][name]
+        assert TRIGGER <= m["worst_window_step"] <= m["copy_steps"][-1] + 1, name
+        assert m["worst_window_ms"] == max(m["steps_ms"][TRIGGER:m["copy_steps"][-1] + 2])
+        assert m["worst_window_ms"] >= m["longest_chunk_ms"]
