@@ -50,8 +50,9 @@ class Option:
         choices: the only accepted strings.
         check: extra validation of a converted value: returns what is accepted, or None if fine.
         metavar: shown in ``--help``.
-        cli_only: a flag with no env variable or TOML key (``--config``, ``--print-config``).
-        env_only_default: where the default comes from when it is computed, for ``--help``.
+        cli_only: a flag with no env variable or TOML key.
+        default_text: the default in words, when it is computed at start (``--help``).
+        accepted_text: what is accepted, in words, when ``check`` decides.
     """
 
     name: str
@@ -68,6 +69,7 @@ class Option:
     metavar: str | None = None
     cli_only: bool = False
     default_text: str | None = None
+    accepted_text: str | None = None
 
     @property
     def flag(self) -> str:
@@ -83,6 +85,8 @@ class Option:
 
     def accepted(self) -> str:
         """What values are accepted, in words."""
+        if self.accepted_text:
+            return self.accepted_text
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:

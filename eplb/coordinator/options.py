@@ -56,10 +56,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("num-nodes", int, "number of nodes (sidecars)", CLUSTER, required=True, minimum=1,
            metavar="N"),
     Option("leader", str, "the leader's TCP address; followers connect to it", CLUSTER,
-           required=True, check=_tcp_address, metavar="tcp://HOST:PORT"),
+           required=True, check=_tcp_address, metavar="tcp://HOST:PORT",
+           accepted_text="tcp://HOST:PORT"),
     Option("bind", str, "leader only: address to bind instead of --leader (e.g. tcp://0.0.0.0:5555); "
            "followers ignore it, so every node can share one config", CLUSTER,
-           check=_tcp_address, metavar="tcp://HOST:PORT"),
+           check=_tcp_address, metavar="tcp://HOST:PORT", accepted_text="tcp://HOST:PORT"),
     Option("run-dir", Path, "private directory for the ipc sockets the workers and eplbctl use",
            CLUSTER, default_text="$XDG_RUNTIME_DIR/eplb, else /tmp/eplb-UID", metavar="DIR"),
     Option("curve-keys", Path, "directory of CURVE certificates from `eplbctl keys`: the leader "
@@ -82,8 +83,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("bytes-per-step", int, "also cap the bytes the busiest rank receives per decode step "
            "after S (a layer above the cap goes alone); 0 = no byte cap", POLICY, default=0,
            minimum=0),
-    Option("policy", str, "placement policy: greedy (replicate heaviest, pack onto GPUs) or "
-           "deepseek (DeepSeek's EPLB: groups to nodes, replicas within nodes)", POLICY,
+    Option("policy", str, "placement policy: stable (keep the current placement, change the "
+           "fewest slots), greedy (replicate heaviest, pack onto GPUs) or deepseek (DeepSeek's "
+           "EPLB: groups to nodes, replicas within nodes)", POLICY,
            default=PlannerSpec().policy, choices=tuple(POLICIES)),
     Option("num-groups", int, "deepseek policy: expert groups of the model (DeepSeek-V3: 8)",
            POLICY, default=1, minimum=1),
@@ -105,7 +107,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", default=0.5,
            above=0),
     Option("http", str, "where /metrics, /healthz and /readyz listen: HOST:PORT, :PORT, or off",
-           OPS, default=DEFAULT_HTTP, check=_http, metavar="HOST:PORT"),
+           OPS, default=DEFAULT_HTTP, check=_http, metavar="HOST:PORT",
+           accepted_text="HOST:PORT, :PORT (all interfaces; port 0 picks a free one) or off"),
     Option("expected-workers", int, "workers of this node that must have joined before /readyz "
            "answers 200 (0: none required)", OPS, default=0, minimum=0, metavar="N"),
     Option("grace-period", float, "seconds a SIGTERM shutdown may take (abort an uncommitted "
