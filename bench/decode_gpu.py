@@ -164,19 +164,30 @@ class Ctx:
         self.shape = engine.shape
         self.spec = PlannerSpec(policy=args.policy)
         self.copies: list[dict] = []
+        self.prefetches: list[dict] = []
         self.events: list[dict] = []
         self.step = -1
+        self.can_prefetch = callable(getattr(copier, "prefetch", None))
 
     def apply_copy(self, epoch: int, layers: list[int], old: torch.Tensor,
                    new: torch.Tensor):
         """The engine's copy: move the weights of ``layers``, then switch their routing maps.
-        Used by every mode (it is the sidecar mode's ``copy_fn``)."""
+        Used by every mode (through :class:`EngineCopy`, the sidecar mode's ``copy_fn``)."""
         stats = self.copier(epoch, list(layers), old, new)
         self.engine.set_layers(list(layers), new)
         self.copies.append({"step": self.step, "layers": [int(x) for x in layers],
                             "seconds": stats.seconds, "bytes_received": stats.bytes_received,
-                            "bytes_sent": stats.bytes_sent})
+                            "bytes_sent": stats.bytes_sent,
+                            "prefetched_layers": int(getattr(stats, "prefetched_layers", 0))})
         return stats
+
+    def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor,
+                 new: torch.Tensor) -> None:
+        """Let the copy engine prepare a chunk before its step (packing what this rank sends)."""
+        started = time.perf_counter()
+        self.copier.prefetch(epoch, list(layers), old, new)
+        self.prefetches.append({"step": self.step, "layers": [int(x) for x in layers],
+                                "seconds": time.perf_counter() - started})
 
     def plan(self, load: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
@@ -186,6 +197,19 @@ class Ctx:
                 "balancedness_predicted": overall_balancedness(load, new, self.shape.world),
                 "experts_moved": int((new != old).sum())}
         return new, info
+
+
+class EngineCopy:
+    """The sidecar mode's ``copy_fn``: copies through :meth:`Ctx.apply_copy` and, when the copy
+    engine has one, offers ``prefetch`` (the hook looks for that attribute)."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        if ctx.can_prefetch:
+            self.prefetch = ctx.prefetch
+
+    def __call__(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
+        return self.ctx.apply_copy(epoch, layers, old, new)
 
 
 class NoRebalance:
@@ -247,6 +271,7 @@ class InEngineAsync(NoRebalance):
         self.old = self.new = None
         self.thread: threading.Thread | None = None
         self.info: dict = {}
+        self.prefetched = -1  # len(self.chunks) when the next chunk was last prefetched
 
     def before_step(self, step: int) -> None:
         c, a = self.ctx, self.ctx.args
@@ -284,6 +309,16 @@ class InEngineAsync(NoRebalance):
             c.apply_copy(1, layers, self.old, self.new)
             if not self.chunks:
                 self.info["outcome"] = "committed"
+        # The same prefetch pattern as the hook's: the first chunk on the first step that knows
+        # the begin step (if before it), each later chunk right after the previous one.
+        if (a.async_prefetch and c.can_prefetch and self.begin is not None and self.chunks
+                and self.prefetched != len(self.chunks)):
+            self.prefetched = len(self.chunks)
+            try:
+                c.prefetch(1, self.chunks[0], self.old, self.new)
+            except Exception as exc:  # noqa: BLE001 - as the hook: the copy plans again
+                print(f"rank {c.rank}: prefetch failed ({exc}); the copy plans again",
+                      file=sys.stderr)
 
     def _background(self, buf: torch.Tensor, ready) -> None:
         c, a = self.ctx, self.ctx.args
@@ -368,8 +403,11 @@ def sidecar_history(run_dir: str, timeout_s: float) -> dict:
 
 
 def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMoE,
-             copier: CopyExecutor, side, run_dir: str | None) -> dict:
+             side, run_dir: str | None) -> dict:
     s = engine.shape
+    # A fresh copy engine per mode: nothing prepared in one mode can leak into the next.
+    copier = CopyExecutor(rank, args.world, engine.weights, ranks_per_node=args.world,
+                          timeout_s=args.collective_timeout)
     initial = default_placement(s.layers, s.experts, s.physical)
     engine.reset(initial)
     own = torch.zeros(s.layers, s.experts, dtype=torch.int64, device=device)
@@ -384,7 +422,7 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
         from eplb.worker_hook import WorkerHook
 
         hook = WorkerHook(rank, s.world, s.layers, s.experts, s.physical, initial,
-                          copy_fn=ctx.apply_copy, device=device, node=0, run_dir=run_dir,
+                          copy_fn=EngineCopy(ctx), device=device, node=0, run_dir=run_dir,
                           bytes_per_expert=s.bytes_per_expert(engine.dtype),
                           flush_every=args.flush_every, hold_timeout_s=args.hold_timeout)
         hook.wait_joined(60.0)
@@ -462,7 +500,8 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
     if status is not None:
         for record in status.get("history", []):
             ctx.events.append({**record, "trigger_step": record.get("started_at_step")})
-    result = {"step_s": step_s, "copies": ctx.copies, "events": ctx.events,
+    result = {"step_s": step_s, "copies": ctx.copies, "prefetches": ctx.prefetches,
+              "events": ctx.events,
               "hook_on_step_us": on_step_us, "hook_record_us": record_us,
               "sync_check": sync_check if hook is not None and device.type == "cuda" else None,
               "mismatched_slots": engine.verify(), "slots_checked": s.layers * s.slots,
@@ -520,8 +559,6 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
     shape = Shape(layers=args.layers, experts=args.experts, slots=args.slots, world=args.world,
                   hidden=args.hidden, inter=args.inter, tokens=args.tokens, topk=args.topk)
     engine = StandInMoE(shape, rank, device, dtype, args.seed, args.sigma, args.drift_steps)
-    copier = CopyExecutor(rank, args.world, engine.weights, ranks_per_node=args.world,
-                          timeout_s=args.collective_timeout)
     warm_p2p(device)
     ceiling_bytes = int(args.ceiling_mb * 1e6)
     ceiling = measure_ceiling(ceiling_bytes, device, args.ceiling_repeats)
@@ -532,7 +569,7 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
         if mode == args.inject_failure and rank == args.world - 1:
             raise RuntimeError(f"injected failure at the start of mode {mode} (--inject-failure)")
         dist.barrier()
-        out["modes"][mode] = run_mode(mode, args, rank, device, engine, copier, side, run_dir)
+        out["modes"][mode] = run_mode(mode, args, rank, device, engine, side, run_dir)
         # After every mode, so that a later failure still leaves the modes that ran.
         tmp = Path(result_dir, f"rank{rank}.json.tmp")
         tmp.write_text(json.dumps(out))
@@ -635,6 +672,9 @@ def summarize(args, ranks: list[dict]) -> dict:
             for c in copies:
                 chunk_ms[c["step"]] = max(chunk_ms.get(c["step"], 0.0), c["seconds"] * 1e3)
             m["longest_chunk_ms"] = max(chunk_ms.values())
+            m["chunks_prefetched"] = sum(1 for c in per_rank[0]["copies"] if c["prefetched_layers"])
+            prefetch_ms = [p["seconds"] * 1e3 for pr in per_rank for p in pr["prefetches"]]
+            m["longest_prefetch_ms"] = max(prefetch_ms) if prefetch_ms else None
             m["bytes_moved"] = sum(c["bytes_received"] for c in copies)
             rates = []
             for pr in per_rank:
@@ -740,6 +780,10 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         row("extra time vs the same steps without rebalance ms",
             lambda m: _f(m.get("extra_vs_same_steps_ms"), "{:+.1f}"))
     row("longest chunk copy ms", lambda m: _f(m.get("longest_chunk_ms")))
+    row("chunks prefetched (longest prefetch call ms)",
+        lambda m: f"{m['chunks_prefetched']} of {m['chunks']}"
+        + (f" ({m['longest_prefetch_ms']:.2f})" if m.get("longest_prefetch_ms") else "")
+        if m["chunks"] else "-")
     row("bytes moved (all ranks) MB", lambda m: _f(m["bytes_moved"] / 1e6 if m.get("bytes_moved") else None, "{:.1f}"))
     row("copy GB/s (% of P2P ceiling)",
         lambda m: f"{m['copy_gbps']:.1f} ({m['copy_pct_of_ceiling']:.0f} %)" if "copy_gbps" in m else "-")
@@ -841,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="placement policy of every mode (eplb.coordinator.planner)")
     p.add_argument("--async-margin", type=int, default=2,
                    help="async mode: each rank proposes its current step + this as begin step")
+    p.add_argument("--no-async-prefetch", dest="async_prefetch", action="store_false",
+                   help="async mode: do not let the copy engine prepare each chunk ahead (the "
+                        "hook does, when the copy engine offers prefetch)")
     p.add_argument("--flush-every", type=int, default=16,
                    help="sidecar mode: steps between the hook's counter snapshots")
     p.add_argument("--sync-check-steps", type=int, default=40,

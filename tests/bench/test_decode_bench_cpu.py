@@ -166,3 +166,18 @@ def test_worst_step_is_taken_while_the_rebalance_runs(bench_run) -> None:
         assert TRIGGER <= m["worst_window_step"] <= m["copy_steps"][-1] + 1, name
         assert m["worst_window_ms"] == max(m["steps_ms"][TRIGGER:m["copy_steps"][-1] + 2])
         assert m["worst_window_ms"] >= m["longest_chunk_ms"]
+
+
+def test_chunked_modes_prefetch_each_chunk_as_the_hook_does(bench_run) -> None:
+    """The async mode gets the copy engine's prefetch like the hook gives it to the sidecar mode
+    (when the copy engine offers it), so the modes differ in coordination, not in the copier."""
+    from eplb.worker_hook.copy_exec import CopyExecutor
+
+    raw, _, _ = bench_run
+    modes = raw["summary"]["modes"]
+    if not hasattr(CopyExecutor, "prefetch"):
+        pytest.skip("this copy engine has no prefetch")
+    for name in ("async", "sidecar"):
+        # Every chunk but possibly the first (when the agreement lands at its step) is prepared.
+        assert modes[name]["chunks_prefetched"] >= modes[name]["chunks"] - 1, name
+    assert modes["stop-the-world"]["chunks_prefetched"] == 0
