@@ -439,7 +439,7 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
     try:
         for step in range(args.steps):
             ctx.step = step
-            copies_before = len(ctx.copies)
+            copies_before, prefetches_before = len(ctx.copies), len(ctx.prefetches)
             checking = (hook is not None and device.type == "cuda" and sync_check["armed"] == "yes"
                         and check_from <= step < check_to and not sync_check["error"])
             in_hook = 0.0
@@ -486,7 +486,8 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
             t_prev = now
             if checking:
                 sync_check["steps"] += 1
-            elif hook is not None and step >= args.warmup and len(ctx.copies) == copies_before:
+            elif (hook is not None and step >= args.warmup and len(ctx.copies) == copies_before
+                  and len(ctx.prefetches) == prefetches_before):  # no copy work in this step
                 on_step_us.append(in_hook * 1e6)
                 record_us.append(recorded * 1e6)
         controller.finish()
