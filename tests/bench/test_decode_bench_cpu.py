@@ -76,7 +76,8 @@ def test_rebalancing_modes_rebalance_once_and_move_real_bytes(bench_run) -> None
             for c in rank_copies:
                 assert step_ms[c["step"]] >= c["seconds"] * 1e3, (name, c)
     hook = modes["sidecar"]["hook"]
-    assert hook["steps"] >= WORLD * (STEPS - WARMUP - LAYERS) and hook["on_step_p50_us"] > 0
+    # Left out per rank: at most one copy step and one prefetch step per layer.
+    assert hook["steps"] >= WORLD * (STEPS - WARMUP - 2 * LAYERS) and hook["on_step_p50_us"] > 0
     assert modes["sidecar"]["placement_matches_leader"]
     assert modes["sidecar"]["leader_counters"]["committed"] == 1
 
