@@ -38,7 +38,7 @@ DEFAULT_TOLERANCE = 0.003
 #: A layer's repair stops once its max GPU load is within this fraction of the reference's.
 SLACK = 0.002
 #: Local-search steps per layer before the reference plan is used as the fallback.
-DEFAULT_STEPS = 24
+DEFAULT_STEPS = 12
 #: A local-search move lands on one of this many least-loaded GPUs.
 LIGHT_GPUS = 16
 #: A replica-splitting move takes its slot from one of this many cheapest donors.
@@ -48,6 +48,10 @@ DONORS = 32
 def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     """Replica counts: one each, then one more at a time to the highest load per replica.
 
+    The ``m``-th extra replica of expert ``e`` is given when ``load[e] / m`` is the highest load
+    per replica left, so the extras are the ``P - E`` largest of ``load[e] / m`` (``m >= 1``):
+    one top-k instead of ``P - E`` sequential steps.
+
     Args:
         load: ``[L, E]`` float64 loads.
         num_physical: ``P >= E``.
@@ -55,11 +59,21 @@ def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
         ``[L, E]`` int64 counts, each row summing to ``P``.
     """
     layers, experts = load.shape
+    extra = num_physical - experts
     counts = torch.ones(layers, experts, dtype=torch.int64)
-    rows = torch.arange(layers)
-    for _ in range(num_physical - experts):
-        counts[rows, (load / counts).argmax(dim=1)] += 1
-    return counts
+    if extra == 0:
+        return counts
+    # With extra <= E the extra-th largest key is at least the extra-th largest load, so no
+    # expert gets more extras than the heaviest load over that allows.
+    depth = extra
+    if extra <= experts:
+        kth = load.topk(extra, dim=1).values[:, -1]  # [L]
+        peak = load.max(dim=1).values
+        if bool((kth > 0).all()):
+            depth = min(extra, int(float((peak / kth).max())) + 1)
+    keys = (load[:, :, None] / torch.arange(1, depth + 1, dtype=load.dtype)).reshape(layers, -1)
+    chosen = keys.topk(extra, dim=1).indices // depth  # [L, extra] experts
+    return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
 
 
 def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -184,7 +198,7 @@ def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
     # Targets: the slots of the lightest GPUs only (a move must land below the peak; the
     # lightest leave the most room), which keeps each step small.
     light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False).indices  # [L, K]
-    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).view(layers, -1)  # [L, C]
+    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).reshape(layers, -1)  # [L, C]
     x = x_all.gather(1, target)  # [L, C]
     expert = phys2log.gather(1, target)
     target_gpu_load = gpu_all.gather(1, target)
@@ -300,20 +314,19 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps
             break
         todo = live.nonzero().flatten()
         t_load, t_p2l, t_counts, t_gpu = load[todo], phys2log[todo], counts[todo], gpu_load[todo]
-        t_peak, rows = peak[todo], torch.arange(todo.numel())
+        t_peak = peak[todo]
         gain, is_swap, src, dst = best_moves(t_load, t_p2l, t_counts, t_gpu, ceiling[todo])
         grow, slot = needed_replica(t_load, t_p2l, t_counts, t_gpu, ref_counts[todo])
         forced = grow >= 0
         act = (gain > t_peak * 1e-9) | forced
         is_swap = is_swap & ~forced
         dst = torch.where(forced, slot, dst)
-        a, b = t_p2l[rows, dst], torch.where(forced, grow, t_p2l[rows, src])
-        new_p2l, new_counts = t_p2l.clone(), t_counts.clone()
-        swap, split = act & is_swap, act & ~is_swap
-        new_p2l[rows[swap], src[swap]] = a[swap]
-        new_p2l[rows[act], dst[act]] = b[act]
-        new_counts[rows[split], a[split]] -= 1
-        new_counts[rows[split], b[split]] += 1
+        a = t_p2l.gather(1, dst[:, None])  # [T, 1]
+        b = torch.where(forced[:, None], grow[:, None], t_p2l.gather(1, src[:, None]))
+        swap, split = (act & is_swap)[:, None], (act & ~is_swap)[:, None]
+        new_p2l = t_p2l.scatter(1, src[:, None], torch.where(swap, a, t_p2l.gather(1, src[:, None])))
+        new_p2l.scatter_(1, dst[:, None], torch.where(act[:, None], b, a))
+        new_counts = t_counts.scatter_add(1, a, -split.long()).scatter_add_(1, b, split.long())
         new_load = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
         new_peak = new_load.max(dim=1).values
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
