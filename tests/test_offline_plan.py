@@ -68,6 +68,27 @@ def test_with_the_current_placement_it_reports_before_and_moves(tmp_path: Path) 
     validate_placement(new, 16, 24, 4, 3)
 
 
+def test_stable_is_the_default_and_max_moves_caps_the_slots_changed(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(1)
+    torch.save(torch.randn(4, 32, generator=gen).exp() * 100, tmp_path / "load.pt")
+    current = default_placement(4, 32, 40)
+    torch.save(current, tmp_path / "cur.pt")
+    common = ["--load", str(tmp_path / "load.pt"), "--current", str(tmp_path / "cur.pt"),
+              "--num-physical", "40", "--num-gpus", "8"]
+    free = plan(*common, "--output", str(tmp_path / "free.pt"))
+    capped = plan(*common, "--max-moves", "3", "--output", str(tmp_path / "capped.pt"))
+    assert free.returncode == 0 and capped.returncode == 0, free.stderr + capped.stderr
+    s_free, s_capped = json.loads(free.stdout), json.loads(capped.stdout)
+    assert s_free["policy"] == "stable" and s_free["slots_changed"] > 3
+    assert 0 < s_capped["slots_changed"] <= 3
+    assert s_capped["balancedness_after"] > s_capped["balancedness_before"]
+    new = torch.load(tmp_path / "capped.pt", weights_only=True)["physical_to_logical_map"]
+    assert int((new != current).sum()) == s_capped["slots_changed"]
+    validate_placement(new, 32, 40, 8, 4)
+    bad = plan(*common, "--max-moves", "-1")
+    assert bad.returncode == 2 and "max_moves" in bad.stderr
+
+
 @pytest.mark.parametrize("content, args, message", [
     ("[[1, -2], [3, 4]]", ["--num-physical", "2", "--num-gpus", "1"], "negative"),
     ("[1, 2, 3]", ["--num-physical", "3", "--num-gpus", "1"], "must be [L, E]"),
