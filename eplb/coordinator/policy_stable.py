@@ -3,24 +3,27 @@
 Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current placement
 ``current: [L, P]`` and ``G`` GPUs of ``S = P / G`` slots:
 
-1. **Reference.** Plan from scratch (:func:`plan_from_scratch`: replicate the heaviest expert per
-   replica, then deal replicas onto GPUs in rounds, heaviest replica to the lightest GPU) and note
-   its balancedness per layer, ``b_ref: [L]``. The target is ``mean(b_ref) - tolerance``: the
-   balancedness (mean GPU load / max, averaged over layers, as
-   :func:`eplb.placement.overall_balancedness`) the plan must reach.
+1. **Reference.** Plan from scratch (:func:`plan_from_scratch`: replica counts by highest load
+   per replica, then replicas heaviest first, each to the lightest GPU with room; the global form
+   of the ``deepseek`` policy) and note its balancedness per layer, ``b_ref: [L]``, and its max GPU
+   load per layer. The target is ``mean(b_ref) - tolerance`` (balancedness as
+   :func:`eplb.placement.overall_balancedness`: mean GPU load / max, averaged over layers).
 2. **Keep.** If the current placement already reaches the target, it is the plan (no move).
-3. **Repair chain.** A local search from the current placement lowers each layer's max GPU load
-   one move at a time: either swap a slot of the most loaded GPU with a lighter slot elsewhere
-   (2 slots change) or give an expert of the most loaded GPU one more replica in a slot of an
-   expert that has a spare one (1 slot changes). Every step is checked exactly and keeps every
-   expert present, so each layer gets a chain of valid states with growing balancedness.
-4. **Fallback.** Where the chains cannot reach the target, the reference plan itself is an option
-   for each layer, aligned to the current placement (its GPUs matched to the current GPUs by
-   shared experts, experts kept in their old slots within a GPU).
+3. **Repair chain.** A local search from the current placement, one change per layer and step,
+   in every layer whose max GPU load is above the reference's (times ``1 + SLACK``): first give
+   a replica to an expert of the hottest GPU that is heavier per replica than any replica of the
+   reference, taking the slot of an expert that has more replicas than the reference gives it
+   (1 slot); otherwise swap a slot of the hottest GPU with a slot of a light GPU (2 slots), or
+   turn a spare replica elsewhere into one more replica of an expert of the hottest GPU (1 slot),
+   preferring changes that bring every GPU they touch under the ceiling. Each change is checked
+   exactly; every state keeps every expert present. Each layer gets a chain of valid states.
+4. **Fallback.** Where a chain stops short, the reference plan itself is an option for that
+   layer, aligned to the current placement (its GPUs matched to the current GPUs by shared
+   experts, experts kept in their old slots within a GPU).
 5. **Choice.** Per layer, pick one state (current, a point of the chain, or the aligned
-   reference) so the mean balancedness reaches the target with the fewest slots changed:
-   increments taken in order of balancedness gained per slot moved, and never more than
-   ``max_moves`` slots changed in total when a cap is given.
+   reference) so that the mean balancedness reaches the target with the fewest slots changed:
+   increments taken in order of balancedness gained per slot moved, never more than
+   ``max_moves`` slots changed in total when a cap is given (then the target may be missed).
 
 "Moved" means a slot whose logical expert changes (``phys2log != current``).
 """
