@@ -163,21 +163,23 @@ def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tens
 def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
                gpu_load: torch.Tensor, ceiling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                        torch.Tensor, torch.Tensor]:
-    """For each layer, the single change that most lowers the max GPU load per slot changed.
+    """For each layer, the best single change for its most loaded GPU ``g``.
 
-    Candidates, all touching the most loaded GPU ``g``: swap a slot of ``g`` with a slot of
-    lighter load on another GPU (2 slots change, counts unchanged), or turn a slot ``t`` off ``g``
-    whose expert has a spare replica into one more replica of an expert on ``g`` (1 slot). The
-    new max is bounded from above (the other GPUs holding the expert that gives up a replica are
-    charged with its heavier share), so a chosen move never raises the max; the caller checks.
+    Candidates: swap a slot of ``g`` with a lighter slot on one of the ``LIGHT_GPUS`` least
+    loaded GPUs (2 slots change, counts unchanged), or turn a slot of one of the ``DONORS``
+    cheapest spare replicas elsewhere into one more replica of an expert on ``g`` (1 slot). A
+    change is scored by the highest load among the GPUs it touches (for a split, the other GPUs
+    holding the expert that gives up a replica are charged with its heavier share: an upper
+    bound). Changes that bring all of those under ``ceiling`` rank first, 1-slot ones before
+    2-slot ones, then by load shed; otherwise by load shed per slot changed. The caller checks
+    the chosen change exactly.
 
     Args:
         load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]``;
-        gpu_load: ``[L, G]`` the placement's GPU loads.
+        gpu_load: ``[L, G]`` the placement's GPU loads; ceiling: ``[L]``.
     Returns:
-        gain ``[L]`` (max-load reduction per slot changed, ``<= 0`` when nothing helps),
-        is_swap ``[L]`` bool, source ``[L]`` (the slot on ``g``) and target ``[L]`` (the other
-        slot), both slot indices.
+        gain ``[L]`` (load shed from ``g`` per slot changed, 0 when nothing helps), is_swap
+        ``[L]`` bool, source ``[L]`` (a slot on ``g``) and target ``[L]`` (the other slot).
     """
     layers, slots = phys2log.shape
     num_gpus = gpu_load.shape[1]
