@@ -355,7 +355,9 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     """Renumber ``plan``'s GPUs and order each GPU's slots so that as many slots as possible keep
     their current expert. GPUs are matched greedily by shared experts (each plan GPU proposes to
     the current GPU it shares most with; a contested GPU takes the proposer sharing most; three
-    rounds; the rest paired in order); within a GPU, experts that stay keep their slot.
+    rounds; the rest paired in order); within a GPU, experts that stay keep their slot. Shared
+    experts are counted over (plan slot, current slot) pairs of the same expert, so the work
+    grows with the slots, not with GPUs squared.
 
     Args:
         plan: ``[L, P]``; current: ``[L, P]``; num_gpus: ``G``.
@@ -364,31 +366,39 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     """
     layers, slots = plan.shape
     per_gpu = slots // num_gpus
-    experts = int(max(plan.max(), current.max())) + 1
-    # presence [L, G, E] of each expert on each current GPU; overlap [L, G_plan, G_cur]
-    gpu_of_slot = torch.arange(slots) // per_gpu
-    holds = torch.zeros(layers, num_gpus, experts, dtype=torch.float32)
-    holds.view(layers, -1).scatter_(1, gpu_of_slot * experts + current, 1.0)
-    held = holds.gather(2, plan[:, None, :].expand(-1, num_gpus, -1))  # [L, G_cur, P]
-    overlap = held.view(layers, num_gpus, num_gpus, per_gpu).sum(3).transpose(1, 2)  # [L, Gp, Gc]
-    match = torch.full((layers, num_gpus), -1, dtype=torch.int64)  # plan GPU -> current GPU
-    taken = torch.zeros(layers, num_gpus, dtype=torch.bool)  # current GPU matched
-    big = float(per_gpu + 1)
+    values, order = current.sort(dim=1, stable=True)
+    left = torch.searchsorted(values, plan)  # [L, P]: current slots of each plan slot's expert
+    right = torch.searchsorted(values, plan, right=True)
+    width = max(1, int((right - left).max()))
+    at = left[:, :, None] + torch.arange(width)  # [L, P, W]
+    held = at < right[:, :, None]
+    cur_gpu = order.gather(1, at.clamp(max=slots - 1).view(layers, -1)).view(at.shape) // per_gpu
+    plan_gpu = (torch.arange(slots) // per_gpu)[None, :, None]
+    layer = torch.arange(layers)[:, None, None]
+    key = ((layer * num_gpus + plan_gpu) * num_gpus + cur_gpu)[held]
+    pair, shared = torch.unique(key, return_counts=True)  # (layer, plan GPU, current GPU), count
+    plan_id, cur_id = pair // num_gpus, (pair // (num_gpus * num_gpus)) * num_gpus + pair % num_gpus
+    # bids: more shared first, then the lower plan GPU, then the lower current GPU; unique
+    bid = (shared * num_gpus + (num_gpus - 1 - plan_id % num_gpus)) * num_gpus \
+        + (num_gpus - 1 - pair % num_gpus)
+    match = torch.full((layers * num_gpus,), -1, dtype=torch.int64)  # plan GPU -> current GPU
+    taken = torch.zeros(layers * num_gpus, dtype=torch.bool)  # current GPU matched
+    none = torch.full((layers * num_gpus,), -1, dtype=torch.int64)
     for _ in range(3):
-        free = overlap.masked_fill(taken[:, None, :] | (match >= 0)[:, :, None], -1.0)
-        best, choice = free.max(dim=2)  # [L, Gp]
-        bid = torch.where(best > 0, best * big * num_gpus + (num_gpus - 1 - torch.arange(num_gpus)),
-                          torch.full_like(best, -1.0))
-        winner = torch.full((layers, num_gpus), -1.0, dtype=torch.float32).scatter_reduce_(
-            1, choice, bid, "amax")  # per current GPU, the best bid
-        won = (bid >= 0) & (winner.gather(1, choice) == bid)
-        match = torch.where(won, choice, match)
-        taken.view(-1)[(torch.arange(layers)[:, None] * num_gpus + choice)[won]] = True
+        free = (match[plan_id] < 0) & ~taken[cur_id]
+        if not bool(free.any()):
+            break
+        offer = torch.where(free, bid, -1)
+        propose = free & (offer == none.scatter_reduce(0, plan_id, offer, "amax")[plan_id])
+        offer = torch.where(propose, bid, -1)
+        won = propose & (offer == none.scatter_reduce(0, cur_id, offer, "amax")[cur_id])
+        match[plan_id[won]] = pair[won] % num_gpus
+        taken[cur_id[won]] = True
+    match, taken = match.view(layers, num_gpus), taken.view(layers, num_gpus)
     # pair the rest in order
     left_plan = (match < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
     left_cur = (~taken).to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    unmatched = (match < 0).sum(dim=1, keepdim=True)
-    first = torch.arange(num_gpus) < unmatched  # [L, G]
+    first = torch.arange(num_gpus) < (match < 0).sum(dim=1, keepdim=True)  # [L, G]
     match.scatter_(1, left_plan, torch.where(first, left_cur, match.gather(1, left_plan)))
     # contents of plan GPU i go to current GPU match[i]
     contents = torch.empty(layers, num_gpus, per_gpu, dtype=plan.dtype)

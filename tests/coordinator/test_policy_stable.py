@@ -100,6 +100,22 @@ def test_alignment_keeps_the_gpus_and_slots_that_do_not_change() -> None:
     assert keep_slots(torch.tensor([[[3, 9, 1]]]), torch.tensor([[[1, 2, 3]]])).tolist() == [[[1, 9, 3]]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(shapes(), st.integers(0, 2**31 - 1))
+def test_alignment_only_renumbers_gpus_and_reorders_their_slots(shape, seed) -> None:
+    layers, experts, physical, gpus = shape
+    gen = torch.Generator().manual_seed(seed)
+    plan = random_placement(layers, experts, physical, gen)
+    current = random_placement(layers, experts, physical, gen)
+    aligned = align_to_current(plan, current, gpus)
+
+    def contents(p: torch.Tensor) -> list[list[tuple[int, ...]]]:
+        return [sorted(map(tuple, row.view(gpus, -1).sort(dim=1).values.tolist())) for row in p]
+
+    assert contents(aligned) == contents(plan)
+    assert torch.equal(align_to_current(current, current, gpus), current)
+
+
 # The benchmark's kinds of load (bench/planner.py) at DeepSeek-V3 width, with fewer layers.
 LAYERS, EXPERTS, PHYSICAL, GROUPS = 12, 256, 288, 8
 
