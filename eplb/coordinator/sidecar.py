@@ -119,6 +119,7 @@ class Sidecar:
 
     def _bind(self) -> None:
         cfg = self.config
+        keys = self._curve_keys()  # first: a bad key directory stops the start before any bind
         ensure_private_dir(cfg.run_dir, cfg.group_access)
         self._refuse_if_running()
         self.workers = self.ctx.socket(zmq.ROUTER)
@@ -130,7 +131,6 @@ class Sidecar:
         self.control.setsockopt(zmq.LINGER, 200)
         self.control.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
         self._bind_ipc(self.control, control_endpoint(cfg.run_dir))
-        keys = self._curve_keys()
         if cfg.is_leader:
             self.peers = self.ctx.socket(zmq.ROUTER)
             self.peers.setsockopt(zmq.LINGER, 200)

@@ -140,10 +140,11 @@ def leader_log(cluster: LocalCluster) -> list[dict]:
 def test_sigterm_to_the_leader_while_workers_promised_aborts_the_epoch_everywhere(
         tmp_path: Path) -> None:
     # Rank 3 acks the PLAN, then its socket thread dawdles (--delay-first-prepare); we freeze it
-    # there so the epoch stays in PREPARING with ranks 0-2 promised (and held at S).
+    # there so the epoch stays in PREPARING with ranks 0-2 promised (and held at S). A long
+    # --worker-timeout keeps the frozen rank in the group on a slow machine.
     with start_cluster(tmp_path, worker_flags={3: ["--delay-first-prepare"]},
                        sidecar_flags=["--promise-timeout", "60", "--max-retries", "0",
-                                      "--grace-period", "5"]) as cluster:
+                                      "--worker-timeout", "30", "--grace-period", "5"]) as cluster:
         victim = cluster.workers[3]
         control_call("rebalance", {"force": True}, cluster.run_dir(0))
         wait_until(lambda: of_type(cluster, 3, "PLAN"), 30, "rank 3 got the PLAN", every_s=0.005)
@@ -180,7 +181,8 @@ def test_sigterm_to_the_leader_after_commit_never_aborts_and_every_worker_switch
     # knows they went through S.
     steps = {r: ["--steps", "1500"] for r in range(WORLD)}
     with start_cluster(tmp_path, worker_flags=steps,
-                       sidecar_flags=["--min-margin", "300", "--grace-period", "5"]) as cluster:
+                       sidecar_flags=["--min-margin", "300", "--worker-timeout", "30",
+                                      "--grace-period", "5"]) as cluster:
         victim = cluster.workers[3]
         control_call("rebalance", {"force": True}, cluster.run_dir(0))
         wait_until(lambda: of_type(cluster, 3, "COMMIT"), 60, "rank 3 got the COMMIT",
