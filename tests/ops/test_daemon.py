@@ -141,3 +141,13 @@ def test_a_signal_stops_an_idle_daemon_with_status_0(daemon_factory, sig) -> Non
     daemon.url()
     daemon.proc.send_signal(sig)
     assert daemon.proc.wait(10) == 0, daemon.log()
+
+
+def test_a_shutdown_longer_than_the_grace_period_ends_with_status_1(daemon_factory) -> None:
+    # 1 ms is shorter than any orderly stop (the HTTP thread alone polls every 0.2 s), so the
+    # grace timer must end the process, and say why.
+    daemon = daemon_factory(["--grace-period", "0.001"])
+    daemon.url()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(10) == 1, daemon.log()
+    assert "shutdown took longer than --grace-period" in daemon.log()
