@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from eplb.config import ConfigError, Option, Setting
+from eplb.config import ConfigError, Option, Setting, format_value
 from eplb.coordinator.agreement import AgreementTimeouts
 from eplb.coordinator.leader import LeaderConfig
 from eplb.coordinator.planner import POLICIES, PlannerSpec
@@ -154,3 +154,19 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         group_access=v["group-access"], http=parse_http(v["http"]),
         expected_workers=v["expected-workers"], grace_s=v["grace-period"],
         curve_keys=v.get("curve-keys"))
+
+
+def markdown_table() -> str:
+    """The options as the Markdown table of deploy/README.md (a test keeps the two equal):
+    ``python -c 'from eplb.coordinator.options import markdown_table; print(markdown_table())'``."""
+    rows = ["| flag | environment | default | accepted | meaning |", "|---|---|---|---|---|"]
+    for o in OPTIONS:
+        if o.default_text is not None:
+            default = o.default_text
+        elif o.default is None:
+            default = "required" if o.required else "unset"
+        else:
+            default = o.default if isinstance(o.default, str) else format_value(o.default)
+        rows.append(f"| `{o.flag}` | `{o.env}` | {default} | {o.accepted()} | "
+                    f"{o.help.replace('|', '/')} |")
+    return "\n".join(rows)
