@@ -78,7 +78,8 @@ class SidecarMetrics:
         self.epochs_aborted = Counter("eplb_epochs_aborted", "Epochs aborted before COMMIT",
                                       ["reason"], registry=r)
         self.epochs_skipped = Counter(
-            "eplb_epochs_skipped", "Rebalances not started: predicted gain below --min-gain",
+            "eplb_epochs_skipped", "Rebalances not started: the plan gains less than --min-gain "
+            "or equals the placement",
             registry=r)
         self.epochs_failed = Counter(
             "eplb_epochs_failed", "Epochs that failed after COMMIT (copy error or missing DONE)",
