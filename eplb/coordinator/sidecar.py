@@ -242,6 +242,7 @@ class Sidecar:
                                                   incarnation=self.incarnation))])
         if cfg.is_leader:
             self._start_executor()
+        self._refresh(time.monotonic(), balance=False)  # /readyz says why from the start
         tasks = [asyncio.ensure_future(c) for c in loops]
         stopper = asyncio.ensure_future(stop.wait())
         self.notifier.ready(f"{role} of {cfg.num_nodes} node(s)")
