@@ -89,6 +89,8 @@ OPTIONS: tuple[Option, ...] = (
            default=PlannerSpec().policy, choices=tuple(POLICIES)),
     Option("num-groups", int, "deepseek policy: expert groups of the model (DeepSeek-V3: 8)",
            POLICY, default=1, minimum=1),
+    Option("max-moves", int, "stable policy: most slots (over all layers) whose expert one "
+           "rebalance changes; 0 = no cap", POLICY, default=0, minimum=0),
     Option("planner", str, "executor the planner runs in", POLICY, default="process",
            choices=("process", "thread")),
     Option("ack-timeout", float, "PLAN -> every PLAN_ACK", TIMEOUTS,
@@ -143,7 +145,7 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         interval_steps=v["interval"], window_steps=v["window"], min_gain=v["min-gain"],
         min_margin=v["min-margin"], max_retries=v["max-retries"],
         layers_per_chunk=v["layers-per-step"], bytes_per_chunk=v["bytes-per-step"],
-        planner=PlannerSpec(v["policy"], v["num-groups"], v["num-nodes"]),
+        planner=PlannerSpec(v["policy"], v["num-groups"], v["num-nodes"], v["max-moves"]),
         timeouts=AgreementTimeouts(ack_s=v["ack-timeout"], promise_s=v["promise-timeout"],
                                    done_s=v["done-timeout"]))
     return SidecarConfig(

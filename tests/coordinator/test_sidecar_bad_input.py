@@ -43,8 +43,10 @@ def hello(rank: int, phys2log: torch.Tensor, **over) -> bytes:
 @pytest.fixture()
 def cluster(tmp_path: Path):
     base = Path("/tmp") / f"eplbb-{os.getpid()}"
-    with LocalCluster(2, ["--interval", "1000000", "--planner", "thread", "--window", "100000"],
-                      base_dir=base) as c:
+    # greedy plans from scratch, so a forced rebalance always changes the placement; stable
+    # (the default) may rightly keep a placement that is already balanced.
+    with LocalCluster(2, ["--interval", "1000000", "--planner", "thread", "--window", "100000",
+                          "--policy", "greedy"], base_dir=base) as c:
         c.start()
         c.wait_ready(60.0)
         yield c

@@ -18,7 +18,10 @@ L, E, P, WORLD = 2, 4, 6, 2
 @pytest.fixture()
 def cluster():
     base = Path("/tmp") / f"eplbr-{os.getpid()}"
+    # greedy plans from scratch, so a forced rebalance always changes the placement; stable
+    # (the default) may rightly keep a placement that is already balanced.
     with LocalCluster(2, ["--interval", "1000000", "--planner", "thread", "--window", "100",
+                          "--policy", "greedy",
                           "--worker-timeout", "2", "--node-timeout", "2"], base_dir=base) as c:
         c.start()
         c.wait_ready(60.0)

@@ -123,3 +123,14 @@ def test_parse_http() -> None:
     assert parse_http("off") is None
     with pytest.raises(ValueError):
         parse_http("127.0.0.1:99999")
+
+
+def test_the_planner_settings_reach_the_leader_and_stable_is_the_default() -> None:
+    cfg = config_from_argv(BASE, {})
+    assert cfg.leader.planner.policy == "stable" and cfg.leader.planner.max_moves == 0
+    cfg = config_from_argv([*BASE, "--max-moves", "40"], {"EPLB_POLICY": "deepseek",
+                                                          "EPLB_NUM_GROUPS": "8"})
+    spec = cfg.leader.planner
+    assert (spec.policy, spec.num_groups, spec.num_nodes, spec.max_moves) == ("deepseek", 8, 2, 40)
+    with pytest.raises((ConfigError, SystemExit)):
+        config_from_argv([*BASE, "--max-moves", "-1"], {})
