@@ -366,21 +366,27 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     """
     layers, slots = plan.shape
     per_gpu = slots // num_gpus
+    plan_copy, cur_copy = copy_index(plan, num_gpus), copy_index(current, num_gpus)
     values, order = current.sort(dim=1, stable=True)
     left = torch.searchsorted(values, plan)  # [L, P]: current slots of each plan slot's expert
     right = torch.searchsorted(values, plan, right=True)
     width = max(1, int((right - left).max()))
     at = left[:, :, None] + torch.arange(width)  # [L, P, W]
-    held = at < right[:, :, None]
-    cur_gpu = order.gather(1, at.clamp(max=slots - 1).view(layers, -1)).view(at.shape) // per_gpu
+    at_slot = order.gather(1, at.clamp(max=slots - 1).view(layers, -1)).view(at.shape)
+    # the k-th copy of an expert on a plan GPU pairs with the k-th copy on a current GPU, so
+    # a pair of GPUs shares the size of their multisets' intersection
+    held = (at < right[:, :, None]) & (cur_copy.gather(1, at_slot.view(layers, -1)).view(at.shape)
+                                       == plan_copy[:, :, None])
     plan_gpu = (torch.arange(slots) // per_gpu)[None, :, None]
     layer = torch.arange(layers)[:, None, None]
-    key = ((layer * num_gpus + plan_gpu) * num_gpus + cur_gpu)[held]
+    key = ((layer * num_gpus + plan_gpu) * num_gpus + at_slot // per_gpu)[held]
     pair, shared = torch.unique(key, return_counts=True)  # (layer, plan GPU, current GPU), count
     plan_id, cur_id = pair // num_gpus, (pair // (num_gpus * num_gpus)) * num_gpus + pair % num_gpus
-    # bids: more shared first, then the lower plan GPU, then the lower current GPU; unique
-    bid = (shared * num_gpus + (num_gpus - 1 - plan_id % num_gpus)) * num_gpus \
-        + (num_gpus - 1 - pair % num_gpus)
+    # bids: more shared first, then the same GPU number, then the lower plan GPU, then the lower
+    # current GPU; unique per plan GPU and per current GPU
+    plan_gpu_id, cur_gpu_id = plan_id % num_gpus, pair % num_gpus
+    bid = ((shared * 2 + (plan_gpu_id == cur_gpu_id).long()) * num_gpus
+           + (num_gpus - 1 - plan_gpu_id)) * num_gpus + (num_gpus - 1 - cur_gpu_id)
     match = torch.full((layers * num_gpus,), -1, dtype=torch.int64)  # plan GPU -> current GPU
     taken = torch.zeros(layers * num_gpus, dtype=torch.bool)  # current GPU matched
     none = torch.full((layers * num_gpus,), -1, dtype=torch.int64)
@@ -404,6 +410,18 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     contents = torch.empty(layers, num_gpus, per_gpu, dtype=plan.dtype)
     contents.scatter_(1, match[:, :, None].expand(-1, -1, per_gpu), plan.view(layers, num_gpus, per_gpu))
     return keep_slots(contents, current.view(layers, num_gpus, per_gpu)).view(layers, slots)
+
+
+def copy_index(phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Which copy of its expert on its GPU each slot holds (0 for the first, 1 for a second...).
+
+    ``phys2log: [L, P]`` -> ``[L, P]`` int64.
+    """
+    layers, slots = phys2log.shape
+    on_gpu = phys2log.view(layers, num_gpus, -1)  # [L, G, S]
+    same = on_gpu[:, :, :, None] == on_gpu[:, :, None, :]  # [L, G, S, S]
+    earlier = torch.ones(same.shape[-1], same.shape[-1], dtype=torch.bool).tril(-1)
+    return (same & earlier).sum(dim=3).view(layers, slots)
 
 
 def keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -512,7 +530,7 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
     goal = float(ref_score.mean()) - tolerance
     states, scores, moves = repair_chain(load, current, num_gpus, steps, goal,
                                          ref_load.max(dim=1).values * (1 + SLACK), ref_counts)
-    if float(scores[0].mean()) >= goal:
+    if float(scores[0].mean()) >= goal - 1e-12:  # (the slack absorbs summation-order rounding)
         return current.clone()
     layer_scores, layer_moves = scores.T.tolist(), moves.T.tolist()
     # layers whose chain stays above the ceiling
