@@ -53,7 +53,9 @@ def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
 
     The ``m``-th extra replica of expert ``e`` is given when ``load[e] / m`` is the highest load
     per replica left, so the extras are the ``P - E`` largest of ``load[e] / m`` (``m >= 1``):
-    one top-k instead of ``P - E`` sequential steps.
+    one top-k instead of ``P - E`` sequential steps. Only the ``P - E`` heaviest experts can get
+    one (each of them offers a key at least as large as any other expert's load), so the keys
+    come from those alone.
 
     Args:
         load: ``[L, E]`` float64 loads.
@@ -66,16 +68,17 @@ def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     counts = torch.ones(layers, experts, dtype=torch.int64)
     if extra == 0:
         return counts
-    # With extra <= E the extra-th largest key is at least the extra-th largest load, so no
-    # expert gets more extras than the heaviest load over that allows.
-    depth = extra
-    if extra <= experts:
-        kth = load.topk(extra, dim=1).values[:, -1]  # [L]
-        peak = load.max(dim=1).values
+    if extra > experts:  # every expert is a candidate, and one may take all the extras
+        heavy, depth = load, extra
+        candidates = torch.arange(experts).expand(layers, -1)
+    else:
+        heavy, candidates = load.topk(extra, dim=1)  # [L, extra], heaviest first
+        # no expert gets more extras than the heaviest load over the extra-th largest allows
+        depth, kth = extra, heavy[:, -1]
         if bool((kth > 0).all()):
-            depth = min(extra, int(float((peak / kth).max())) + 1)
-    keys = (load[:, :, None] / torch.arange(1, depth + 1, dtype=load.dtype)).reshape(layers, -1)
-    chosen = keys.topk(extra, dim=1).indices // depth  # [L, extra] experts
+            depth = min(extra, int(float((heavy[:, 0] / kth).max())) + 1)
+    keys = (heavy[:, :, None] / torch.arange(1, depth + 1, dtype=load.dtype)).reshape(layers, -1)
+    chosen = candidates.gather(1, keys.topk(extra, dim=1).indices // depth)  # [L, extra] experts
     return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
 
 
