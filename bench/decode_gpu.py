@@ -191,7 +191,8 @@ class Ctx:
 
     def plan(self, load: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, dict]:
         started = time.perf_counter()
-        new = plan_placement(load, self.shape.physical, self.shape.world, self.spec)
+        # The current placement too, as the sidecar's planner gets it (stable keeps what it can).
+        new = plan_placement(load, self.shape.physical, self.shape.world, self.spec, current=old)
         info = {"plan_ms": (time.perf_counter() - started) * 1e3,
                 "balancedness_before": overall_balancedness(load, old, self.shape.world),
                 "balancedness_predicted": overall_balancedness(load, new, self.shape.world),

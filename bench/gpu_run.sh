@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Everything this project measures on the lent GPU machine, in one call of the device tool:
-#   run(command="bash bench/gpu_run.sh", carry=[".whl"])
-# .whl/ holds the pyzmq wheel for Python 3.12 (that machine has torch, msgpack and uvloop, not pyzmq):
+# What this project measures on the lent GPU machine, in calls of the device tool:
+#   run(command="bash bench/gpu_run.sh hook copy decode", carry=[".whl"])
+# Steps (any subset, in the order given; the whole set does not fit one 10-minute call):
+#   hook       bench/hook_overhead.py on CUDA (under sync_debug_mode "error") and on the host CPU
+#   agreement  bench/agreement.py, 2x2 .. 16x8 sidecars x workers, then 16x8 with a process per worker (~14 min)
+#   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling, every visible GPU
+#   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
+#   decode-stable  the same with the stable policy (the sidecar's default)
+# .whl/ holds the wheels for Python 3.12 that machine lacks (it has torch, msgpack and uvloop):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0
+#     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 prometheus-client==0.26.0
 # Results land in $OUT (and on stdout); commit them under bench/results/ with the card's name.
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -16,14 +22,22 @@ mkdir -p "$OUT"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, zmq, uvloop, msgpack; print("torch", torch.__version__, "pyzmq", zmq.__version__, "uvloop", uvloop.__version__, "msgpack", msgpack.version, "cpus", __import__("os").cpu_count())'
 } | tee "$OUT/machine.txt"
-python3 bench/hook_overhead.py --device cuda --check-sync | tee "$OUT/hook_overhead_cuda.txt"
-python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt"
-timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
-# One process per worker, as engines run (one rank per process): 128 + 16 processes.
-timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt"
-
-# --- Issue 5: decode-loop step times while experts move (bench/decode_gpu.py) -------------------
-# Every visible GPU, one process each; four modes in one call: no rebalance, stop-the-world,
-# in-engine async, sidecar (a real eplb-sidecar). About 10 GB per GPU, 2-4 minutes on 2 GPUs.
-# Table: $OUT/decode_gpu.md (+ .json with the raw step times); commit as bench/results/<card>x<N>_decode.md.
-timeout 580 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | tee "$OUT/decode_gpu.txt"
+for step in "$@"; do
+    case "$step" in
+        hook)
+            python3 bench/hook_overhead.py --device cuda --check-sync | tee "$OUT/hook_overhead_cuda.txt"
+            python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt" ;;
+        agreement)
+            timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
+            # One process per worker, as engines run (one rank per process): 128 + 16 processes.
+            timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt" ;;
+        copy)
+            timeout 300 python3 bench/copy_gpu.py --repeats 5 2>&1 | grep -v -i warn | tee "$OUT/copy_gpu.txt" ;;
+        decode)
+            # About 9 GB per GPU, 2-3 minutes on 2 GPUs; table in decode_gpu.md, raw step times in .json.
+            timeout 400 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.txt" ;;
+        decode-stable)
+            timeout 400 python3 bench/decode_gpu.py --policy stable --out "$OUT/decode_gpu_stable.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu_stable.txt" ;;
+        *) echo "unknown step $step (hook, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
+    esac
+done
