@@ -31,6 +31,8 @@ Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current p
 from __future__ import annotations
 
 import heapq
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -158,200 +160,207 @@ def gpu_load_of(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor
 def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tensor:
     """Mean over max GPU load per layer (1.0 for an idle layer), as
     :func:`eplb.placement.balancedness`. ``load: [L, E]``, ``gpu_load: [L, G]`` -> ``[L]``."""
-    peak = gpu_load.max(dim=1).values
-    mean = load.sum(dim=1) / gpu_load.shape[1]
+    return balancedness(load.sum(dim=1) / gpu_load.shape[1], gpu_load.max(dim=1).values)
+
+
+def balancedness(mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``mean / peak`` GPU load per layer, 1.0 where ``peak`` is 0. ``[L]``, ``[L]`` -> ``[L]``."""
     return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 
-def best_moves(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-               gpu_load: torch.Tensor, ceiling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor, torch.Tensor]:
-    """For each layer, the best single change for its most loaded GPU ``g``.
+def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
+                 gpu_load: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
+                 ref_counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
+    and for a swap the new expert of slot ``src`` on ``g``.
 
-    Candidates: swap a slot of ``g`` with a lighter slot on one of the ``LIGHT_GPUS`` least
-    loaded GPUs (2 slots change, counts unchanged), or turn a slot of one of the ``DONORS``
-    cheapest spare replicas elsewhere into one more replica of an expert on ``g`` (1 slot). A
-    change is scored by the highest load among the GPUs it touches (for a split, the other GPUs
-    holding the expert that gives up a replica are charged with its heavier share: an upper
-    bound). Changes that bring all of those under ``ceiling`` rank first, 1-slot ones before
-    2-slot ones, then by load shed; otherwise by load shed per slot changed. The caller checks
-    the chosen change exactly.
+    First, a replica that must move: an expert on ``g`` whose load per replica exceeds
+    ``limit`` (the reference's heaviest replica) cannot fit the reference way, so it takes a slot
+    of the expert with a spare replica (more than ``ref_counts``) that is cheapest to give up, on
+    the most loaded GPU holding that expert (forced: 1 slot).
+
+    Otherwise the best of these candidates: swap a slot of ``g`` with a lighter slot on one of the
+    ``LIGHT_GPUS`` least loaded GPUs (2 slots change, counts unchanged), or turn a slot of one of
+    the ``DONORS`` cheapest spare replicas elsewhere into one more replica of an expert on ``g``
+    (1 slot). A candidate is scored by the highest load among the GPUs it touches (for a split,
+    the other GPUs holding the expert that gives up a replica are charged with its heavier share:
+    an upper bound). Those that bring all of them under ``ceiling`` rank first, 1-slot ones
+    before 2-slot ones, then by load shed; the rest by load shed per slot changed. The caller
+    checks the chosen change exactly.
 
     Args:
-        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]``;
-        gpu_load: ``[L, G]`` the placement's GPU loads; ceiling: ``[L]``.
+        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts;
+        gpu_load: ``[L, G]`` its GPU loads; ceiling: ``[L]``; limit: ``[L]``;
+        ref_counts: ``[L, E]`` the reference's replica counts.
     Returns:
-        gain ``[L]`` (load shed from ``g`` per slot changed, 0 when nothing helps), is_swap
-        ``[L]`` bool, source ``[L]`` (a slot on ``g``) and target ``[L]`` (the other slot).
+        act ``[L]`` bool (a change helps or is forced), forced ``[L]`` bool, swap ``[L]`` bool,
+        src ``[L]`` (a slot on ``g``), dst ``[L]`` (the slot that takes ``expert``) and
+        expert ``[L]``; a swap also gives ``src`` the old expert of ``dst``.
     """
     layers, slots = phys2log.shape
     num_gpus = gpu_load.shape[1]
     per_gpu = slots // num_gpus
+    inf = float("inf")
     peak, hot = gpu_load.max(dim=1)  # [L]
-    slot_gpu = torch.arange(slots) // per_gpu  # [P]
-    per_replica = load / counts.clamp(min=1)
-    x_all = per_replica.gather(1, phys2log)  # [L, P]
-    load_all = load.gather(1, phys2log)
-    count_all = counts.gather(1, phys2log)
-    gpu_all = gpu_load[:, slot_gpu]  # [L, P]
-    # the most loaded other GPU holding each slot's expert: top two holder loads per expert
-    first = torch.zeros_like(per_replica).scatter_reduce_(1, phys2log, gpu_all, "amax")
-    first_at = first.gather(1, phys2log)  # [L, P]
-    top_slot = gpu_all >= first_at
-    second = torch.zeros_like(per_replica).scatter_reduce_(
-        1, phys2log, gpu_all.masked_fill(top_slot, 0.0), "amax").gather(1, phys2log)
-    tied = torch.zeros_like(per_replica).scatter_add_(1, phys2log, top_slot.double()).gather(1, phys2log)
-    other_holder = torch.where(top_slot & (tied < 2), second, first_at)  # [L, P]
+    per_replica = load / counts.clamp(min=1)  # [L, E]
+    one_less = load / (counts - 1).clamp(min=1)  # [L, E] the share with one replica fewer
+    gpu_all = gpu_load.repeat_interleave(per_gpu, dim=1)  # [L, P] each slot's GPU load
+    source = hot[:, None] * per_gpu + torch.arange(per_gpu)  # [L, S] the slots of g
+    es = phys2log.gather(1, source)
+    xs = per_replica.gather(1, es)
 
-    # Targets: the slots of the lightest GPUs only (a move must land below the peak; the
-    # lightest leave the most room), which keeps each step small.
-    light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False).indices  # [L, K]
-    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).reshape(layers, -1)  # [L, C]
-    x = x_all.gather(1, target)  # [L, C]
+    # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
+    # (a move must land below the peak; the lightest leave the most room).
+    light_load, light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False)  # [L, K]
+    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).view(layers, -1)  # [L, C]
     expert = phys2log.gather(1, target)
-    target_gpu_load = gpu_all.gather(1, target)
-    source = hot[:, None] * per_gpu + torch.arange(per_gpu)  # [L, S]
-    xs = x_all.gather(1, source)  # [L, S]
-    es = phys2log.gather(1, source)  # [L, S]
-    off_hot = (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]  # [L, 1, C]
-    other_expert = es[:, :, None] != expert[:, None, :]  # [L, S, C]
-    never = torch.tensor(float("-inf"), dtype=torch.float64)
+    d = xs[:, :, None] - per_replica.gather(1, expert)[:, None, :]  # [L, S, C]
+    swapped = torch.maximum(peak[:, None, None] - d,
+                            light_load.repeat_interleave(per_gpu, dim=1)[:, None, :] + d)
+    swap_ok = (d > 0) & (es[:, :, None] != expert[:, None, :]) \
+        & (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]
 
-    # Moves are ranked by the load of the GPUs they touch (not by the layer's new max, which
-    # other hot GPUs may pin): the best local fix first, so the next step starts from a low base.
-    # swaps: d moves from the hot GPU to the target slot's GPU
-    d = xs[:, :, None] - x[:, None, :]  # [L, S, C]
-    swapped = torch.maximum(peak[:, None, None] - d, target_gpu_load[:, None, :] + d)
-    swap_ok = off_hot & other_expert & (d > 0)
-
-    # splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
+    # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
     # a's other holders take its heavier share. Donors: those cheapest to give up.
-    raise_all = load_all / (count_all - 1).clamp(min=1) - x_all  # [L, P]
-    give_up = torch.maximum(other_holder + raise_all, gpu_all - x_all)
-    give_up = give_up.masked_fill((count_all < 2) | (slot_gpu == hot[:, None]), float("inf"))
-    donor = give_up.topk(min(slots, DONORS), dim=1, largest=False).indices  # [L, M]
-    x_d = x_all.gather(1, donor)
-    holders = other_holder.gather(1, donor) + raise_all.gather(1, donor)  # [L, M]
-    new_share = load.gather(1, es) / (counts.gather(1, es) + 1)  # [L, S]
-    hot_after = peak[:, None] - (xs - new_share)  # [L, S]
-    split = torch.maximum(torch.maximum(hot_after[:, :, None],
-                                        (gpu_all.gather(1, donor) - x_d)[:, None, :] + new_share[:, :, None]),
-                          holders[:, None, :])  # [L, S, M]
-    split_ok = (give_up.gather(1, donor) < float("inf"))[:, None, :] & \
-        (es[:, :, None] != phys2log.gather(1, donor)[:, None, :])
+    x_all = per_replica.gather(1, phys2log)  # [L, P]
+    raise_all = torch.where(counts > 1, one_less - per_replica, inf).gather(1, phys2log)
+    holders = other_holder(phys2log, gpu_all, per_replica) + raise_all  # inf: no spare replica
+    left = gpu_all - x_all
+    give_up = torch.maximum(holders, left).scatter_(1, source, inf)
+    give, donor = give_up.topk(min(slots, DONORS), dim=1, largest=False)  # [L, M]
+    new_share = (load / (counts + 1)).gather(1, es)  # [L, S]
+    split = torch.maximum(torch.maximum((peak[:, None] - (xs - new_share))[:, :, None],
+                                        left.gather(1, donor)[:, None, :] + new_share[:, :, None]),
+                          holders.gather(1, donor)[:, None, :])  # [L, S, M]
+    split_ok = (give < inf)[:, None, :] & (es[:, :, None] != phys2log.gather(1, donor)[:, None, :])
 
-    # Rank: a move that brings every GPU it touches under the ceiling first, fewer slots first,
-    # then lower touched load; otherwise the load shed per slot changed.
-    touched = torch.cat([swapped.view(layers, -1), split.view(layers, -1)], dim=1)  # [L, S*(C+M)]
-    ok = torch.cat([swap_ok.view(layers, -1), split_ok.view(layers, -1)], dim=1)
-    n_swap = swapped[0].numel()
-    cost = torch.ones_like(touched)
-    cost[:, :n_swap] = 2.0
-    shed = (peak[:, None] - touched) / peak.clamp(min=1e-300)[:, None]  # <= 1
-    rank = torch.where(touched <= ceiling[:, None], 4.0 - cost + shed, shed / cost)
-    rank = torch.where(ok & (shed > 1e-9), rank, never)
-    best, index = rank.max(dim=1)
-    chosen = index[:, None]
-    gain = torch.where(best > never, shed.gather(1, chosen).squeeze(1) * peak
-                       / cost.gather(1, chosen).squeeze(1), torch.zeros_like(peak))
-    is_swap = index < n_swap
-    width, donors = target.shape[1], donor.shape[1]
-    swap_at, split_at = index.clamp(max=n_swap - 1), (index - n_swap).clamp(min=0)
-    src = source.gather(1, torch.where(is_swap, swap_at // width, split_at // donors)[:, None]).squeeze(1)
-    dst = torch.where(is_swap, target.gather(1, (swap_at % width)[:, None]).squeeze(1),
-                      donor.gather(1, (split_at % donors)[:, None]).squeeze(1))
-    return gain, is_swap, src, dst
+    # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
+    # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
+    width = target.shape[1]
+    touched = torch.cat([swapped, split], dim=2)
+    cost = torch.ones(touched.shape[2], dtype=torch.float64)
+    cost[:width] = 2.0
+    shed = (peak[:, None, None] - touched) / peak.clamp(min=1e-300)[:, None, None]  # <= 1
+    rank = torch.where(touched <= ceiling[:, None, None], (4.0 - cost) + shed, shed / cost)
+    rank = torch.where(torch.cat([swap_ok, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
+    best, index = rank.view(layers, -1).max(dim=1)
+    row, column = index // touched.shape[2], index % touched.shape[2]
+    gain = shed.view(layers, -1).gather(1, index[:, None]).squeeze(1) * peak / cost[column]
+    act = (best > -inf) & (gain > peak * 1e-9)
+    swap = column < width
+    src = source.gather(1, row[:, None]).squeeze(1)
+    dst = torch.cat([target, donor], dim=1).gather(1, column[:, None]).squeeze(1)
+    new_expert = es.gather(1, row[:, None]).squeeze(1)
+
+    # The forced replica overrides.
+    excess, at = (xs - limit[:, None]).max(dim=1)
+    forced = excess > limit * 1e-9
+    if not bool(forced.any()):
+        return act, forced, swap, src, dst, new_expert
+    grow = es.gather(1, at[:, None]).squeeze(1)
+    donor_load, donor_expert = torch.where(counts > ref_counts, one_less, inf).min(dim=1)
+    forced &= (donor_load < inf) & (donor_expert != grow)
+    forced_slot = torch.where(phys2log == donor_expert[:, None], gpu_all, -1.0).argmax(dim=1)
+    return (act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
+            torch.where(forced, grow, new_expert))
 
 
-def needed_replica(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-                   gpu_load: torch.Tensor, ref_counts: torch.Tensor) -> tuple[torch.Tensor,
-                                                                          torch.Tensor]:
-    """The replica each layer must move first: an expert on the most loaded GPU whose load per
-    replica exceeds the reference's heaviest replica cannot fit the reference way, so it takes a slot of an
-    expert that has more replicas than the reference gives it (one slot changes; the slot is on
-    the most loaded GPU that holds the donor).
+def other_holder(phys2log: torch.Tensor, gpu_all: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """For each slot, the highest load among the other GPU slots holding its expert (0 if none).
 
     Args:
-        load: ``[L, E]``; phys2log: ``[L, P]``; counts: ``[L, E]``; gpu_load: ``[L, G]``;
+        phys2log: ``[L, P]`` with every expert present; gpu_all: ``[L, P]`` each slot's GPU load
+        (>= 0); like: any ``[L, E]`` float64 tensor (the scatter base).
+    Returns:
+        ``[L, P]`` float64.
+    """
+    slots = torch.arange(phys2log.shape[1])
+    top = like.scatter_reduce(1, phys2log, gpu_all, "amax", include_self=False).gather(1, phys2log)
+    # one slot per expert at its top load ("the" top slot): the others see the top load
+    first = torch.where(gpu_all >= top, slots, -1)
+    first = first.new_full(like.shape, -1).scatter_reduce_(1, phys2log, first, "amax").gather(1, phys2log)
+    is_first = first == slots
+    second = like.scatter_reduce(1, phys2log, gpu_all.masked_fill(is_first, 0.0), "amax",
+                                 include_self=False).gather(1, phys2log)
+    return torch.where(is_first, second, top)
+
+
+class Chain(NamedTuple):
+    """A repair chain as options per layer (option 0 is the current placement).
+
+    states: ``[N, P]`` placements, rows ``0 .. L - 1`` the current one; rows: per layer, the row of
+    ``states`` for each option; scores: per layer, each option's balancedness; moves: per layer,
+    each option's slots changed against the current placement.
+    """
+
+    states: torch.Tensor
+    rows: list[list[int]]
+    scores: list[list[float]]
+    moves: list[list[int]]
+
+
+def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor,
+                 gpu_load: torch.Tensor, steps: int, goal: float, ceiling: torch.Tensor,
+                 ref_counts: torch.Tensor) -> Chain:
+    """Local search from ``current``. At each step, every layer whose max GPU load is above its
+    ``ceiling`` makes the change :func:`best_changes` names if it is forced, or truly lowers the
+    layer's max GPU load (or leaves fewer GPUs at that max); a layer with no such change stops,
+    and so does one that reaches its ceiling. Stops after ``steps`` steps, when no layer is left,
+    or once the mean balancedness of the layers' last states reaches ``goal``. Each step works on
+    the layers still going only.
+
+    Args:
+        load: ``[L, E]`` float64; current: ``[L, P]`` int64; counts: ``[L, E]`` its replica counts;
+        gpu_load: ``[L, G]`` its GPU loads; ceiling: ``[L]`` max GPU load at which a layer is done;
         ref_counts: ``[L, E]`` the reference's replica counts.
     Returns:
-        expert ``[L]`` (the one that gains a replica, -1 where none must) and slot ``[L]``.
+        the :class:`Chain`: each layer's states in order, one per step it made a change.
     """
-    layers, slots = phys2log.shape
-    per_gpu = slots // gpu_load.shape[1]
-    limit = (load / ref_counts).max(dim=1).values  # [L]
-    hot = gpu_load.argmax(dim=1, keepdim=True) * per_gpu + torch.arange(per_gpu)  # [L, S]
-    on_hot = phys2log.gather(1, hot)
-    excess, at = ((load / counts).gather(1, on_hot) - limit[:, None]).max(dim=1)
-    expert = on_hot.gather(1, at[:, None]).squeeze(1)
-    spare = counts > ref_counts
-    donor = torch.where(spare, load / (counts - 1).clamp(min=1), torch.full_like(load, float("inf")))
-    donor_load, donor_expert = donor.min(dim=1)
-    needed = (excess > limit * 1e-9) & (donor_load < float("inf")) & (donor_expert != expert)
-    slot_gpu = torch.arange(slots) // per_gpu
-    on = torch.where(phys2log == donor_expert[:, None], gpu_load[:, slot_gpu],
-                     torch.full_like(phys2log, -1.0, dtype=torch.float64))
-    return torch.where(needed, expert, torch.full_like(expert, -1)), on.argmax(dim=1)
-
-
-def repair_chain(load: torch.Tensor, current: torch.Tensor, num_gpus: int, steps: int,
-                 goal: float, ceiling: torch.Tensor,
-                 ref_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local search from ``current``. At each step, every layer whose max GPU load is above its
-    ``ceiling`` makes one change: the replica :func:`needed_replica` names if there is one, else
-    :func:`best_moves`' change if it truly lowers the layer's max GPU load (or leaves fewer GPUs
-    at that max); a layer with no such change stops. Stops after ``steps`` steps, when no layer
-    changes, or once the last state's mean balancedness reaches ``goal``. Each step works on the
-    layers still above their ceiling only.
-
-    Args:
-        load: ``[L, E]`` float64; current: ``[L, P]`` int64; num_gpus: ``G``;
-        ceiling: ``[L]`` max GPU load at which a layer is done; ref_counts: ``[L, E]``.
-    Returns:
-        states ``[K + 1, L, P]`` (state 0 is ``current``), balancedness ``[K + 1, L]`` and slots
-        changed against ``current`` ``[K + 1, L]``.
-    """
-    phys2log = current.clone()
-    counts = counts_of(phys2log, load.shape[1])
-    gpu_load = gpu_load_of(load, phys2log, counts, num_gpus)
+    layers, num_gpus = gpu_load.shape
+    mean = load.sum(dim=1) / num_gpus
+    limit = (load / ref_counts).max(dim=1).values  # the reference's heaviest replica
     peak = gpu_load.max(dim=1).values
-    live = peak > ceiling
-    states, scores = [phys2log.clone()], [layer_balancedness(load, gpu_load)]
+    first = balancedness(mean, peak).tolist()
+    chain = Chain(current, [[layer] for layer in range(layers)], [[s] for s in first],
+                  [[0] for _ in range(layers)])
+    last = first[:]
+    going = (peak > ceiling).nonzero().squeeze(1)
+    ids = going.tolist()  # the layers still going
+    state = [t[going] for t in (load, current, counts, gpu_load, peak, ceiling, limit, ref_counts,
+                                mean, current)]
+    found, offset = [current], layers
     for _ in range(steps):
-        if float(scores[-1].mean()) >= goal or not bool(live.any()):
+        if not ids or math.fsum(last) / layers >= goal:
             break
-        todo = live.nonzero().flatten()
-        t_load, t_p2l, t_counts, t_gpu = load[todo], phys2log[todo], counts[todo], gpu_load[todo]
-        t_peak = peak[todo]
-        gain, is_swap, src, dst = best_moves(t_load, t_p2l, t_counts, t_gpu, ceiling[todo])
-        grow, slot = needed_replica(t_load, t_p2l, t_counts, t_gpu, ref_counts[todo])
-        forced = grow >= 0
-        act = (gain > t_peak * 1e-9) | forced
-        is_swap = is_swap & ~forced
-        dst = torch.where(forced, slot, dst)
-        a = t_p2l.gather(1, dst[:, None])  # [T, 1]
-        b = torch.where(forced[:, None], grow[:, None], t_p2l.gather(1, src[:, None]))
-        swap, split = (act & is_swap)[:, None], (act & ~is_swap)[:, None]
-        new_p2l = t_p2l.scatter(1, src[:, None], torch.where(swap, a, t_p2l.gather(1, src[:, None])))
-        new_p2l.scatter_(1, dst[:, None], torch.where(act[:, None], b, a))
-        new_counts = t_counts.scatter_add(1, a, -split.long()).scatter_add_(1, b, split.long())
-        new_load = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
-        new_peak = new_load.max(dim=1).values
+        t_load, t_p2l, t_counts, t_gpu, t_peak, t_ceiling, t_limit, t_ref, t_mean, t_current = state
+        act, forced, swap, src, dst, expert = best_changes(t_load, t_p2l, t_counts, t_gpu,
+                                                           t_ceiling, t_limit, t_ref)
+        gone = t_p2l.gather(1, dst[:, None])  # [T, 1] the expert dst gives up
+        new_p2l = t_p2l.scatter(1, torch.where(swap, src, dst)[:, None], gone)
+        new_p2l.scatter_(1, dst[:, None], expert[:, None])
+        split = (~swap).long()[:, None]
+        new_counts = t_counts.scatter_add(1, gone, -split).scatter_add_(1, expert[:, None], split)
+        new_gpu = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
+        new_peak = new_gpu.max(dim=1).values
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
-        fewer = (new_load >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
+        fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
         keep = act & (forced | (new_peak < t_peak) | ((new_peak <= t_peak) & fewer))
-        done = todo[keep]
-        phys2log[done], counts[done] = new_p2l[keep], new_counts[keep]
-        gpu_load[done], peak[done] = new_load[keep], new_peak[keep]
-        live[todo[~keep]] = False  # no change that helps (or the bound was loose): stop there
-        live[done] = peak[done] > ceiling[done]
-        score = scores[-1].clone()
-        score[done] = layer_balancedness(load[done], new_load[keep])
-        states.append(phys2log.clone())
-        scores.append(score)
-    stacked = torch.stack(states)
-    return stacked, torch.stack(scores), (stacked != current).sum(dim=2)
+        scores = balancedness(t_mean, new_peak).tolist()
+        moved = (new_p2l != t_current).sum(dim=1).tolist()
+        for i, (layer, kept) in enumerate(zip(ids, keep.tolist())):
+            if kept:
+                chain.rows[layer].append(offset + i)
+                chain.scores[layer].append(scores[i])
+                chain.moves[layer].append(moved[i])
+                last[layer] = scores[i]
+        found.append(new_p2l)
+        offset += len(ids)
+        stay = (keep & (new_peak > t_ceiling)).nonzero().squeeze(1)
+        ids = [ids[i] for i in stay.tolist()]
+        state = [t[stay] for t in (t_load, new_p2l, new_counts, new_gpu, new_peak, t_ceiling,
+                                   t_limit, t_ref, t_mean, t_current)]
+    return chain._replace(states=torch.cat(found))
 
 
 def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -531,24 +540,26 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
     ref_load = gpu_load_of(load, reference, ref_counts, num_gpus)
     ref_score = layer_balancedness(load, ref_load)
     goal = float(ref_score.mean()) - tolerance
-    states, scores, moves = repair_chain(load, current, num_gpus, steps, goal,
-                                         ref_load.max(dim=1).values * (1 + SLACK), ref_counts)
-    if float(scores[0].mean()) >= goal - 1e-12:  # (the slack absorbs summation-order rounding)
-        return current.clone()
-    layer_scores, layer_moves = scores.T.tolist(), moves.T.tolist()
-    # layers whose chain stays above the ceiling
-    short = (scores.max(dim=0).values * (1 + SLACK) < ref_score * (1 - 1e-9)).nonzero().flatten()
-    aligned = None
-    if float(scores.max(dim=0).values.mean()) < goal:  # offer the aligned reference there
-        aligned = align_to_current(reference[short], current[short], num_gpus)
-        for layer, moved in zip(short.tolist(), (aligned != current[short]).sum(dim=1).tolist()):
-            layer_scores[layer].append(float(ref_score[layer]))
-            layer_moves[layer].append(moved)
-    chosen = torch.tensor(choose_states(layer_scores, layer_moves, goal * layers, max_moves))
-    rows = torch.arange(layers)
-    last = states.shape[0]
-    out = states[chosen.clamp(max=last - 1), rows]
-    if aligned is not None:
-        use = chosen[short] == last
-        out[short[use]] = aligned[use]
-    return out
+    counts = counts_of(current, experts)
+    gpu_load = gpu_load_of(load, current, counts, num_gpus)
+    if float(layer_balancedness(load, gpu_load).mean()) >= goal - 1e-12:  # (the slack absorbs
+        return current.clone()  # summation-order rounding)
+    chain = repair_chain(load, current, counts, gpu_load, steps, goal,
+                         ref_load.max(dim=1).values * (1 + SLACK), ref_counts)
+    states = chain.states
+    # layers whose chain stays above the ceiling: offer the aligned reference there
+    best = [max(scores) for scores in chain.scores]
+    if math.fsum(best) / layers < goal:
+        short = [layer for layer, (b, r) in enumerate(zip(best, ref_score.tolist()))
+                 if b * (1 + SLACK) < r * (1 - 1e-9)]
+        if short:
+            rows = torch.tensor(short)
+            aligned = align_to_current(reference[rows], current[rows], num_gpus)
+            moved = (aligned != current[rows]).sum(dim=1).tolist()
+            for i, layer in enumerate(short):
+                chain.rows[layer].append(states.shape[0] + i)
+                chain.scores[layer].append(float(ref_score[layer]))
+                chain.moves[layer].append(moved[i])
+            states = torch.cat([states, aligned])
+    chosen = choose_states(chain.scores, chain.moves, goal * layers, max_moves)
+    return states[[rows[k] for rows, k in zip(chain.rows, chosen)]]
