@@ -204,7 +204,6 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     peak, hot = gpu_load.max(dim=1)  # [L]
     per_replica = load / counts.clamp(min=1)  # [L, E]
     one_less = load / (counts - 1).clamp(min=1)  # [L, E] the share with one replica fewer
-    gpu_all = gpu_load.repeat_interleave(per_gpu, dim=1)  # [L, P] each slot's GPU load
     source = hot[:, None] * per_gpu + torch.arange(per_gpu)  # [L, S] the slots of g
     es = phys2log.gather(1, source)
     xs = per_replica.gather(1, es)
@@ -221,18 +220,28 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
         & (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]
 
     # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
-    # a's other holders take its heavier share. Donors: those cheapest to give up.
-    x_all = per_replica.gather(1, phys2log)  # [L, P]
-    raise_all = torch.where(counts > 1, one_less - per_replica, inf).gather(1, phys2log)
-    holders = other_holder(phys2log, gpu_all, per_replica) + raise_all  # inf: no spare replica
-    left = gpu_all - x_all
-    give_up = torch.maximum(holders, left).scatter_(1, source, inf)
-    give, donor = give_up.topk(min(slots, DONORS), dim=1, largest=False)  # [L, M]
+    # a's other holders take its heavier share. Donors: those cheapest to give up, from the slots
+    # of experts with more than one replica (at most 2 (P - E), listed in slot order, then
+    # padded with a slot of g, which never gives up its replica).
+    multi = counts.gather(1, phys2log) > 1  # [L, P]
+    width = max(1, min(slots, 2 * (slots - load.shape[1])))
+    at = torch.where(multi, multi.cumsum(dim=1) - 1, width)
+    spare = source[:, :1].repeat(1, width + 1).scatter_(
+        1, at, torch.arange(slots).expand(layers, -1))[:, :width]  # [L, W] slots
+    spare_expert = phys2log.gather(1, spare)
+    spare_gpu = spare // per_gpu
+    spare_load = gpu_load.gather(1, spare_gpu)
+    holders = other_holder(spare, spare_expert, spare_load, per_replica) \
+        + (one_less - per_replica).gather(1, spare_expert)
+    left = spare_load - per_replica.gather(1, spare_expert)
+    give_up = torch.maximum(holders, left).masked_fill_(spare_gpu == hot[:, None], inf)
+    give, pick = give_up.topk(min(width, DONORS), dim=1, largest=False)  # [L, M]
+    donor = spare.gather(1, pick)
     new_share = (load / (counts + 1)).gather(1, es)  # [L, S]
     split = torch.maximum(torch.maximum((peak[:, None] - (xs - new_share))[:, :, None],
-                                        left.gather(1, donor)[:, None, :] + new_share[:, :, None]),
-                          holders.gather(1, donor)[:, None, :])  # [L, S, M]
-    split_ok = (give < inf)[:, None, :] & (es[:, :, None] != phys2log.gather(1, donor)[:, None, :])
+                                        left.gather(1, pick)[:, None, :] + new_share[:, :, None]),
+                          holders.gather(1, pick)[:, None, :])  # [L, S, M]
+    split_ok = (give < inf)[:, None, :] & (es[:, :, None] != spare_expert.gather(1, pick)[:, None, :])
 
     # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
     # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
@@ -260,28 +269,31 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     grow = es.gather(1, at[:, None]).squeeze(1)
     donor_load, donor_expert = torch.where(counts > ref_counts, one_less, inf).min(dim=1)
     forced &= (donor_load < inf) & (donor_expert != grow)
-    forced_slot = torch.where(phys2log == donor_expert[:, None], gpu_all, -1.0).argmax(dim=1)
+    # (a donor has a spare replica, so all of its slots are listed)
+    forced_slot = spare.gather(1, torch.where(spare_expert == donor_expert[:, None], spare_load, -1.0)
+                               .argmax(dim=1, keepdim=True)).squeeze(1)
     return (act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
             torch.where(forced, grow, new_expert))
 
 
-def other_holder(phys2log: torch.Tensor, gpu_all: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """For each slot, the highest load among the other GPU slots holding its expert (0 if none).
+def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
+                 like: torch.Tensor) -> torch.Tensor:
+    """For each listed slot, the highest GPU load among the other listed slots of its expert (0 if
+    none). A slot may be listed more than once; its copies do not count as other slots.
 
     Args:
-        phys2log: ``[L, P]`` with every expert present; gpu_all: ``[L, P]`` each slot's GPU load
-        (>= 0); like: any ``[L, E]`` float64 tensor (the scatter base).
+        slot: ``[L, W]`` slot ids; expert: ``[L, W]`` their experts; gpu: ``[L, W]`` their GPU
+        loads (>= 0); like: any ``[L, E]`` float64 tensor (the scatter base).
     Returns:
-        ``[L, P]`` float64.
+        ``[L, W]`` float64.
     """
-    slots = torch.arange(phys2log.shape[1])
-    top = like.scatter_reduce(1, phys2log, gpu_all, "amax", include_self=False).gather(1, phys2log)
+    top = like.scatter_reduce(1, expert, gpu, "amax", include_self=False).gather(1, expert)
     # one slot per expert at its top load ("the" top slot): the others see the top load
-    first = torch.where(gpu_all >= top, slots, -1)
-    first = first.new_full(like.shape, -1).scatter_reduce_(1, phys2log, first, "amax").gather(1, phys2log)
-    is_first = first == slots
-    second = like.scatter_reduce(1, phys2log, gpu_all.masked_fill(is_first, 0.0), "amax",
-                                 include_self=False).gather(1, phys2log)
+    first = torch.where(gpu >= top, slot, -1)
+    first = first.new_full(like.shape, -1).scatter_reduce_(1, expert, first, "amax").gather(1, expert)
+    is_first = first == slot
+    second = like.scatter_reduce(1, expert, gpu.masked_fill(is_first, 0.0), "amax",
+                                 include_self=False).gather(1, expert)
     return torch.where(is_first, second, top)
 
 
