@@ -30,6 +30,7 @@ Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current p
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from typing import NamedTuple
@@ -168,9 +169,42 @@ def balancedness(mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 
+class Change(NamedTuple):
+    """One change per layer (see :func:`best_changes`); all ``[L]``.
+
+    act: bool, a change helps or is forced; forced: bool, it must be made; swap: bool, two slots
+    change; src: a slot on the most loaded GPU; dst: the slot that takes ``expert`` (a swap also
+    gives ``src`` the old expert of ``dst``); peak: the max GPU load before the change.
+    """
+
+    act: torch.Tensor
+    forced: torch.Tensor
+    swap: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    expert: torch.Tensor
+    peak: torch.Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def lanes(n: int) -> torch.Tensor:
+    """``arange(n)``, made once (read-only)."""
+    return torch.arange(n)
+
+
+@functools.lru_cache(maxsize=32)
+def slot_costs(swaps: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots changed by each candidate (``swaps`` 2-slot ones, then ``splits`` 1-slot ones) and the
+    rank offset of a candidate under the ceiling (``4 - cost``); both ``[swaps + splits]``
+    float64, made once (read-only)."""
+    cost = torch.ones(swaps + splits, dtype=torch.float64)
+    cost[:swaps] = 2.0
+    return cost, 4.0 - cost
+
+
 def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
                  gpu_load: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
-                 ref_counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                 ref_counts: torch.Tensor) -> Change:
     """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
     and for a swap the new expert of slot ``src`` on ``g``.
 
@@ -193,9 +227,7 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
         gpu_load: ``[L, G]`` its GPU loads; ceiling: ``[L]``; limit: ``[L]``;
         ref_counts: ``[L, E]`` the reference's replica counts.
     Returns:
-        act ``[L]`` bool (a change helps or is forced), forced ``[L]`` bool, swap ``[L]`` bool,
-        src ``[L]`` (a slot on ``g``), dst ``[L]`` (the slot that takes ``expert``) and
-        expert ``[L]``; a swap also gives ``src`` the old expert of ``dst``.
+        the :class:`Change` of each layer.
     """
     layers, slots = phys2log.shape
     num_gpus = gpu_load.shape[1]
@@ -204,14 +236,14 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     peak, hot = gpu_load.max(dim=1)  # [L]
     per_replica = load / counts.clamp(min=1)  # [L, E]
     one_less = load / (counts - 1).clamp(min=1)  # [L, E] the share with one replica fewer
-    source = hot[:, None] * per_gpu + torch.arange(per_gpu)  # [L, S] the slots of g
+    source = hot[:, None] * per_gpu + lanes(per_gpu)  # [L, S] the slots of g
     es = phys2log.gather(1, source)
     xs = per_replica.gather(1, es)
 
     # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
     # (a move must land below the peak; the lightest leave the most room).
     light_load, light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False)  # [L, K]
-    target = (light[:, :, None] * per_gpu + torch.arange(per_gpu)).view(layers, -1)  # [L, C]
+    target = (light[:, :, None] * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
     expert = phys2log.gather(1, target)
     d = xs[:, :, None] - per_replica.gather(1, expert)[:, None, :]  # [L, S, C]
     swapped = torch.maximum(peak[:, None, None] - d,
@@ -227,7 +259,7 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     width = max(1, min(slots, 2 * (slots - load.shape[1])))
     at = torch.where(multi, multi.cumsum(dim=1) - 1, width)
     spare = source[:, :1].repeat(1, width + 1).scatter_(
-        1, at, torch.arange(slots).expand(layers, -1))[:, :width]  # [L, W] slots
+        1, at, lanes(slots).expand(layers, -1))[:, :width]  # [L, W] slots
     spare_expert = phys2log.gather(1, spare)
     spare_gpu = spare // per_gpu
     spare_load = gpu_load.gather(1, spare_gpu)
@@ -247,10 +279,9 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
     width = target.shape[1]
     touched = torch.cat([swapped, split], dim=2)
-    cost = torch.ones(touched.shape[2], dtype=torch.float64)
-    cost[:width] = 2.0
+    cost, first = slot_costs(width, touched.shape[2] - width)
     shed = (peak[:, None, None] - touched) / peak.clamp(min=1e-300)[:, None, None]  # <= 1
-    rank = torch.where(touched <= ceiling[:, None, None], (4.0 - cost) + shed, shed / cost)
+    rank = torch.where(touched <= ceiling[:, None, None], first + shed, shed / cost)
     rank = torch.where(torch.cat([swap_ok, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
     best, index = rank.view(layers, -1).max(dim=1)
     row, column = index // touched.shape[2], index % touched.shape[2]
@@ -265,15 +296,15 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     excess, at = (xs - limit[:, None]).max(dim=1)
     forced = excess > limit * 1e-9
     if not bool(forced.any()):
-        return act, forced, swap, src, dst, new_expert
+        return Change(act, forced, swap, src, dst, new_expert, peak)
     grow = es.gather(1, at[:, None]).squeeze(1)
     donor_load, donor_expert = torch.where(counts > ref_counts, one_less, inf).min(dim=1)
     forced &= (donor_load < inf) & (donor_expert != grow)
     # (a donor has a spare replica, so all of its slots are listed)
     forced_slot = spare.gather(1, torch.where(spare_expert == donor_expert[:, None], spare_load, -1.0)
                                .argmax(dim=1, keepdim=True)).squeeze(1)
-    return (act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
-            torch.where(forced, grow, new_expert))
+    return Change(act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
+                  torch.where(forced, grow, new_expert), peak)
 
 
 def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
@@ -295,6 +326,11 @@ def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
     second = like.scatter_reduce(1, expert, gpu.masked_fill(is_first, 0.0), "amax",
                                  include_self=False).gather(1, expert)
     return torch.where(is_first, second, top)
+
+
+def score_of(mean: list[float], peak: list[float]) -> list[float]:
+    """:func:`balancedness` on Python floats (the same arithmetic), for a few layers."""
+    return [m / max(p, 1e-300) if p > 0 else 1.0 for m, p in zip(mean, peak)]
 
 
 class Chain(NamedTuple):
@@ -329,24 +365,25 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         the :class:`Chain`: each layer's states in order, one per step it made a change.
     """
     layers, num_gpus = gpu_load.shape
-    mean = load.sum(dim=1) / num_gpus
+    mean = (load.sum(dim=1) / num_gpus).tolist()
     limit = (load / ref_counts).max(dim=1).values  # the reference's heaviest replica
     peak = gpu_load.max(dim=1).values
-    first = balancedness(mean, peak).tolist()
+    first = score_of(mean, peak.tolist())
     chain = Chain(current, [[layer] for layer in range(layers)], [[s] for s in first],
                   [[0] for _ in range(layers)])
     last = first[:]
     going = (peak > ceiling).nonzero().squeeze(1)
     ids = going.tolist()  # the layers still going
-    state = [t[going] for t in (load, current, counts, gpu_load, peak, ceiling, limit, ref_counts,
-                                mean, current)]
+    state = [t[going] for t in (load, current, counts, gpu_load, torch.stack([ceiling, limit], dim=1),
+                                ref_counts, current)]
     found, offset = [current], layers
     for _ in range(steps):
         if not ids or math.fsum(last) / layers >= goal:
             break
-        t_load, t_p2l, t_counts, t_gpu, t_peak, t_ceiling, t_limit, t_ref, t_mean, t_current = state
-        act, forced, swap, src, dst, expert = best_changes(t_load, t_p2l, t_counts, t_gpu,
-                                                           t_ceiling, t_limit, t_ref)
+        t_load, t_p2l, t_counts, t_gpu, t_bounds, t_ref, t_current = state
+        t_ceiling, t_limit = t_bounds.unbind(dim=1)
+        change = best_changes(t_load, t_p2l, t_counts, t_gpu, t_ceiling, t_limit, t_ref)
+        swap, src, dst, expert, t_peak = change.swap, change.src, change.dst, change.expert, change.peak
         gone = t_p2l.gather(1, dst[:, None])  # [T, 1] the expert dst gives up
         new_p2l = t_p2l.scatter(1, torch.where(swap, src, dst)[:, None], gone)
         new_p2l.scatter_(1, dst[:, None], expert[:, None])
@@ -357,8 +394,8 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
         fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
-        keep = act & (forced | (new_peak < t_peak) | ((new_peak <= t_peak) & fewer))
-        scores = balancedness(t_mean, new_peak).tolist()
+        keep = change.act & (change.forced | (new_peak < t_peak) | ((new_peak <= t_peak) & fewer))
+        scores = score_of([mean[layer] for layer in ids], new_peak.tolist())
         moved = (new_p2l != t_current).sum(dim=1).tolist()
         for i, (layer, kept) in enumerate(zip(ids, keep.tolist())):
             if kept:
@@ -368,10 +405,12 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
                 last[layer] = scores[i]
         found.append(new_p2l)
         offset += len(ids)
-        stay = (keep & (new_peak > t_ceiling)).nonzero().squeeze(1)
-        ids = [ids[i] for i in stay.tolist()]
-        state = [t[stay] for t in (t_load, new_p2l, new_counts, new_gpu, new_peak, t_ceiling,
-                                   t_limit, t_ref, t_mean, t_current)]
+        more = keep & (new_peak > t_ceiling)
+        state = [t_load, new_p2l, new_counts, new_gpu, t_bounds, t_ref, t_current]
+        if not bool(more.all()):
+            stay = more.nonzero().squeeze(1)
+            ids = [ids[i] for i in stay.tolist()]
+            state = [t[stay] for t in state]
     return chain._replace(states=torch.cat(found))
 
 
