@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -174,3 +175,46 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_demo_cluster(base_dir: Path, world: int = 4, workers_per_node: int = 2,
+                       sidecar_flags: list[str] | None = None,
+                       worker_flags: dict[int, list[str]] | None = None,
+                       timeout_s: float = 90.0) -> LocalCluster:
+    """Start ``world / workers_per_node`` sidecars and ``world`` demo workers (gloo, real weight
+    copies) that step until SIGTERM, and wait until every worker has joined and stepped 20 steps.
+
+    Rebalances start only when asked (``--interval`` is huge). Each rank ``r`` writes its
+    measurements to ``base_dir/worker{r}.json`` and its protocol events to
+    ``base_dir/events{r}.jsonl`` (see :func:`read_events`). ``worker_flags[r]`` adds flags to rank
+    ``r``; ``sidecar_flags`` to every sidecar. Keep ``base_dir`` short: ipc paths are limited.
+    """
+    cluster = LocalCluster(world // workers_per_node,
+                           ["--interval", "1000000", "--window", "400", "--planner", "thread",
+                            "--worker-timeout", "2", "--node-timeout", "2", *(sidecar_flags or [])],
+                           base_dir=base_dir)
+    cluster.start()
+    try:
+        cluster.wait_ready(60.0)
+        dist_init = f"tcp://127.0.0.1:{free_port()}"
+        for rank in range(world):
+            cluster.start_worker([
+                "--rank", str(rank), "--world-size", str(world),
+                "--ranks-per-node", str(workers_per_node),
+                "--run-dir", str(cluster.run_dir(rank // workers_per_node)),
+                "--dist-init", dist_init, "--steps", "0", "--step-ms", "1",
+                "--result", str(base_dir / f"worker{rank}.json"),
+                "--events", str(base_dir / f"events{rank}.jsonl"),
+                *(worker_flags or {}).get(rank, [])], f"worker{rank}.log")
+        cluster.wait_for(lambda s: len(s["workers"]) == world and s["min_step"] > 20, timeout_s,
+                         "all workers joined and stepping")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def read_events(base_dir: Path, rank: int) -> list[dict]:
+    """The protocol events demo worker ``rank`` logged (``--events``), oldest first."""
+    path = base_dir / f"events{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eplb.control_client import control_call
-from eplb.demo.cluster import LocalCluster, free_port
+from eplb.demo.cluster import LocalCluster, read_events, start_demo_cluster
 from eplb.placement import placement_hash
 
 WORKERS_PER_NODE = 2
@@ -25,28 +25,11 @@ WORLD = 4
 def start_cluster(tmp_path: Path, worker_flags: dict[int, list[str]] | None = None,
                   sidecar_flags: list[str] | None = None) -> LocalCluster:
     base = Path("/tmp") / f"eplbt-{os.getpid()}-{tmp_path.name[-12:]}"  # short ipc paths
-    cluster = LocalCluster(2, ["--interval", "1000000", "--window", "400", "--planner", "thread",
-                               "--worker-timeout", "2", "--node-timeout", "2",
-                               *(sidecar_flags or [])], base_dir=base)
-    cluster.start()
-    cluster.wait_ready(60.0)
-    dist_init = f"tcp://127.0.0.1:{free_port()}"
-    for rank in range(WORLD):
-        node = rank // WORKERS_PER_NODE
-        cluster.start_worker([
-            "--rank", str(rank), "--world-size", str(WORLD), "--ranks-per-node", str(WORKERS_PER_NODE),
-            "--run-dir", str(cluster.run_dir(node)), "--dist-init", dist_init, "--steps", "0",
-            "--step-ms", "1", "--result", str(base / f"worker{rank}.json"),
-            "--events", str(base / f"events{rank}.jsonl"), *(worker_flags or {}).get(rank, [])],
-            f"worker{rank}.log")
-    cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 90,
-                     "all workers joined and stepping")
-    return cluster
+    return start_demo_cluster(base, WORLD, WORKERS_PER_NODE, sidecar_flags, worker_flags)
 
 
 def events(cluster: LocalCluster, rank: int) -> list[dict]:
-    path = cluster.base_dir / f"events{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_events(cluster.base_dir, rank)
 
 
 def results(cluster: LocalCluster) -> list[dict]:
