@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from copy_gpu import ceiling as measure_ceiling  # noqa: E402  (one large message each way)
 from decode_engine import Shape, StandInMoE  # noqa: E402
 from eplb.coordinator.planner import POLICIES, PlannerSpec, plan_placement  # noqa: E402
 from eplb.placement import default_placement, overall_balancedness, placement_hash  # noqa: E402
@@ -93,38 +94,6 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-def local_ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
-    """bench/copy_gpu.py's ``ceiling``, kept here in case that file changes: GB/s per direction
-    of one ``nbytes`` message to the next rank while receiving one from the previous rank
-    (median of ``repeats`` after a warm-up)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    recv = torch.empty_like(send)
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        dist.barrier()
-        t0 = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, send, (rank + 1) % world),
-               dist.P2POp(dist.irecv, recv, (rank - 1) % world)]
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
-
-
-def measure_ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
-    """NCCL (gloo) P2P ceiling, GB/s per direction: bench/copy_gpu.py's ``ceiling`` (one large
-    message to the next rank while receiving from the previous one)."""
-    try:
-        from copy_gpu import ceiling
-        return ceiling(nbytes, device, repeats)
-    except (ImportError, AttributeError, TypeError):  # a signature mismatch fails on every rank alike
-        return local_ceiling(nbytes, device, repeats)
 
 
 def warm_p2p(device: torch.device) -> None:
