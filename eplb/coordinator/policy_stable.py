@@ -100,13 +100,15 @@ def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> t
     per_gpu = num_physical // num_gpus
     per_replica = load / counts
     order = per_replica.argsort(dim=1, descending=True, stable=True)  # [L, E]
-    ends = counts.gather(1, order).cumsum(dim=1)  # [L, E]
-    position = torch.arange(num_physical).expand(layers, -1).contiguous()
-    replica_expert = order.gather(1, torch.searchsorted(ends, position, right=True))  # [L, P]
+    # each expert as many times as it has replicas (each row sums to P), heaviest replica first
+    replica_expert = order.flatten().repeat_interleave(counts.gather(1, order).flatten())
+    replica_expert = replica_expert.view(layers, num_physical)
     replica_load = per_replica.gather(1, replica_expert)  # [L, P], descending
-    gpu_load = torch.zeros(layers, num_gpus, dtype=torch.float64)
+    # round 0: all GPUs are empty, so GPU g takes the g-th heaviest replica
     phys2log = torch.empty(layers, num_physical, dtype=torch.int64)
-    for r in range(per_gpu):
+    phys2log[:, ::per_gpu] = replica_expert[:, :num_gpus]
+    gpu_load = replica_load[:, :num_gpus].clone()
+    for r in range(1, per_gpu):
         lightest = gpu_load.argsort(dim=1, stable=True)  # [L, G]
         part = slice(r * num_gpus, (r + 1) * num_gpus)
         phys2log.scatter_(1, lightest * per_gpu + r, replica_expert[:, part])
@@ -430,11 +432,13 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     layers, slots = plan.shape
     per_gpu = slots // num_gpus
     plan_copy, cur_copy = copy_index(plan, num_gpus), copy_index(current, num_gpus)
-    values, order = current.sort(dim=1, stable=True)
-    left = torch.searchsorted(values, plan)  # [L, P]: current slots of each plan slot's expert
-    right = torch.searchsorted(values, plan, right=True)
+    order = current.sort(dim=1, stable=True).indices  # current slots by expert
+    # the current slots of each plan slot's expert: order[left : left + count] (expert ids < P)
+    held_by = counts_of(current, slots)
+    left = (held_by.cumsum(dim=1) - held_by).gather(1, plan)  # [L, P]
+    right = left + held_by.gather(1, plan)
     width = max(1, int((right - left).max()))
-    at = left[:, :, None] + torch.arange(width)  # [L, P, W]
+    at = left[:, :, None] + lanes(width)  # [L, P, W]
     at_slot = order.gather(1, at.clamp(max=slots - 1).view(layers, -1)).view(at.shape)
     # the k-th copy of an expert on a plan GPU pairs with the k-th copy on a current GPU, so
     # a pair of GPUs shares the size of their multisets' intersection
@@ -450,23 +454,24 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     plan_gpu_id, cur_gpu_id = plan_id % num_gpus, pair % num_gpus
     bid = ((shared * 2 + (plan_gpu_id == cur_gpu_id).long()) * num_gpus
            + (num_gpus - 1 - plan_gpu_id)) * num_gpus + (num_gpus - 1 - cur_gpu_id)
-    match = torch.full((layers * num_gpus,), -1, dtype=torch.int64)  # plan GPU -> current GPU
-    taken = torch.zeros(layers * num_gpus, dtype=torch.bool)  # current GPU matched
     none = torch.full((layers * num_gpus,), -1, dtype=torch.int64)
+    match = none.clone()  # plan GPU -> current GPU, -1 while unmatched
+    taken = none.clone()  # current GPU -> plan GPU, -1 while free
     for _ in range(3):
-        free = (match[plan_id] < 0) & ~taken[cur_id]
+        free = (match.gather(0, plan_id) < 0) & (taken.gather(0, cur_id) < 0)
         if not bool(free.any()):
             break
         offer = torch.where(free, bid, -1)
-        propose = free & (offer == none.scatter_reduce(0, plan_id, offer, "amax")[plan_id])
+        propose = free & (offer == none.scatter_reduce(0, plan_id, offer, "amax").gather(0, plan_id))
         offer = torch.where(propose, bid, -1)
-        won = propose & (offer == none.scatter_reduce(0, cur_id, offer, "amax")[cur_id])
-        match[plan_id[won]] = pair[won] % num_gpus
-        taken[cur_id[won]] = True
+        won = propose & (offer == none.scatter_reduce(0, cur_id, offer, "amax").gather(0, cur_id))
+        # at most one win per plan GPU and per current GPU; the others offer -1
+        match.scatter_reduce_(0, plan_id, torch.where(won, cur_gpu_id, -1), "amax")
+        taken.scatter_reduce_(0, cur_id, torch.where(won, plan_gpu_id, -1), "amax")
     match, taken = match.view(layers, num_gpus), taken.view(layers, num_gpus)
     # pair the rest in order
     left_plan = (match < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    left_cur = (~taken).to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    left_cur = (taken < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
     first = torch.arange(num_gpus) < (match < 0).sum(dim=1, keepdim=True)  # [L, G]
     match.scatter_(1, left_plan, torch.where(first, left_cur, match.gather(1, left_plan)))
     # contents of plan GPU i go to current GPU match[i]
@@ -483,8 +488,13 @@ def copy_index(phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     layers, slots = phys2log.shape
     on_gpu = phys2log.view(layers, num_gpus, -1)  # [L, G, S]
     same = on_gpu[:, :, :, None] == on_gpu[:, :, None, :]  # [L, G, S, S]
-    earlier = torch.ones(same.shape[-1], same.shape[-1], dtype=torch.bool).tril(-1)
-    return (same & earlier).sum(dim=3).view(layers, slots)
+    return (same & earlier_than(same.shape[-1])).sum(dim=3).view(layers, slots)
+
+
+@functools.lru_cache(maxsize=32)
+def earlier_than(n: int) -> torch.Tensor:
+    """``[n, n]`` bool, ``[i, j]`` true where ``j < i``; made once (read-only)."""
+    return torch.ones(n, n, dtype=torch.bool).tril(-1)
 
 
 def keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
