@@ -14,6 +14,7 @@ are the goals of issue 4: stable >= deepseek - 0.005 on every load, stable moves
 deepseek's on drift, and <= 10 ms per plan at 144 GPUs.
 
     .venv/bin/python bench/planner.py
+    .venv/bin/python bench/planner.py --gpus 144 --policies deepseek,stable
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def main() -> None:
     p.add_argument("--policies", default="deepseek,stable,greedy",
                    help="comma-separated; deepseek and stable are needed for the checks")
     p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--gpus", default="32,72,144",
+                   help="comma-separated GPU counts to run, of 32, 72 and 144")
     args = p.parse_args()
+    nodes_of = {32: 4, 72: 9, 144: 18}
+    sizes = [(int(g), nodes_of[int(g)]) for g in args.gpus.split(",")]
     policies = args.policies.split(",")
     torch.set_num_threads(1)
     print(f"planner at L={L}, E={E}, P={P}, {GROUPS} groups; one CPU thread, torch {torch.__version__}")
@@ -89,7 +94,7 @@ def main() -> None:
           "(mean) | slots moved per drift window |")
     print("|---|---|---|---|---|---|---|")
     checks: list[str] = []
-    for gpus, nodes in ((32, 4), (72, 9), (144, 18)):
+    for gpus, nodes in sizes:
         for kind in ("lognormal=0.5", "lognormal=1.0", "zipf=1.1"):
             load = loads(kind, seed=gpus)
             windows = drift(load, args.windows, seed=gpus + 1)
