@@ -374,6 +374,7 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     chain = Chain(current, [[layer] for layer in range(layers)], [[s] for s in first],
                   [[0] for _ in range(layers)])
     last = first[:]
+    ceilings = ceiling.tolist()
     going = (peak > ceiling).nonzero().squeeze(1)
     ids = going.tolist()  # the layers still going
     state = [t[going] for t in (load, current, counts, gpu_load, torch.stack([ceiling, limit], dim=1),
@@ -392,27 +393,34 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         split = (~swap).long()[:, None]
         new_counts = t_counts.scatter_add(1, gone, -split).scatter_add_(1, expert[:, None], split)
         new_gpu = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
-        new_peak = new_gpu.max(dim=1).values
+        new_peak = new_gpu.max(dim=1).values.tolist()
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
-        fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
-        keep = change.act & (change.forced | (new_peak < t_peak) | ((new_peak <= t_peak) & fewer))
-        scores = score_of([mean[layer] for layer in ids], new_peak.tolist())
+        old_peak = t_peak.tolist()
+        keep = [act and (forced or new < old) for act, forced, new, old
+                in zip(change.act.tolist(), change.forced.tolist(), new_peak, old_peak)]
+        level = [act and new == old for act, new, old in zip(change.act.tolist(), new_peak, old_peak)]
+        if any(level):
+            fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
+            keep = [k or (lv and f) for k, lv, f in zip(keep, level, fewer.tolist())]
+        scores = score_of([mean[layer] for layer in ids], new_peak)
         moved = (new_p2l != t_current).sum(dim=1).tolist()
-        for i, (layer, kept) in enumerate(zip(ids, keep.tolist())):
+        stay = []
+        for i, (layer, kept) in enumerate(zip(ids, keep)):
             if kept:
                 chain.rows[layer].append(offset + i)
                 chain.scores[layer].append(scores[i])
                 chain.moves[layer].append(moved[i])
                 last[layer] = scores[i]
+                if new_peak[i] > ceilings[layer]:
+                    stay.append(i)
         found.append(new_p2l)
         offset += len(ids)
-        more = keep & (new_peak > t_ceiling)
         state = [t_load, new_p2l, new_counts, new_gpu, t_bounds, t_ref, t_current]
-        if not bool(more.all()):
-            stay = more.nonzero().squeeze(1)
-            ids = [ids[i] for i in stay.tolist()]
-            state = [t[stay] for t in state]
+        if len(stay) < len(ids):
+            ids = [ids[i] for i in stay]
+            at = torch.tensor(stay, dtype=torch.int64)
+            state = [t[at] for t in state]
     return chain._replace(states=torch.cat(found))
 
 
