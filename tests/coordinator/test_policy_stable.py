@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from eplb.coordinator.planner import PlannerSpec, plan_placement, plan_rebalance
 from eplb.coordinator.policy_deepseek import rebalance_deepseek
 from eplb.coordinator.policy_stable import (DEFAULT_TOLERANCE, align_to_current, keep_slots,
-                                            plan_from_scratch, rebalance_stable)
+                                            other_holder, plan_from_scratch, rebalance_stable,
+                                            replicate_greedy)
 from eplb.placement import default_placement, overall_balancedness, validate_placement
 
 STABLE = PlannerSpec("stable")
@@ -176,3 +177,40 @@ def test_stable_balances_within_half_a_percent_of_deepseek(gpus: int, nodes: int
 def test_on_drift_stable_moves_at_most_a_third_of_hierarchical_deepseek() -> None:
     _, _, m_stable, m_deep = run_drift(32, 4, "lognormal=1.0", windows=3)
     assert 3 * sum(m_stable) <= sum(m_deep)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 20), st.integers(0, 2**31 - 1), st.booleans())
+def test_replica_counts_are_the_sequential_greedy_ones(experts, extra, seed, sparse) -> None:
+    """One top-k over the P - E heaviest experts gives the loads per replica that giving one
+    replica at a time to the highest load per replica gives (the same counts but for ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    load = (torch.randn(3, experts, generator=gen).exp() * 100).round().double()
+    if sparse:
+        load = load * (torch.rand(3, experts, generator=gen) < 0.5)
+    counts = replicate_greedy(load, experts + extra)
+    assert counts.sum(dim=1).tolist() == [experts + extra] * 3 and bool((counts >= 1).all())
+    for layer in range(3):
+        greedy = [1] * experts
+        for _ in range(extra):
+            heaviest = max(range(experts), key=lambda e: float(load[layer, e]) / greedy[e])
+            greedy[heaviest] += 1
+        keys = sorted(float(load[layer, e]) / m for e in range(experts) for m in range(1, greedy[e]))
+        ours = sorted(float(load[layer, e]) / m for e in range(experts)
+                      for m in range(1, int(counts[layer, e])))
+        assert ours == keys
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_other_holder_is_the_max_over_the_other_listed_slots_of_the_expert(width, experts, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    slot = torch.randint(0, 2 * width, (2, width), generator=gen)
+    expert = slot % experts  # a slot listed twice has one expert
+    gpu = (torch.rand(2, 2 * width, generator=gen, dtype=torch.float64) * 4).round().gather(1, slot)
+    got = other_holder(slot, expert, gpu, torch.zeros(2, experts, dtype=torch.float64))
+    for row in range(2):
+        for i in range(width):
+            others = [float(gpu[row, j]) for j in range(width)
+                      if int(expert[row, j]) == int(expert[row, i]) and int(slot[row, j]) != int(slot[row, i])]
+            assert float(got[row, i]) == max(others, default=0.0)
