@@ -599,6 +599,16 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
         phys2log ``[L, P]`` int64 with every expert present in every layer. When the current
         placement already reaches the target it is returned unchanged (no slot moves).
     """
+    # Inference mode runs the same arithmetic with less bookkeeping per tensor operation (the plan
+    # is many small ones); the result is copied out as an ordinary tensor.
+    with torch.inference_mode():
+        plan = stable_plan(load, num_physical, num_gpus, current, max_moves, tolerance, steps)
+    return plan.clone()
+
+
+def stable_plan(load: torch.Tensor, num_physical: int, num_gpus: int, current: torch.Tensor | None,
+                max_moves: int, tolerance: float, steps: int) -> torch.Tensor:
+    """:func:`rebalance_stable`'s work (same arguments and result)."""
     load = load.to(torch.float64)
     layers, experts = load.shape
     reference = plan_from_scratch(load, num_physical, num_gpus)
