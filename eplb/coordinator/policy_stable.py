@@ -235,28 +235,28 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     num_gpus = gpu_load.shape[1]
     per_gpu = slots // num_gpus
     inf = float("inf")
-    peak, hot = gpu_load.max(dim=1)  # [L]
+    peak, hot = gpu_load.max(dim=1, keepdim=True)  # [L, 1]
+    peak3 = peak.unsqueeze(2)
     per_replica = load / counts.clamp(min=1)  # [L, E]
     one_less = load / (counts - 1).clamp(min=1)  # [L, E] the share with one replica fewer
-    source = hot[:, None] * per_gpu + lanes(per_gpu)  # [L, S] the slots of g
+    source = hot * per_gpu + lanes(per_gpu)  # [L, S] the slots of g
     es = phys2log.gather(1, source)
     xs = per_replica.gather(1, es)
 
     # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
-    # (a move must land below the peak; the lightest leave the most room).
+    # (a move must land below the peak; the lightest leave the most room). A target on g itself
+    # gets d = -inf, one of the same expert d = 0: neither is taken.
     light_load, light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False)  # [L, K]
-    target = (light[:, :, None] * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
-    expert = phys2log.gather(1, target)
-    d = xs[:, :, None] - per_replica.gather(1, expert)[:, None, :]  # [L, S, C]
-    swapped = torch.maximum(peak[:, None, None] - d,
-                            light_load.repeat_interleave(per_gpu, dim=1)[:, None, :] + d)
-    swap_ok = (d > 0) & (es[:, :, None] != expert[:, None, :]) \
-        & (light != hot[:, None]).repeat_interleave(per_gpu, dim=1)[:, None, :]
+    target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
+    x = per_replica.gather(1, phys2log.gather(1, target))
+    x.masked_fill_((light == hot).repeat_interleave(per_gpu, dim=1), inf)
+    d = xs.unsqueeze(2) - x.unsqueeze(1)  # [L, S, C]
+    swapped = torch.maximum(peak3 - d, light_load.repeat_interleave(per_gpu, dim=1).unsqueeze(1) + d)
 
     # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
     # a's other holders take its heavier share. Donors: those cheapest to give up, from the slots
     # of experts with more than one replica (at most 2 (P - E), listed in slot order, then
-    # padded with a slot of g, which never gives up its replica).
+    # padded with a slot of g, which never gives up its replica: inf).
     multi = counts.gather(1, phys2log) > 1  # [L, P]
     width = max(1, min(slots, 2 * (slots - load.shape[1])))
     at = torch.where(multi, multi.cumsum(dim=1) - 1, width)
@@ -267,32 +267,32 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     spare_load = gpu_load.gather(1, spare_gpu)
     holders = other_holder(spare, spare_expert, spare_load, per_replica) \
         + (one_less - per_replica).gather(1, spare_expert)
+    holders.masked_fill_(spare_gpu == hot, inf)
     left = spare_load - per_replica.gather(1, spare_expert)
-    give_up = torch.maximum(holders, left).masked_fill_(spare_gpu == hot[:, None], inf)
-    give, pick = give_up.topk(min(width, DONORS), dim=1, largest=False)  # [L, M]
-    donor = spare.gather(1, pick)
+    pick = torch.maximum(holders, left).topk(min(width, DONORS), dim=1, largest=False).indices
     new_share = (load / (counts + 1)).gather(1, es)  # [L, S]
-    split = torch.maximum(torch.maximum((peak[:, None] - (xs - new_share))[:, :, None],
-                                        left.gather(1, pick)[:, None, :] + new_share[:, :, None]),
-                          holders.gather(1, pick)[:, None, :])  # [L, S, M]
-    split_ok = (give < inf)[:, None, :] & (es[:, :, None] != spare_expert.gather(1, pick)[:, None, :])
+    split = torch.maximum(torch.maximum((peak - (xs - new_share)).unsqueeze(2),
+                                        left.gather(1, pick).unsqueeze(1) + new_share.unsqueeze(2)),
+                          holders.gather(1, pick).unsqueeze(1))  # [L, S, M]
+    split_ok = es.unsqueeze(2) != spare_expert.gather(1, pick).unsqueeze(1)
 
     # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
     # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
     width = target.shape[1]
     touched = torch.cat([swapped, split], dim=2)
     cost, first = slot_costs(width, touched.shape[2] - width)
-    shed = (peak[:, None, None] - touched) / peak.clamp(min=1e-300)[:, None, None]  # <= 1
+    shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
     rank = torch.where(touched <= ceiling[:, None, None], first + shed, shed / cost)
-    rank = torch.where(torch.cat([swap_ok, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
-    best, index = rank.view(layers, -1).max(dim=1)
+    rank = torch.where(torch.cat([d > 0, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
+    best, index = rank.view(layers, -1).max(dim=1, keepdim=True)  # [L, 1]
     row, column = index // touched.shape[2], index % touched.shape[2]
-    gain = shed.view(layers, -1).gather(1, index[:, None]).squeeze(1) * peak / cost[column]
-    act = (best > -inf) & (gain > peak * 1e-9)
-    swap = column < width
-    src = source.gather(1, row[:, None]).squeeze(1)
-    dst = torch.cat([target, donor], dim=1).gather(1, column[:, None]).squeeze(1)
-    new_expert = es.gather(1, row[:, None]).squeeze(1)
+    peak = peak.squeeze(1)
+    gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak / cost[column.squeeze(1)]
+    act = (best.squeeze(1) > -inf) & (gain > peak * 1e-9)
+    swap = (column < width).squeeze(1)
+    src = source.gather(1, row).squeeze(1)
+    dst = torch.cat([target, spare.gather(1, pick)], dim=1).gather(1, column).squeeze(1)
+    new_expert = es.gather(1, row).squeeze(1)
 
     # The forced replica overrides.
     excess, at = (xs - limit[:, None]).max(dim=1)
