@@ -377,6 +377,8 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     ceilings = ceiling.tolist()
     going = (peak > ceiling).nonzero().squeeze(1)
     ids = going.tolist()  # the layers still going
+    # per layer going: load, placement, counts, GPU loads, (ceiling, limit), reference counts and
+    # the current placement (to count slots moved)
     state = [t[going] for t in (load, current, counts, gpu_load, torch.stack([ceiling, limit], dim=1),
                                 ref_counts, current)]
     found, offset = [current], layers
@@ -396,10 +398,10 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         new_peak = new_gpu.max(dim=1).values.tolist()
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
-        old_peak = t_peak.tolist()
-        keep = [act and (forced or new < old) for act, forced, new, old
-                in zip(change.act.tolist(), change.forced.tolist(), new_peak, old_peak)]
-        level = [act and new == old for act, new, old in zip(change.act.tolist(), new_peak, old_peak)]
+        old_peak, acts = t_peak.tolist(), change.act.tolist()
+        keep = [act and (forced or new < old)
+                for act, forced, new, old in zip(acts, change.forced.tolist(), new_peak, old_peak)]
+        level = [act and new == old for act, new, old in zip(acts, new_peak, old_peak)]
         if any(level):
             fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
             keep = [k or (lv and f) for k, lv, f in zip(keep, level, fewer.tolist())]
