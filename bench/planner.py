@@ -26,30 +26,14 @@ import time
 import torch
 
 from eplb.coordinator.planner import PlannerSpec, plan_placement
+from eplb.demo.workload import drift_windows, planner_load
 from eplb.placement import default_placement, overall_balancedness
 
 L, E, P, GROUPS = 58, 256, 288, 8
 
 
 def loads(kind: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind.startswith("lognormal"):
-        sigma = float(kind.split("=")[1])
-        return (torch.randn(L, E, generator=gen, dtype=torch.float64) * sigma).exp() * 1000
-    ranks = torch.stack([torch.randperm(E, generator=gen) for _ in range(L)]) + 1
-    return 1e6 / ranks.double() ** 1.1
-
-
-def drift(base: torch.Tensor, windows: int, seed: int) -> list[torch.Tensor]:
-    """``windows`` loads: each swaps a few random pairs of experts' loads in every layer."""
-    gen = torch.Generator().manual_seed(seed)
-    out, load = [], base.clone()
-    for _ in range(windows):
-        for _ in range(4):
-            i, j = torch.randint(E, (2,), generator=gen).tolist()
-            load[:, [i, j]] = load[:, [j, i]]
-        out.append(load.clone())
-    return out
+    return planner_load(kind, L, E, seed)
 
 
 def timed(load: torch.Tensor, gpus: int, spec: PlannerSpec,
@@ -97,7 +81,7 @@ def main() -> None:
     for gpus, nodes in sizes:
         for kind in ("lognormal=0.5", "lognormal=1.0", "zipf=1.1"):
             load = loads(kind, seed=gpus)
-            windows = drift(load, args.windows, seed=gpus + 1)
+            windows = drift_windows(load, args.windows, seed=gpus + 1)
             rows = {}
             for policy in policies:
                 row = rows[policy] = run(load, windows, gpus, PlannerSpec(policy, GROUPS, nodes))

@@ -43,3 +43,37 @@ def route(probs: torch.Tensor, tokens: int, top_k: int, seed: int, step: int, ra
     flat = probs.repeat_interleave(tokens, dim=0)  # [L * T, E]
     ids = torch.multinomial(flat.float(), top_k, replacement=False, generator=gen)
     return ids.reshape(layers, tokens, top_k)
+
+
+def planner_load(kind: str, num_layers: int, num_experts: int, seed: int) -> torch.Tensor:
+    """A window's expert load of the kind the planner benchmark uses.
+
+    Args:
+        kind: ``"lognormal=SIGMA"`` (load ``exp(N(0, SIGMA^2)) * 1000`` per expert) or
+            ``"zipf=S"`` (load ``1e6 / rank^S`` over a random ranking of the experts per layer).
+    Returns:
+        ``[L, E]`` float64 loads.
+    """
+    name, _, value = kind.partition("=")
+    gen = torch.Generator().manual_seed(seed)
+    if name == "lognormal":
+        noise = torch.randn(num_layers, num_experts, generator=gen, dtype=torch.float64)
+        return (noise * float(value)).exp() * 1000
+    if name == "zipf":
+        ranks = torch.stack([torch.randperm(num_experts, generator=gen)
+                             for _ in range(num_layers)]) + 1
+        return 1e6 / ranks.double() ** float(value)
+    raise ValueError(f"unknown load kind {kind!r}: use lognormal=SIGMA or zipf=S")
+
+
+def drift_windows(base: torch.Tensor, windows: int, seed: int, swaps: int = 4) -> list[torch.Tensor]:
+    """``windows`` successive loads ``[L, E]``: each swaps the loads of ``swaps`` random pairs of
+    experts in every layer of the one before (a ranking that shifts a little each window)."""
+    gen = torch.Generator().manual_seed(seed)
+    out, load = [], base.clone()
+    for _ in range(windows):
+        for _ in range(swaps):
+            i, j = torch.randint(base.shape[1], (2,), generator=gen).tolist()
+            load[:, [i, j]] = load[:, [j, i]]
+        out.append(load.clone())
+    return out

@@ -14,6 +14,7 @@ from eplb.coordinator.policy_deepseek import rebalance_deepseek
 from eplb.coordinator.policy_stable import (DEFAULT_TOLERANCE, align_to_current, keep_slots,
                                             other_holder, plan_from_scratch, rebalance_stable,
                                             replicate_greedy)
+from eplb.demo.workload import drift_windows, planner_load
 from eplb.placement import default_placement, overall_balancedness, validate_placement
 
 STABLE = PlannerSpec("stable")
@@ -123,24 +124,7 @@ LAYERS, EXPERTS, PHYSICAL, GROUPS = 12, 256, 288, 8
 
 
 def bench_load(kind: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind.startswith("lognormal"):
-        sigma = float(kind.split("=")[1])
-        return (torch.randn(LAYERS, EXPERTS, generator=gen, dtype=torch.float64) * sigma).exp() * 1000
-    ranks = torch.stack([torch.randperm(EXPERTS, generator=gen) for _ in range(LAYERS)]) + 1
-    return 1e6 / ranks.double() ** 1.1
-
-
-def drift(base: torch.Tensor, windows: int, seed: int) -> list[torch.Tensor]:
-    """Each window swaps the loads of 4 random pairs of experts in every layer."""
-    gen = torch.Generator().manual_seed(seed)
-    out, load = [], base.clone()
-    for _ in range(windows):
-        for _ in range(4):
-            i, j = torch.randint(EXPERTS, (2,), generator=gen).tolist()
-            load[:, [i, j]] = load[:, [j, i]]
-        out.append(load.clone())
-    return out
+    return planner_load(kind, LAYERS, EXPERTS, seed)
 
 
 def run_drift(gpus: int, nodes: int, kind: str, windows: int) -> tuple[list[float], list[float],
@@ -153,7 +137,7 @@ def run_drift(gpus: int, nodes: int, kind: str, windows: int) -> tuple[list[floa
     b_stable = [overall_balancedness(load, stable, gpus)]
     b_deep = [overall_balancedness(load, deep, gpus)]
     m_stable, m_deep = [], []
-    for window in drift(load, windows, seed=gpus + 1):
+    for window in drift_windows(load, windows, seed=gpus + 1):
         s = plan_placement(window, PHYSICAL, gpus, STABLE, stable)
         d = rebalance_deepseek(window, PHYSICAL, GROUPS, nodes, gpus)
         validate_placement(s, EXPERTS, PHYSICAL, gpus, LAYERS)
