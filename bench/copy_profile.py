@@ -68,6 +68,24 @@ def worker(rank: int, port: int) -> None:
             key = "one message"
         t1 = time.perf_counter()
         phases[key].append((stamps[0] - t0, stamps[1] - stamps[0], t1 - stamps[1]))
+    # Does NCCL's work.wait() block the host while the transfer runs? (it should only order streams)
+    waits, totals = [], []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, 1 - rank),
+                                        dist.P2POp(dist.irecv, recv, 1 - rank)])
+        t1 = time.perf_counter()
+        for w in works:
+            w.wait()
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        waits.append(t2 - t1)
+        totals.append(time.perf_counter() - t0)
+    if rank == 0:
+        print(f"one message: work.wait() took {sorted(waits)[5] * 1e3:.3f} ms of host time of "
+              f"{sorted(totals)[5] * 1e3:.3f} ms in all (medians of 10)")
     if rank == 0:
         for key, rows in phases.items():
             med = [sorted(r[k] for r in rows)[len(rows) // 2] * 1e3 for k in range(3)]
