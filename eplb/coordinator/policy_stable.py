@@ -157,6 +157,8 @@ def gpu_load_of(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor
         ``[L, G]`` float64.
     """
     slot_load = (load / counts.clamp(min=1)).gather(1, phys2log)
+    if phys2log.shape[1] == 2 * num_gpus:  # the same sum (of two), without a slow short reduction
+        return slot_load[:, 0::2] + slot_load[:, 1::2]
     return slot_load.view(phys2log.shape[0], num_gpus, -1).sum(dim=2)
 
 
@@ -427,6 +429,14 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
 
 
 def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """:func:`match_gpus`, then :func:`keep_slots`: the aligned plan ``[L, P]``."""
+    contents, _ = match_gpus(plan, current, num_gpus)
+    layers, slots = plan.shape
+    return keep_slots(contents, current.view(layers, num_gpus, -1)).view(layers, slots)
+
+
+def match_gpus(plan: torch.Tensor, current: torch.Tensor,
+               num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Renumber ``plan``'s GPUs and order each GPU's slots so that as many slots as possible keep
     their current expert. GPUs are matched greedily by shared experts (each plan GPU proposes to
     the current GPU it shares most with; a contested GPU takes the proposer sharing most; three
@@ -437,7 +447,9 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     Args:
         plan: ``[L, P]``; current: ``[L, P]``; num_gpus: ``G``.
     Returns:
-        ``[L, P]``: the same GPU contents as ``plan``, GPUs permuted, slots reordered.
+        ``[L, G, S]``: the contents of each current GPU's match (``plan``'s GPUs permuted; order
+        the slots with :func:`keep_slots`), and ``[L]`` the slots that :func:`keep_slots` will
+        change (``P`` minus the experts each matched pair of GPUs shares).
     """
     layers, slots = plan.shape
     per_gpu = slots // num_gpus
@@ -487,7 +499,11 @@ def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -
     # contents of plan GPU i go to current GPU match[i]
     contents = torch.empty(layers, num_gpus, per_gpu, dtype=plan.dtype)
     contents.scatter_(1, match[:, :, None].expand(-1, -1, per_gpu), plan.view(layers, num_gpus, per_gpu))
-    return keep_slots(contents, current.view(layers, num_gpus, per_gpu)).view(layers, slots)
+    # slots that keep their expert: per matched pair of GPUs, the experts they share
+    matched = match.view(-1).gather(0, plan_id) == cur_gpu_id
+    kept = torch.zeros(layers, dtype=torch.int64).scatter_add_(
+        0, pair // (num_gpus * num_gpus), torch.where(matched, shared, 0))
+    return contents, slots - kept
 
 
 def copy_index(phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -497,6 +513,9 @@ def copy_index(phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """
     layers, slots = phys2log.shape
     on_gpu = phys2log.view(layers, num_gpus, -1)  # [L, G, S]
+    if on_gpu.shape[2] == 2:  # (the same count, without a slow short reduction)
+        second = (on_gpu[:, :, 1:] == on_gpu[:, :, :1]).long()
+        return torch.cat([torch.zeros_like(second), second], dim=2).view(layers, slots)
     same = on_gpu[:, :, :, None] == on_gpu[:, :, None, :]  # [L, G, S, S]
     return (same & earlier_than(same.shape[-1])).sum(dim=3).view(layers, slots)
 
@@ -635,12 +654,17 @@ def stable_plan(load: torch.Tensor, num_physical: int, num_gpus: int, current: t
                  if b * (1 + SLACK) < r * (1 - 1e-9)]
         if short:
             rows = torch.tensor(short)
-            aligned = align_to_current(reference[rows], current[rows], num_gpus)
-            moved = (aligned != current[rows]).sum(dim=1).tolist()
-            for i, layer in enumerate(short):
+            contents, moved = match_gpus(reference[rows], current[rows], num_gpus)
+            for i, (layer, m) in enumerate(zip(short, moved.tolist())):
                 chain.rows[layer].append(states.shape[0] + i)
                 chain.scores[layer].append(float(ref_score[layer]))
-                chain.moves[layer].append(moved[i])
-            states = torch.cat([states, aligned])
+                chain.moves[layer].append(m)
     chosen = choose_states(chain.scores, chain.moves, goal * layers, max_moves)
-    return states[[rows[k] for rows, k in zip(chain.rows, chosen)]]
+    picks = [rows[k] for rows, k in zip(chain.rows, chosen)]
+    found = states.shape[0]
+    plan = states[[0 if pick >= found else pick for pick in picks]]
+    aligned = [(layer, pick - found) for layer, pick in enumerate(picks) if pick >= found]
+    if aligned:  # the slots of the aligned reference are ordered only where it is chosen
+        at, of = (torch.tensor(part) for part in zip(*aligned))
+        plan[at] = keep_slots(contents[of], current[at].view(len(aligned), num_gpus, -1)).flatten(1)
+    return plan
