@@ -251,9 +251,10 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     light_load, light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False)  # [L, K]
     target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
     x = per_replica.gather(1, phys2log.gather(1, target))
-    x.masked_fill_((light == hot).repeat_interleave(per_gpu, dim=1), inf)
+    x.view(layers, -1, per_gpu).masked_fill_((light == hot).unsqueeze(2), inf)
     d = xs.unsqueeze(2) - x.unsqueeze(1)  # [L, S, C]
-    swapped = torch.maximum(peak3 - d, light_load.repeat_interleave(per_gpu, dim=1).unsqueeze(1) + d)
+    room = (light_load[:, None, :, None] + d.view(layers, per_gpu, -1, per_gpu)).view(d.shape)
+    swapped = torch.maximum(peak3 - d, room)
 
     # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
     # a's other holders take its heavier share. Donors: those cheapest to give up, from the slots
@@ -424,7 +425,7 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         if len(stay) < len(ids):
             ids = [ids[i] for i in stay]
             at = torch.tensor(stay, dtype=torch.int64)
-            state = [t[at] for t in state]
+            state = [t.index_select(0, at) for t in state]
     return chain._replace(states=torch.cat(found))
 
 
