@@ -459,17 +459,19 @@ def match_gpus(plan: torch.Tensor, current: torch.Tensor,
     # the current slots of each plan slot's expert: order[left : left + count] (expert ids < P)
     held_by = counts_of(current, slots)
     left = (held_by.cumsum(dim=1) - held_by).gather(1, plan)  # [L, P]
-    right = left + held_by.gather(1, plan)
-    width = max(1, int((right - left).max()))
-    at = left[:, :, None] + lanes(width)  # [L, P, W]
-    at_slot = order.gather(1, at.clamp(max=slots - 1).view(layers, -1)).view(at.shape)
+    many = held_by.gather(1, plan).flatten()  # [L * P]
+    # one entry per (plan slot, current slot of its expert): plan slot ``one`` (flat), its
+    # ``within``-th current slot ``at_slot`` (flat)
+    one = torch.repeat_interleave(many)
+    within = torch.arange(one.shape[0]) - (many.cumsum(dim=0) - many).index_select(0, one)
+    row = torch.div(one, slots, rounding_mode="floor")
+    at_slot = order.flatten().index_select(0, left.flatten().index_select(0, one) + within
+                                           + row * slots) + row * slots
     # the k-th copy of an expert on a plan GPU pairs with the k-th copy on a current GPU, so
     # a pair of GPUs shares the size of their multisets' intersection
-    held = (at < right[:, :, None]) & (cur_copy.gather(1, at_slot.view(layers, -1)).view(at.shape)
-                                       == plan_copy[:, :, None])
-    plan_gpu = (torch.arange(slots) // per_gpu)[None, :, None]
-    layer = torch.arange(layers)[:, None, None]
-    key = ((layer * num_gpus + plan_gpu) * num_gpus + at_slot // per_gpu)[held]
+    held = cur_copy.flatten().index_select(0, at_slot) == plan_copy.flatten().index_select(0, one)
+    # (layer, plan GPU, current GPU) = (one // P, one % P // S, at_slot % P // S)
+    key = ((one // per_gpu) * num_gpus + (at_slot % slots) // per_gpu)[held]
     pair, shared = torch.unique(key, return_counts=True)  # (layer, plan GPU, current GPU), count
     plan_id, cur_id = pair // num_gpus, (pair // (num_gpus * num_gpus)) * num_gpus + pair % num_gpus
     # bids: more shared first, then the same GPU number, then the lower plan GPU, then the lower
