@@ -68,7 +68,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from copy_gpu import ceiling as measure_ceiling  # noqa: E402  (one large message each way)
+from copy_gpu import ceiling as measure_ceiling, sync  # noqa: E402
 from decode_engine import Shape, StandInMoE  # noqa: E402
 from eplb.coordinator.planner import POLICIES, PlannerSpec, plan_placement  # noqa: E402
 from eplb.placement import default_placement, overall_balancedness, placement_hash  # noqa: E402
@@ -85,11 +85,6 @@ OWN_NORMAL_STEPS = 50  # a run's "normal" step: the median of this many steps be
 
 
 # --- measurement helpers ----------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""

@@ -13,9 +13,11 @@ moves bytes. Per layer:
 3. unpack what arrived, then run the local copies (from staged/unchanged slots, or from slots just
    received).
 
-On CUDA the work runs on two side streams that first wait for the current stream: packing and
-NCCL on one, unpacking and local copies on the other, so that packing piece ``i + 1`` and
-unpacking piece ``i - 1`` overlap piece ``i`` on the wire. The host only queues work, then waits
+On CUDA the work runs on two side streams that first wait for the current stream: staging,
+packing and NCCL on one, unpacking and local copies on the other, so that unpacking piece
+``i - 1`` overlaps piece ``i`` on the wire. Every pack of a layer is queued before its first
+group call (the packs read OLD contents, and :meth:`CopyExecutor.prefetch` can queue them a step
+ahead). The host only queues work, then waits
 once per call (allowed: this happens only at the agreed step). Every wait has a deadline
 (``timeout_s`` per layer); a failure or timeout raises :class:`CopyError`, after which the
 weights are in an unknown state and the engine must stop serving (DESIGN.md §4.7).
@@ -122,7 +124,7 @@ class CopyExecutor:
             rank fails alike.
         piece_bytes: experts sent to one peer in one batch travel in pieces of
             ``max(1, piece_bytes // packed expert bytes)`` experts, each its own isend/irecv, so
-            that packing, the wire and unpacking overlap on CUDA; 0 (the default) = one piece per
+            that unpacking overlaps the wire on CUDA; 0 (the default) = one piece per
             peer and batch. On 2 x H200 over NVLink pieces were slower (each group call costs
             about 60 us, and copy kernels slow NCCL down about as much as they overlap it; see
             ``bench/copy_breakdown.py``); they may pay off where the wire is slow (PCIe, network).
