@@ -3,11 +3,14 @@
 One process per GPU (NCCL; gloo with --device cpu for a dry run), 2 or more. Per rank and layer: 9+ slots of
 w13 ``[S, 2I, H]`` and w2 ``[S, H, I]`` (H=7168, I=2048), in bf16 (88 MB an expert) or as fp8-sized
 uint8 bytes (44 MB an expert). Measured in the same run:
-  - the NCCL P2P ceiling: one large message per rank to the next rank while receiving from the
-    previous one (a ring; with 2 GPUs, an exchange), GB/s per direction;
-  - our copy of a realistic rebalance (``--change`` of each GPU's slots take the previous GPU's
-    experts), per layer;
-  - the "move everything" baseline: every slot of the layer replaced from the previous GPU.
+  - the NCCL P2P ceiling for the same traffic pattern: one large message per peer each way, all in
+    one batch, GB/s received per rank;
+  - our copy of a realistic rebalance (``--change`` of each GPU's slots take other GPUs' experts),
+    per layer;
+  - the "move everything" baseline: every slot of the layer replaced from another GPU.
+Patterns (``--patterns``): ``ring``, each GPU takes from the previous one and sends to the next
+(with 2 GPUs, an exchange); ``all-pairs``, the moving slots of a GPU take from every other GPU in
+turn (slot j from the GPU j % (world - 1) + 1 before it), so every pair of GPUs exchanges at once.
 After each copy every slot is checked against the expert it must hold (first and last element).
 
     python3 bench/copy_gpu.py                # every visible GPU (--world N for fewer)
@@ -32,20 +35,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
 from eplb.worker_hook.copy_plan import plan_copies  # noqa: E402
 
-def make_placements(layers: int, slots: int, world: int, change: float,
-                    seed: int) -> tuple[torch.Tensor, ...]:
-    """old ``[L, world * S]`` (each expert once); new: on every rank ``change`` of the slots take
-    the expert of a slot of the previous rank (a ring, so each rank sends to the next and receives
-    from the previous); full: every slot takes the previous rank's expert (all experts move)."""
+def distances(pattern: str, count: int, world: int) -> list[int]:
+    """For each of ``count`` moving slots of a rank, how many ranks before it its source is."""
+    if pattern == "ring":
+        return [1] * count
+    return [1 + j % (world - 1) for j in range(count)]
+
+
+def make_placements(layers: int, slots: int, world: int, change: float, seed: int,
+                    pattern: str = "ring") -> tuple[torch.Tensor, ...]:
+    """old ``[L, world * S]`` (each expert once); new: on every rank r the j-th of ``change`` of
+    its slots takes the expert of the j-th picked slot of rank r - distances[j] (so each rank sends
+    and receives the same number of experts); full: every slot j of rank r takes the expert of
+    slot j of rank r - distances[j] (all experts move)."""
     gen = torch.Generator().manual_seed(seed)
     old = torch.stack([torch.randperm(world * slots, generator=gen) for _ in range(layers)])
     new = old.clone()
     k = max(1, round(change * slots))
+    moving = distances(pattern, k, world)
     for layer in range(layers):
         picked = [torch.randperm(slots, generator=gen)[:k] + r * slots for r in range(world)]
         for r in range(world):
-            new[layer, picked[r]] = old[layer, picked[r - 1]]
-    full = old.view(layers, world, slots).roll(1, dims=1).reshape(layers, -1).clone()
+            for j, d in enumerate(moving):
+                new[layer, picked[r][j]] = old[layer, picked[(r - d) % world][j]]
+    full = old.clone()
+    for r in range(world):
+        for j, d in enumerate(distances(pattern, slots, world)):
+            full[:, r * slots + j] = old[:, ((r - d) % world) * slots + j]
     return old, new, full
 
 
@@ -76,21 +92,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def exchange_gbps(sends: list[torch.Tensor], recvs: list[torch.Tensor], device: torch.device,
-                  repeats: int) -> float:
-    """GB/s per direction of sending ``sends`` to the next rank while receiving ``recvs`` from the
-    previous one (a ring; with 2 ranks, an exchange), one isend/irecv per tensor in one batch
-    (median of ``repeats`` after a warm-up)."""
+def exchange_gbps(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
+                  device: torch.device, repeats: int) -> float:
+    """GB/s received per rank when every (distance d, tensor) of ``sends`` goes to rank + d and
+    every one of ``recvs`` comes from rank - d, one isend/irecv per tensor in one batch (median of
+    ``repeats`` after a warm-up)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    nxt, prev = (rank + 1) % world, (rank - 1) % world
-    nbytes = sum(t.numel() * t.element_size() for t in recvs)
+    nbytes = sum(t.numel() * t.element_size() for _, t in recvs)
     times = []
     for i in range(repeats + 1):
         sync(device)
         dist.barrier()
         t0 = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, t, nxt) for t in sends]
-        ops += [dist.P2POp(dist.irecv, t, prev) for t in recvs]
+        ops = [dist.P2POp(dist.isend, t, (rank + d) % world) for d, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, (rank - d) % world) for d, t in recvs]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
         sync(device)
@@ -99,18 +114,22 @@ def exchange_gbps(sends: list[torch.Tensor], recvs: list[torch.Tensor], device: 
     return nbytes / statistics.median(times) / 1e9
 
 
-def ceiling(nbytes: int, device: torch.device, repeats: int) -> float:
-    """GB/s per direction of one large send/recv each way at once."""
-    send = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return exchange_gbps([send], [torch.empty_like(send)], device, repeats)
+def ceiling(per_expert: int, moving: list[int], device: torch.device, repeats: int) -> float:
+    """GB/s received per rank when the experts of ``moving`` (a source distance per expert) go as
+    one large message per peer each way, all at once."""
+    sends = []
+    for d in sorted(set(moving)):
+        t = torch.empty(per_expert * moving.count(d), dtype=torch.uint8, device=device)
+        sends.append((d, t))
+    return exchange_gbps(sends, [(d, torch.empty_like(t)) for d, t in sends], device, repeats)
 
 
-def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, count: int,
+def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, moving: list[int],
                        device: torch.device, repeats: int) -> float:
-    """GB/s per direction when ``count`` experts (one isend/irecv per weight tensor) go each way
-    in one batch: the ceiling for that op pattern."""
-    sends = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count) for shape in shapes]
-    return exchange_gbps(sends, [torch.empty_like(t) for t in sends], device, repeats)
+    """GB/s received per rank when the experts of ``moving`` go with one isend/irecv per weight
+    tensor, all in one batch: the ceiling for that op pattern."""
+    sends = [(d, torch.empty(shape, dtype=dtype, device=device)) for d in moving for shape in shapes]
+    return exchange_gbps(sends, [(d, torch.empty_like(t)) for d, t in sends], device, repeats)
 
 
 def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tensor, rank: int,
@@ -164,18 +183,21 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                             world_size=args.world, timeout=timedelta(seconds=120), **kwargs)
     dist.all_reduce(torch.ones(1, device=device))  # the communicator exists before any P2P
     rows = {}
-    for dtype_name in args.dtypes:
+    for pattern, dtype_name in [(p, d) for p in args.patterns for d in args.dtypes]:
         dtype = torch.bfloat16 if dtype_name == "bf16" else torch.uint8
         weights = [[torch.empty(args.slots, 2 * args.inter, args.hidden, dtype=dtype, device=device),
                     torch.empty(args.slots, args.hidden, args.inter, dtype=dtype, device=device)]
                    for _ in range(args.layers)]
         per_expert = sum(t[0].numel() * t.element_size() for t in weights[0])
-        old, new, full = make_placements(args.layers, args.slots, args.world, args.change, args.seed)
+        old, new, full = make_placements(args.layers, args.slots, args.world, args.change, args.seed,
+                                         pattern)
         k = max(1, round(args.change * args.slots))
-        ceil_full = ceiling(per_expert * args.slots, device, args.repeats)
-        ceil_same = ceiling(per_expert * k, device, args.repeats)
+        ceil_full = ceiling(per_expert, distances(pattern, args.slots, args.world), device,
+                            args.repeats)
+        ceil_same = ceiling(per_expert, distances(pattern, k, args.world), device, args.repeats)
         shapes = [tuple(t.shape[1:]) for t in weights[0]]
-        pattern = op_pattern_ceiling(shapes, dtype, k, device, args.repeats)
+        op_ceiling = op_pattern_ceiling(shapes, dtype, distances(pattern, k, args.world), device,
+                                        args.repeats)
         variants = {}
         for piece_mb in args.piece_mb:
             for ahead in (False, True):
@@ -189,7 +211,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                     everything += timed_copy(copier, weights, old, full, rank, device, 2 + 2 * r,
                                              ahead)
                 variants[(piece_mb, ahead)] = (copier.experts_per_piece, ours, everything)
-        rows[dtype_name] = (per_expert, k, ceil_full, ceil_same, pattern, variants,
+        rows[(pattern, dtype_name)] = (per_expert, k, ceil_full, ceil_same, op_ceiling, variants,
                             plan_ms(old, new, args.world))
         del weights
         if device.type == "cuda":
@@ -213,11 +235,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patterns", nargs="+", choices=("ring", "all-pairs"), default=None,
+                   help="traffic patterns (module docstring); default: ring, plus all-pairs with "
+                        "more than 2 ranks")
     p.add_argument("--piece-mb", type=float, nargs="+", default=[0],
                    help="CopyExecutor piece_bytes to compare, in MiB (0 = one piece per peer)")
     args = p.parse_args()
     if args.world is None:
         args.world = torch.cuda.device_count() if args.device == "cuda" else 2
+    if args.patterns is None:
+        args.patterns = ["ring", "all-pairs"] if args.world > 2 else ["ring"]
     if args.world < 2 or (args.device == "cuda" and torch.cuda.device_count() < args.world):
         raise SystemExit(f"needs --world >= 2 GPUs, found {torch.cuda.device_count()}")
     with socket.socket() as s:
@@ -237,14 +264,16 @@ def main() -> None:
     print(f"copy engine on {args.world} x {name}, torch {torch.__version__}; H={args.hidden} I={args.inter}, "
           f"{args.slots} slots per GPU, {args.layers} layers, {args.change:.0%} of slots move, "
           f"{args.repeats} repeats; times are rank 0's per layer (one copy call per layer, "
-          "synchronized), GB/s = bytes received / time")
-    print("| weights | MB per expert | piece MB (experts) | prefetched | ceiling GB/s: same bytes / "
+          "synchronized), GB/s = bytes received by the rank / time; ceilings: the same peers and bytes "
+          "as one message per peer each way")
+    print("| pattern | weights | MB per expert | piece MB (experts) | prefetched | ceiling GB/s: same bytes / "
           "whole layer | ours: experts in per layer | ours ms/layer | ours GB/s | % of same-bytes "
           "ceiling | % of whole-layer ceiling | prefetch ms/layer (before the step) | "
           "move-everything ms/layer | GB/s | % of whole-layer ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
-    for dtype_name, (per_expert, k, ceil_full, ceil_same, pattern, variants, p_ms) in rows.items():
+    for (pattern, dtype_name), (per_expert, k, ceil_full, ceil_same, op_ceiling, variants,
+                                p_ms) in rows.items():
         for (piece_mb, ahead), (per_piece, ours, everything) in variants.items():
             o_t = statistics.median(t for t, _, _ in ours)
             o_b = statistics.median(b for _, b, _ in ours)
@@ -253,14 +282,15 @@ def main() -> None:
             e_b = statistics.median(b for _, b, _ in everything)
             o_g, e_g = o_b / o_t / 1e9, e_b / e_t / 1e9
             piece = "whole (0)" if not piece_mb else f"{piece_mb:g} ({per_piece})"
-            print(f"| {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {'yes' if ahead else 'no'} | "
+            print(f"| {pattern} | {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {'yes' if ahead else 'no'} | "
                   f"{ceil_same:.1f} / {ceil_full:.1f} | {o_b / per_expert:.0f} | {o_t * 1e3:.2f} | "
                   f"{o_g:.1f} | {100 * o_g / ceil_same:.0f} % | {100 * o_g / ceil_full:.0f} % | "
                   f"{o_a * 1e3:.2f} | {e_t * 1e3:.2f} | {e_g:.1f} | {100 * e_g / ceil_full:.0f} % |")
-        notes.append(f"{dtype_name}: the same-bytes ceiling is one {k * per_expert / 1e6:.0f} MB "
-                     f"message each way, the whole-layer one {args.slots * per_expert / 1e6:.0f} MB; "
-                     f"one isend/irecv per weight tensor ({k} experts each way in one batch) gives "
-                     f"{pattern:.1f} GB/s; planning one layer's copies takes {p_ms:.2f} ms of "
+        peers = len(set(distances(pattern, k, args.world)))
+        notes.append(f"{pattern} {dtype_name}: the same-bytes ceiling moves {k * per_expert / 1e6:.0f} MB "
+                     f"each way over {peers} peer(s), the whole-layer one {args.slots * per_expert / 1e6:.0f} MB "
+                     f"over {len(set(distances(pattern, args.slots, args.world)))}; one isend/irecv per "
+                     f"weight tensor ({k} experts each way in one batch) gives {op_ceiling:.1f} GB/s; planning one layer's copies takes {p_ms:.2f} ms of "
                      "host time inside every copy call")
     print("\n".join(notes))
 

@@ -528,7 +528,7 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
     engine = StandInMoE(shape, rank, device, dtype, args.seed, args.sigma, args.drift_steps)
     warm_p2p(device)
     ceiling_bytes = int(args.ceiling_mb * 1e6)
-    ceiling = measure_ceiling(ceiling_bytes, device, args.ceiling_repeats)
+    ceiling = measure_ceiling(ceiling_bytes, [1], device, args.ceiling_repeats)  # one message, ring
     out = {"rank": rank, "ceiling_gbps": ceiling, "ceiling_bytes": ceiling_bytes, "modes": {},
            "device_name": torch.cuda.get_device_name(device) if cuda else "CPU (gloo)",
            "torch": torch.__version__}

@@ -4,7 +4,7 @@
 # Steps (any subset, in the order given; the whole set does not fit one 10-minute call):
 #   hook       bench/hook_overhead.py on CUDA (under sync_debug_mode "error") and on the host CPU
 #   agreement  bench/agreement.py, 2x2 .. 16x8 sidecars x workers, then 16x8 with a process per worker (~14 min)
-#   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling, every visible GPU
+#   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling (ring, and all-pairs on > 2 GPUs), every visible GPU
 #   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
 #   decode-stable  the same with the stable policy (the sidecar's default)
 # .whl/ holds the wheels for Python 3.12 that machine lacks (it has torch, msgpack and uvloop):
