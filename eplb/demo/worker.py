@@ -81,6 +81,27 @@ class EventLog:
                 time.sleep(0.01)
 
 
+class TrackedCopier:
+    """The demo's ``copy_fn``: a :class:`CopyExecutor` that notes, per call, whether it started
+    transfers (``start``) or landed them (the copy call) in the step the loop last set."""
+
+    def __init__(self, copier: CopyExecutor) -> None:
+        self.copier = copier
+        self.step = -1
+        self.work: list[str] = []  # "start" / "land", in call order
+
+    def __call__(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
+        self.work.append("land")
+        return self.copier(epoch, layers, old, new)
+
+    def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        self.copier.prefetch(epoch, layers, old, new)
+
+    def start(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        self.work.append("start")
+        self.copier.start(epoch, layers, old, new)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="eplb demo worker (started by eplbctl demo)")
     p.add_argument("--rank", type=int, required=True)
@@ -120,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     phys2log = default_placement(args.layers, args.experts, args.physical)
     local = phys2log[:, rank * per_gpu:(rank + 1) * per_gpu]
     weights = expert_value(torch.arange(args.layers).unsqueeze(1), local, args.width).contiguous()
-    copier = CopyExecutor(rank=rank, num_gpus=world, weights=[[weights[l]] for l in range(args.layers)],
-                          ranks_per_node=args.ranks_per_node, timeout_s=30.0)
+    copier = TrackedCopier(CopyExecutor(rank=rank, num_gpus=world,
+                                        weights=[[weights[l]] for l in range(args.layers)],
+                                        ranks_per_node=args.ranks_per_node, timeout_s=30.0))
     events = EventLog(args.events, args.delay_first_prepare)
     hook = WorkerHook(rank, world, args.layers, args.experts, args.physical, phys2log,
                       copy_fn=copier, node=rank // args.ranks_per_node, run_dir=args.run_dir,
@@ -139,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         while args.steps == 0 or step + 1 < args.steps:
             step += 1
             started = time.perf_counter()
+            copier.step, work_before = step, len(copier.work)
             hook.on_step(step)
             in_hook = time.perf_counter() - started
             if not torch.equal(served, hook.phys2log):  # a chunk switched: check the weights
                 served = hook.phys2log.clone()
                 mismatches += verify_weights(weights, served, rank, world)
                 checks += 1
-                copy_steps.append({"step": step, "ms": in_hook * 1e3})
+            if len(copier.work) > work_before:  # transfers started or landed in this step
+                copy_steps.append({"step": step, "ms": in_hook * 1e3,
+                                   "kinds": copier.work[work_before:]})
             else:
                 hook_us.append(in_hook * 1e6)
             probs = popularity(args.layers, args.experts, step, args.seed, drift_every=args.drift_every)

@@ -18,7 +18,15 @@ packing and NCCL on one, unpacking and local copies on the other, so that unpack
 ``i - 1`` overlaps piece ``i`` on the wire. Every pack of a layer is queued before its first
 group call (the packs read OLD contents, and :meth:`CopyExecutor.prefetch` can queue them a step
 ahead). The host only queues work, then waits
-once per call (allowed: this happens only at the agreed step). Every wait has a deadline
+once per call (allowed: this happens only at the agreed steps).
+
+Steps 1 and 2 touch no weight (the transfers land in buffers), so :meth:`CopyExecutor.start` can
+issue a chunk's transfers one step before the call that lands them: the wire then runs beside the
+engine's step, and the call at the next step only unpacks. The hook does this at agreed steps
+only (chunk ``i`` starts at ``S + i`` and lands at ``S + i + 1``), so every rank issues the same
+P2P ops at the same point of its step. With a process group of its own the copy overlaps the
+engine's collectives; on the engine's group NCCL runs it before them, in the same order on every
+rank. Every wait has a deadline
 (``timeout_s`` per layer); a failure or timeout raises :class:`CopyError`, after which the
 weights are in an unknown state and the engine must stop serving (DESIGN.md §4.7).
 
@@ -77,6 +85,7 @@ class _Totals:
     batches: int = 0
     staged: int = 0
     prefetched: int = 0
+    started: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,10 @@ class ChunkStats:
     ``p2p_ops`` counts the isend/irecv calls issued (one per peer, direction and piece: the
     experts travel packed); ``batches`` counts the group calls (pieces) issued;
     ``staged_bytes`` is the most extra device memory one layer took (packed sends and receive
-    buffers, staged local-copy sources); ``seconds`` is wall time; ``prefetched_layers`` counts
-    the layers that :meth:`CopyExecutor.prefetch` had prepared.
+    buffers, staged local-copy sources); ``seconds`` is wall time of this call;
+    ``prefetched_layers`` counts the layers that :meth:`CopyExecutor.prefetch` had prepared and
+    ``started_layers`` those whose transfers :meth:`CopyExecutor.start` had issued (their wire
+    time is not in ``seconds``).
     """
 
     epoch: int
@@ -100,6 +111,7 @@ class ChunkStats:
     staged_bytes: int
     seconds: float
     prefetched_layers: int = 0
+    started_layers: int = 0
 
 
 class CopyExecutor:
@@ -167,13 +179,15 @@ class CopyExecutor:
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._unpack_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._prefetched: dict[tuple[int, int], _Prepared] = {}
+        self._in_flight: dict[tuple[int, int], _Prepared] = {}
 
     def __call__(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> ChunkStats:
         """Switch the slots of ``layers`` from ``old`` to ``new``.
 
         Layers that :meth:`prefetch` prepared for this epoch and the same placements skip the
-        planning, packing and staging here.
+        planning, packing and staging here; layers that :meth:`start` started only land here
+        (their transfers were issued then).
 
         Args:
             epoch: the rebalance epoch (for errors and stats).
@@ -183,28 +197,80 @@ class CopyExecutor:
         Returns:
             this rank's :class:`ChunkStats`.
         Raises:
-            CopyError: on bad input, a staging budget overrun, a failed transfer or a timeout.
+            CopyError: on bad input, a staging budget overrun, a failed transfer or a timeout, or
+                when :meth:`start` started a layer for other placements.
         """
-        start = time.perf_counter()
+        began = time.perf_counter()
         self._check_shapes(epoch, old, new)
         layers = [int(x) for x in layers]
         totals = _Totals()
         pending: list[_Piece] = []
         with self._side_stream():
-            prepared = [self._take_prefetched(epoch, layer, old, new) for layer in layers]
-            totals.prefetched = sum(prep is not None for prep in prepared)
+            started = [self._take_started(epoch, layer, old, new) for layer in layers]
+            totals.started = sum(prep is not None for prep in started)
+            prepared = [prep or self._take_prefetched(epoch, layer, old, new)
+                        for layer, prep in zip(layers, started)]
+            totals.prefetched = sum(prep is not None and prep.was_prefetched for prep in prepared)
             missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
             fresh = {plan.layer: self._prepare(plan)
                      for plan in self._plan(epoch, missing, old, new)} if missing else {}
             for layer, prep in zip(layers, prepared):
                 prep = prep or fresh[layer]
                 if not prep.plan.is_empty:
-                    pending += self._run_layer(epoch, prep, totals)
+                    if not prep.issued:
+                        self._issue(epoch, prep)
+                    pending += self._land(epoch, prep, totals)
         if self._stream is not None:
             self._wait_cuda(epoch, pending, time.monotonic() + self.timeout_s * max(1, len(layers)))
         return ChunkStats(epoch, tuple(layers), totals.sent, totals.received, totals.copies,
-                          totals.ops, totals.batches, totals.staged, time.perf_counter() - start,
-                          totals.prefetched)
+                          totals.ops, totals.batches, totals.staged, time.perf_counter() - began,
+                          totals.prefetched, totals.started)
+
+    def start(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        """Issue the transfers of ``layers`` now and return without waiting; the next call of
+        this executor for the same epoch, layers and placements lands them (unpacks, runs the
+        local copies) and only then changes weights. Uses what :meth:`prefetch` prepared.
+
+        Every rank must call it at the same point (the hook does so at agreed steps only), as
+        it issues P2P ops. Until the landing call the layers' weights must not change, and no
+        other layer may be started twice.
+
+        Same arguments as :meth:`__call__`.
+
+        Raises:
+            CopyError: on bad input, a staging budget overrun, a transfer that cannot start, or
+                layers of another epoch still in flight (land or abandon them first).
+        """
+        self._check_shapes(epoch, old, new)
+        layers = [int(x) for x in layers]
+        stale = sorted({key for key in self._in_flight if key[0] != epoch or key[1] in layers})
+        if stale:
+            raise CopyError(epoch, stale[0][1], None, f"layers {[k[1] for k in stale]} of epochs "
+                            f"{sorted({k[0] for k in stale})} are still in flight; land them first")
+        with self._side_stream():
+            prepared = [self._take_prefetched(epoch, layer, old, new) for layer in layers]
+            missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
+            fresh = {plan.layer: self._prepare(plan)
+                     for plan in self._plan(epoch, missing, old, new)} if missing else {}
+            for layer, prep in zip(layers, prepared):
+                prep = prep or fresh[layer]
+                prep.rows = (old[layer].clone(), new[layer].clone())
+                if not prep.plan.is_empty:
+                    self._issue(epoch, prep)
+                self._in_flight[(epoch, layer)] = prep
+
+    def abandon(self, timeout_s: float | None = None) -> None:
+        """Wait (at most ``timeout_s``, default the per-layer timeout) for transfers that
+        :meth:`start` issued and no call landed, then drop them without touching weights. Peers
+        must abandon the same layers, or their transfers cannot finish.
+
+        Raises:
+            CopyError: a transfer failed or did not finish in time.
+        """
+        flights, self._in_flight = list(self._in_flight.items()), {}
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        for (epoch, _), prep in flights:
+            self._drain(epoch, prep, deadline)
 
     def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> None:
@@ -227,6 +293,7 @@ class CopyExecutor:
             for plan in plans:
                 prep = self._prepare(plan)
                 prep.rows = (old[plan.layer].clone(), new[plan.layer].clone())
+                prep.was_prefetched = True
                 self._prefetched[(epoch, plan.layer)] = prep
 
     def _side_stream(self):
@@ -245,6 +312,22 @@ class CopyExecutor:
         old_row, new_row = prep.rows
         if not (torch.equal(old_row, old[layer]) and torch.equal(new_row, new[layer])):
             return None  # prefetched for other placements: plan again
+        return prep
+
+    def _take_started(self, epoch: int, layer: int, old: torch.Tensor,
+                      new: torch.Tensor) -> _Prepared | None:
+        prep = self._in_flight.pop((epoch, layer), None)
+        if prep is None:
+            return None
+        assert prep.rows is not None
+        old_row, new_row = prep.rows
+        if not (torch.equal(old_row, old[layer]) and torch.equal(new_row, new[layer])):
+            # The peers' ops are matched to what was started: land nothing, fail loudly.
+            self._in_flight[(epoch, layer)] = prep
+            self.abandon()
+            raise CopyError(epoch, layer, None, "its transfers were started for other placements "
+                            "than this call's; the weights are unchanged, but this rank no longer "
+                            "agrees with its peers")
         return prep
 
     def _check_shapes(self, epoch: int, old: torch.Tensor, new: torch.Tensor) -> None:
@@ -313,22 +396,27 @@ class CopyExecutor:
                 prep.pieces.append(piece)
         return prep
 
-    def _run_layer(self, epoch: int, prep: _Prepared, totals: _Totals) -> list[_Piece]:
-        """Copy one prepared layer. The experts going to one peer in one batch travel packed in
+    def _issue(self, epoch: int, prep: _Prepared) -> None:
+        """Issue every piece of a prepared layer: one group call each, nothing waited for."""
+        for piece in prep.pieces:
+            piece.works = self._start(epoch, piece.layer, piece.p2p, piece.peers)
+            piece.p2p = []
+        prep.issued = True
+
+    def _land(self, epoch: int, prep: _Prepared, totals: _Totals) -> list[_Piece]:
+        """Finish one issued layer: the experts going to one peer in one batch travel packed in
         one buffer (NCCL moves one large message far faster than many), cut into pieces of at
         most ``piece_bytes``; each piece is one group call. On CUDA nothing here waits for the
         device: unpacking runs on a second side stream behind the NCCL works, and
         :meth:`_wait_cuda` waits once per call.
 
         Returns:
-            the pieces issued, for the caller to wait on (CUDA; on gloo they are complete).
+            the pieces, for the caller to wait on (CUDA; on gloo they are complete).
         """
         weights = self.weights[prep.plan.layer]
         deadline = time.monotonic() + self.timeout_s
         pieces, prep.pieces = prep.pieces, []
         for piece in pieces:
-            piece.works = self._start(epoch, piece.layer, piece.p2p, piece.peers)
-            piece.p2p = []
             totals.ops += len(piece.peers)
             totals.batches += 1
             totals.sent += piece.sent
@@ -363,6 +451,19 @@ class CopyExecutor:
         for piece in pieces:
             piece.landing, piece.buffers = [], []
         return pieces
+
+    def _drain(self, epoch: int, prep: _Prepared, deadline: float) -> None:
+        """Wait for an issued layer's transfers without landing them, then free its buffers."""
+        pieces, prep.pieces = prep.pieces, []
+        if self._stream is None:
+            for piece in pieces:
+                self._wait_host(epoch, piece, deadline)
+            return
+        with torch.cuda.stream(self._stream):
+            for piece in pieces:
+                for work in piece.works:
+                    work.wait()  # buffers go back to the allocator only after the wire is done
+        self._wait_cuda(epoch, pieces, deadline)
 
     def _local_copies(self, weights: list[torch.Tensor], copies: list[LocalCopy],
                       staged: dict[int, list[torch.Tensor]]) -> None:
@@ -489,8 +590,9 @@ class _Piece:
 class _Prepared:
     """One layer made ready to copy on this rank: its pieces in issue order, the staged OLD
     tensors of local-copy sources by local slot, the local copies, the extra device bytes it
-    holds, and the placements' rows it was planned from (``[P]`` each; set by
-    :meth:`CopyExecutor.prefetch`)."""
+    holds, the placements' rows it was planned from (``[P]`` each; set by
+    :meth:`CopyExecutor.prefetch` and :meth:`CopyExecutor.start`), whether ``prefetch`` made it
+    and whether its pieces were issued."""
 
     plan: LayerCopyPlan
     pieces: list[_Piece] = field(default_factory=list)
@@ -498,6 +600,8 @@ class _Prepared:
     copies: list[LocalCopy] = field(default_factory=list)
     working_bytes: int = 0
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    was_prefetched: bool = False
+    issued: bool = False
 
 
 def _slots_by_peer(ops: list[PeerOp], kind: str) -> dict[int, list[int]]:

@@ -6,9 +6,10 @@ Those calls only touch tensors on the engine's device and a lock: no device sync
 no collective, no socket (invariant I3). A background thread owns the ZeroMQ socket, talks to the
 sidecar and answers the protocol; the decode thread hands it work through a queue and a pipe.
 
-The exception is the agreed switch step S of an epoch: there :meth:`on_step` waits (with a
-timeout) if the outcome is still unknown, and calls the engine's ``copy_fn`` for one chunk of
-layers per step, which may run P2P transfers.
+The exception is the agreed switch step S of an epoch and the steps after it: at S
+:meth:`on_step` waits (with a timeout) if the outcome is still unknown, and from S on it calls the
+engine's ``copy_fn`` for one chunk of layers per step, which may run P2P transfers (see
+:data:`CopyFn` for the order when the copy_fn can start a chunk's transfers a step ahead).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import zmq
@@ -40,6 +41,11 @@ log = logging.getLogger("eplb.worker")
 #: has), the hook calls it on the decode thread once a chunk is known to come: for the first chunk
 #: on the first step after the commit arrives (when that is before S), for each later chunk right
 #: after the previous one. It must not wait for the device; its errors are logged and ignored.
+#: If it also has ``start(epoch, layers, old, new)`` (as ``CopyExecutor`` has), chunks run one step
+#: later and in two halves: at step ``S + i`` the hook calls ``start`` for chunk ``i`` (the
+#: transfers go out and run beside that step), and at ``S + i + 1`` the copy call lands them and
+#: the chunk's layers switch; the last chunk switches at ``S + n``. Errors of ``start`` are copy
+#: errors.
 CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
 
 
@@ -105,6 +111,9 @@ class WorkerHook:
         self.copy_fn = copy_fn
         self._prefetch = getattr(copy_fn, "prefetch", None)
         self._prefetched: tuple[int, int] | None = None  # (epoch, chunk index)
+        self._start = getattr(copy_fn, "start", None)
+        self._started: tuple[int, int] | None = None  # (epoch, chunk index) in flight
+        self._start_seconds = 0.0  # host time of the start call of the chunk in flight
         self.flush_every = max(1, flush_every)
         self.heartbeat_s = heartbeat_s
         self.hold_timeout_s = hold_timeout_s
@@ -184,7 +193,16 @@ class WorkerHook:
             if isinstance(action, Hold):
                 action = self._hold(action, started)
         if isinstance(action, CopyChunk):
-            self._copy(action)
+            if self._start is None:
+                self._copy(action)
+            elif (action.epoch, action.index) != self._started:
+                self._start_chunk(action)  # step S: chunk 0 goes out, nothing switches yet
+            else:
+                self._copy(action)
+                with self._lock:
+                    upcoming = self._agreement.upcoming_chunk()
+                if upcoming is not None:
+                    self._start_chunk(upcoming)
         if self._prefetch is not None and self._agreement.state is WorkerState.COPYING:
             self._prefetch_upcoming()
         if step - self._flushed_at >= self.flush_every:
@@ -234,20 +252,37 @@ class WorkerHook:
                 raise RuntimeError("no copy_fn was given to WorkerHook, so weights cannot move")
             stats = self.copy_fn(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
         except Exception as exc:  # any engine error: this rank's maps are now suspect
-            with self._lock:
-                replies = self._agreement.copy_failed(chunk, f"{type(exc).__name__}: {exc}")
-            self._failure = CopyFailed(f"rank {self.rank}: copy of epoch {chunk.epoch} chunk "
-                                       f"{chunk.index} failed: {exc}. Stop this engine instance.")
-            log.critical("%s", self._failure)
-            self._send_from_decode_thread(replies)
-            raise self._failure from exc
-        seconds = time.perf_counter() - started
+            self._fail(chunk, exc)
+        seconds = time.perf_counter() - started + self._start_seconds
+        self._start_seconds = 0.0
         received = int(getattr(stats, "bytes_received", 0) or 0)
         with self._lock:
             replies = self._agreement.chunk_copied(chunk, received, seconds)
         log.debug("rank %d epoch %d: chunk %d/%d (layers %s) copied in %.2f ms", self.rank,
                   chunk.epoch, chunk.index + 1, chunk.num_chunks, list(chunk.layers), seconds * 1e3)
         self._send_from_decode_thread(replies)
+
+    def _start_chunk(self, chunk: CopyChunk) -> None:
+        """Issue ``chunk``'s transfers (``copy_fn.start``); the next step's copy call lands them."""
+        started = time.perf_counter()
+        self._started = self._prefetched = (chunk.epoch, chunk.index)
+        try:
+            self._start(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
+        except Exception as exc:  # a half-issued transfer leaves the peers unmatched
+            self._fail(chunk, exc)
+        self._start_seconds = time.perf_counter() - started
+        log.debug("rank %d epoch %d: chunk %d/%d (layers %s) started", self.rank, chunk.epoch,
+                  chunk.index + 1, chunk.num_chunks, list(chunk.layers))
+
+    def _fail(self, chunk: CopyChunk, exc: Exception) -> NoReturn:
+        """Mark the rank unsafe after a failed copy of ``chunk``, report DONE(error), raise."""
+        with self._lock:
+            replies = self._agreement.copy_failed(chunk, f"{type(exc).__name__}: {exc}")
+        self._failure = CopyFailed(f"rank {self.rank}: copy of epoch {chunk.epoch} chunk "
+                                   f"{chunk.index} failed: {exc}. Stop this engine instance.")
+        log.critical("%s", self._failure)
+        self._send_from_decode_thread(replies)
+        raise self._failure from exc
 
     def _prefetch_upcoming(self) -> None:
         """Let the copy engine prepare the next chunk of the committed epoch, once per chunk."""

@@ -54,8 +54,13 @@ def assert_switched_together(cluster: LocalCluster, status: dict, outs: list[dic
             commits = [e for e in events(cluster, rank) if e["type"] == "COMMIT"
                        and e["epoch"] == record["epoch"]]
             assert len(commits) == 1 and commits[0]["step"] == s, (rank, commits)
-            copies = [c["step"] for c in outs[rank]["copy_steps"] if c["step"] >= s]
-            assert copies and copies[0] == s, f"rank {rank} first copied at {copies[:1]}, S={s}"
+            copies = [c for c in outs[rank]["copy_steps"] if c["step"] >= s]
+            assert copies and copies[0]["step"] == s, f"rank {rank} first copied at {copies[:1]}, S={s}"
+            # CopyExecutor starts transfers a step ahead: chunk i goes out at S + i and lands
+            # (its layers switch) at S + i + 1, so S only starts and the last step only lands.
+            run = [c for i, c in enumerate(copies) if c["step"] == s + i]  # this epoch's steps
+            assert run[0]["kinds"] == ["start"] and run[-1]["kinds"] == ["land"], run
+            assert len(run) >= 2 and all(c["kinds"] == ["land", "start"] for c in run[1:-1]), run
     for out in outs:
         assert out["ok"], out
         assert out["weight_mismatches"] == 0 and out["weight_checks"] > 0

@@ -248,15 +248,34 @@ def job_copy_cases(rank: int, world_size: int, payload: dict) -> str:
             chunks = chunk_layers(changed_layers(old, new), bytes_per_layer=1, bytes_per_chunk=3)
         else:
             chunks = chunk_layers(list(range(old.shape[0])), layers_per_chunk=2)  # incl. unchanged
+        ahead = payload.get("start_ahead", False)
+        if ahead and chunks:
+            executor.start(0, chunks[0], old, new)
         for epoch, chunk in enumerate(chunks):
             # Cases 1, 2 mod 4 prepare the chunk ahead (case 2 for the wrong placement, which
             # the copy must notice and plan again); the others plan and pack inside the call.
-            if i % 4 == 1:
-                executor.prefetch(epoch, chunk, old, new)
-            elif i % 4 == 2:
-                executor.prefetch(epoch, chunk, new, old)
-            stats = executor(epoch, chunk, old, new)
-            assert stats.prefetched_layers == (len(chunk) if i % 4 == 1 else 0)
+            # With start_ahead the chunk's transfers were issued one "step" before, as the hook
+            # does: each chunk starts right after the previous one landed.
+            if ahead:
+                stats = executor(0, chunk, old, new)
+                assert stats.started_layers == len(chunk)
+                if epoch + 1 < len(chunks):
+                    nxt = chunks[epoch + 1]
+                    if i % 4 == 1:
+                        executor.prefetch(0, nxt, old, new)
+                    elif i % 4 == 2:
+                        executor.prefetch(0, nxt, new, old)
+                    executor.start(0, nxt, old, new)
+                expected_prefetched = len(chunk) if i % 4 == 1 and epoch else 0
+            else:
+                if i % 4 == 1:
+                    executor.prefetch(epoch, chunk, old, new)
+                elif i % 4 == 2:
+                    executor.prefetch(epoch, chunk, new, old)
+                stats = executor(epoch, chunk, old, new)
+                assert stats.started_layers == 0
+                expected_prefetched = len(chunk) if i % 4 == 1 else 0
+            assert stats.prefetched_layers == expected_prefetched
             layer_stats = [p.stats(executor.bytes_per_expert)
                            for p in plan_copies(old, new, chunk, world_size, rpn)]
             assert stats.bytes_received == sum(s.bytes_received[rank] for s in layer_stats)
@@ -274,6 +293,30 @@ def job_copy_cases(rank: int, world_size: int, payload: dict) -> str:
         bad = mismatches(weights, new, rank, world_size)
         assert not bad, f"case {i}: {bad[:5]}"
     return f"received {moved} bytes"
+
+
+def job_start_misuse(rank: int, world_size: int, payload: dict) -> str:
+    """Transfers started for one placement are never landed for another, and abandoned ones
+    change nothing; afterwards the executor still copies correctly."""
+    old, new = payload["cases"][0]
+    weights = make_weights(old, rank, world_size)
+    executor = CopyExecutor(rank, world_size, weights, 2, timeout_s=20.0)
+    layers = changed_layers(old, new)
+    executor.start(1, layers, old, new)
+    with pytest.raises(CopyError, match="started for other placements"):
+        executor(1, layers, new, old)
+    assert not mismatches(weights, old, rank, world_size)
+    executor.start(2, layers, old, new)
+    with pytest.raises(CopyError, match="still in flight"):
+        executor.start(3, layers, old, new)
+    executor.abandon()
+    assert not mismatches(weights, old, rank, world_size)
+    executor.start(4, layers, old, new)
+    stats = executor(4, layers, old, new)
+    assert stats.started_layers == len(layers)
+    bad = mismatches(weights, new, rank, world_size)
+    assert not bad, bad[:5]
+    return "ok"
 
 
 def job_absent_peer(rank: int, world_size: int, payload: dict) -> str:
@@ -308,6 +351,18 @@ def test_copies_are_bit_exact(world_size: int, ranks_per_node: int, seed: int) -
     reports = spawn_ranks(world_size, job_copy_cases,
                           {"cases": cases, "ranks_per_node": ranks_per_node})
     assert len(reports) == world_size
+
+
+def test_copies_started_a_step_ahead_are_bit_exact() -> None:
+    cases = make_cases(4, 3)
+    reports = spawn_ranks(4, job_copy_cases,
+                          {"cases": cases, "ranks_per_node": 2, "start_ahead": True})
+    assert len(reports) == 4
+
+
+def test_started_transfers_are_not_landed_for_other_placements() -> None:
+    reports = spawn_ranks(4, job_start_misuse, {"cases": make_cases(4, 5)})
+    assert list(reports.values()) == ["ok"] * 4
 
 
 def test_absent_peer_raises_copy_error_within_timeout() -> None:

@@ -209,3 +209,75 @@ def test_a_committed_epoch_prefetches_each_chunk_once_before_its_step(side, tmp_
         assert torch.equal(hook.phys2log, new)
     finally:
         hook.close()
+
+
+class StartingCopier(RecordingCopier):
+    """A copy_fn that can also start a chunk's transfers a step ahead."""
+
+    def start(self, epoch, layers, old, new) -> None:
+        self.calls.append(("start", epoch, list(layers)))
+
+
+def test_a_copy_fn_with_start_sends_each_chunk_a_step_before_it_switches(side, tmp_path) -> None:
+    copier = StartingCopier()
+    committed = threading.Event()
+    hook = join(side, tmp_path, copy_fn=copier,
+                on_event=lambda msg: isinstance(msg, Commit) and committed.set())
+    try:
+        hook.on_step(1)
+        old = default_placement(L, E, P)
+        new = old.clone()
+        new[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])
+        new[2] = torch.tensor([1, 0, 3, 2, 1, 0, 3, 2])  # two layers, one per chunk
+        side.send(Plan(epoch=4, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
+        assert side.expect(PlanAck).epoch == 4
+        side.send(Prepare(epoch=4, step=5))
+        assert side.expect(Promise).epoch == 4
+        side.send(Commit(epoch=4, step=5))
+        assert committed.wait(5)
+        hook.on_step(3)
+        assert copier.calls == [("prefetch", 4, [1])]
+        hook.on_step(5)  # S: chunk 0 goes out; no layer switches yet
+        assert copier.calls[1:] == [("start", 4, [1])]
+        assert torch.equal(hook.phys2log, old)
+        hook.on_step(6)  # chunk 0 lands and switches, chunk 1 goes out
+        assert copier.calls[2:] == [("copy", 4, [1]), ("start", 4, [2])]
+        assert torch.equal(hook.phys2log[1], new[1]) and torch.equal(hook.phys2log[2], old[2])
+        hook.on_step(7)  # chunk 1 lands; the epoch is done
+        assert copier.calls[4:] == [("copy", 4, [2])]
+        done = side.expect(Done)
+        assert done.ok and done.epoch == 4
+        assert torch.equal(hook.phys2log, new)
+        hook.on_step(8)
+        assert len(copier.calls) == 5  # nothing more
+    finally:
+        hook.close()
+
+
+class FailingStart(StartingCopier):
+    def start(self, epoch, layers, old, new) -> None:
+        raise RuntimeError("NCCL is gone")
+
+
+def test_a_failed_start_marks_the_rank_unsafe_and_reports_done_error(side, tmp_path) -> None:
+    committed = threading.Event()
+    hook = join(side, tmp_path, copy_fn=FailingStart(),
+                on_event=lambda msg: isinstance(msg, Commit) and committed.set())
+    try:
+        hook.on_step(1)
+        new = default_placement(L, E, P)
+        new[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])
+        side.send(Plan(epoch=2, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
+        assert side.expect(PlanAck).epoch == 2
+        side.send(Prepare(epoch=2, step=3))
+        assert side.expect(Promise).epoch == 2
+        side.send(Commit(epoch=2, step=3))
+        assert committed.wait(5)
+        with pytest.raises(CopyFailed, match="NCCL is gone"):
+            hook.on_step(3)
+        done = side.expect(Done)
+        assert not done.ok and "NCCL is gone" in done.error
+        with pytest.raises(CopyFailed):
+            hook.on_step(4)
+    finally:
+        hook.close()
