@@ -85,6 +85,23 @@ def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
     return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
 
 
+def argsort_descending(values: torch.Tensor) -> torch.Tensor:
+    """``values.argsort(dim=1, descending=True, stable=True)``, faster for non-negative floats.
+
+    A non-negative float64's bits, read as an int64, order as the float does (``+ 0.0`` turns
+    -0.0 into 0.0 first), so a stable ascending sort of the negated bits is the same permutation,
+    and sorting int64 is cheaper. Anything else (a negative value, NaN) takes the float sort.
+
+    Args:
+        values: ``[L, N]`` float64.
+    Returns:
+        ``[L, N]`` int64.
+    """
+    if values.dtype == torch.float64 and bool((values >= 0).all()):
+        return (values + 0.0).view(torch.int64).neg_().argsort(dim=1, stable=True)
+    return values.argsort(dim=1, descending=True, stable=True)
+
+
 def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Deal replicas onto GPUs in ``S`` rounds: each round gives the next ``G`` heaviest replicas,
     heaviest first, to the GPUs from the lightest up, one each.
@@ -99,7 +116,7 @@ def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> t
     num_physical = int(counts[0].sum())
     per_gpu = num_physical // num_gpus
     per_replica = load / counts
-    order = per_replica.argsort(dim=1, descending=True, stable=True)  # [L, E]
+    order = argsort_descending(per_replica)  # [L, E]
     # each expert as many times as it has replicas (each row sums to P), heaviest replica first
     replica_expert = order.flatten().repeat_interleave(counts.gather(1, order).flatten())
     replica_expert = replica_expert.view(layers, num_physical)
@@ -156,10 +173,14 @@ def gpu_load_of(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor
     Returns:
         ``[L, G]`` float64.
     """
-    slot_load = (load / counts.clamp(min=1)).gather(1, phys2log)
-    if phys2log.shape[1] == 2 * num_gpus:  # the same sum (of two), without a slow short reduction
+    return gpu_load_from((load / counts.clamp(min=1)).gather(1, phys2log), num_gpus)
+
+
+def gpu_load_from(slot_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Load per GPU from each slot's load. ``slot_load: [L, P]`` float64 -> ``[L, G]``."""
+    if slot_load.shape[1] == 2 * num_gpus:  # the same sum (of two), without a slow short reduction
         return slot_load[:, 0::2] + slot_load[:, 1::2]
-    return slot_load.view(phys2log.shape[0], num_gpus, -1).sum(dim=2)
+    return slot_load.view(slot_load.shape[0], num_gpus, -1).sum(dim=2)
 
 
 def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tensor:
@@ -207,7 +228,8 @@ def slot_costs(swaps: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-                 gpu_load: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
+                 per_replica: torch.Tensor, gpu_load: torch.Tensor, peak: torch.Tensor,
+                 hot: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
                  ref_counts: torch.Tensor) -> Change:
     """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
     and for a swap the new expert of slot ``src`` on ``g``.
@@ -227,9 +249,11 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     checks the chosen change exactly.
 
     Args:
-        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts;
-        gpu_load: ``[L, G]`` its GPU loads; ceiling: ``[L]``; limit: ``[L]``;
-        ref_counts: ``[L, E]`` the reference's replica counts.
+        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts
+        as float64 (whole numbers); per_replica: ``[L, E]`` ``load / counts.clamp(min=1)``;
+        gpu_load: ``[L, G]`` its GPU loads; peak, hot: ``[L]`` float64 and int64, the max of
+        ``gpu_load`` per layer and its (first) GPU; ceiling: ``[L]``; limit: ``[L]``;
+        ref_counts: ``[L, E]`` the reference's replica counts (float64).
     Returns:
         the :class:`Change` of each layer.
     """
@@ -237,10 +261,9 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     num_gpus = gpu_load.shape[1]
     per_gpu = slots // num_gpus
     inf = float("inf")
-    peak, hot = gpu_load.max(dim=1, keepdim=True)  # [L, 1]
+    peak, hot = peak[:, None], hot[:, None]  # [L, 1]
     peak3 = peak.unsqueeze(2)
-    per_replica = load / counts.clamp(min=1)  # [L, E]
-    one_less = load / (counts - 1).clamp(min=1)  # [L, E] the share with one replica fewer
+    one_less = load / (counts - 1).clamp_(min=1)  # [L, E] the share with one replica fewer
     source = hot * per_gpu + lanes(per_gpu)  # [L, S] the slots of g
     es = phys2log.gather(1, source)
     xs = per_replica.gather(1, es)
@@ -262,8 +285,8 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     # padded with a slot of g, which never gives up its replica: inf).
     multi = counts.gather(1, phys2log) > 1  # [L, P]
     width = max(1, min(slots, 2 * (slots - load.shape[1])))
-    at = torch.where(multi, multi.cumsum(dim=1) - 1, width)
-    spare = source[:, :1].repeat(1, width + 1).scatter_(
+    at = multi.cumsum(dim=1).sub_(1).masked_fill_(~multi, width)
+    spare = source[:, :1].expand(-1, width + 1).clone().scatter_(
         1, at, lanes(slots).expand(layers, -1))[:, :width]  # [L, W] slots
     spare_expert = phys2log.gather(1, spare)
     spare_gpu = spare // per_gpu
@@ -383,23 +406,31 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     ids = going.tolist()  # the layers still going
     # per layer going: load, placement, counts, GPU loads, (ceiling, limit), reference counts and
     # the current placement (to count slots moved)
-    state = [t[going] for t in (load, current, counts, gpu_load, torch.stack([ceiling, limit], dim=1),
-                                ref_counts, current)]
+    # (counts as float64 from here: whole numbers, so every share is the same, without the
+    # int-to-float promotion in each division)
+    t_load, t_counts = load[going], counts[going].to(torch.float64)
+    t_max = gpu_load[going].max(dim=1)
+    state = [t_load, current[going], t_counts, t_load / t_counts.clamp(min=1), gpu_load[going],
+             t_max.values, t_max.indices, torch.stack([ceiling, limit], dim=1)[going],
+             ref_counts[going].to(torch.float64), current[going]]
     found, offset = [current], layers
     for _ in range(steps):
         if not ids or math.fsum(last) / layers >= goal:
             break
-        t_load, t_p2l, t_counts, t_gpu, t_bounds, t_ref, t_current = state
+        t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_bounds, t_ref, t_current = state
         t_ceiling, t_limit = t_bounds.unbind(dim=1)
-        change = best_changes(t_load, t_p2l, t_counts, t_gpu, t_ceiling, t_limit, t_ref)
+        change = best_changes(t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_ceiling,
+                              t_limit, t_ref)
         swap, src, dst, expert, t_peak = change.swap, change.src, change.dst, change.expert, change.peak
         gone = t_p2l.gather(1, dst[:, None])  # [T, 1] the expert dst gives up
         new_p2l = t_p2l.scatter(1, torch.where(swap, src, dst)[:, None], gone)
         new_p2l.scatter_(1, dst[:, None], expert[:, None])
-        split = (~swap).long()[:, None]
+        split = (~swap).to(torch.float64)[:, None]
         new_counts = t_counts.scatter_add(1, gone, -split).scatter_add_(1, expert[:, None], split)
-        new_gpu = gpu_load_of(t_load, new_p2l, new_counts, num_gpus)
-        new_peak = new_gpu.max(dim=1).values.tolist()
+        new_share = t_load / new_counts.clamp(min=1)
+        new_gpu = gpu_load_from(new_share.gather(1, new_p2l), num_gpus)
+        new_max = new_gpu.max(dim=1)
+        new_peak = new_max.values.tolist()
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
         old_peak, acts = t_peak.tolist(), change.act.tolist()
@@ -422,7 +453,8 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
                     stay.append(i)
         found.append(new_p2l)
         offset += len(ids)
-        state = [t_load, new_p2l, new_counts, new_gpu, t_bounds, t_ref, t_current]
+        state = [t_load, new_p2l, new_counts, new_share, new_gpu, new_max.values, new_max.indices,
+                 t_bounds, t_ref, t_current]
         if len(stay) < len(ids):
             ids = [ids[i] for i in stay]
             at = torch.tensor(stay, dtype=torch.int64)

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from eplb.coordinator.planner import PlannerSpec, plan_placement, plan_rebalance
 from eplb.coordinator.policy_deepseek import rebalance_deepseek
-from eplb.coordinator.policy_stable import (DEFAULT_TOLERANCE, align_to_current, keep_slots,
-                                            other_holder, plan_from_scratch, rebalance_stable,
-                                            replicate_greedy)
+from eplb.coordinator.policy_stable import (DEFAULT_TOLERANCE, align_to_current,
+                                            argsort_descending, keep_slots, other_holder,
+                                            plan_from_scratch, rebalance_stable, replicate_greedy)
 from eplb.demo.workload import drift_windows, planner_load
 from eplb.placement import default_placement, overall_balancedness, validate_placement
 
@@ -198,3 +198,19 @@ def test_other_holder_is_the_max_over_the_other_listed_slots_of_the_expert(width
             others = [float(gpu[row, j]) for j in range(width)
                       if int(expert[row, j]) == int(expert[row, i]) and int(slot[row, j]) != int(slot[row, i])]
             assert float(got[row, i]) == max(others, default=0.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1), st.sampled_from(["ties", "zeros", "wide", "negative"]))
+def test_argsort_descending_is_the_stable_float_argsort(rows, width, seed, kind) -> None:
+    """The int64 sort keys give torch's stable descending argsort exactly: ties in index order,
+    -0.0 equal to 0.0, tiny and huge values; a negative value takes the float sort."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 4, (rows, width), generator=gen).double()  # many ties
+    if kind == "zeros":  # 0.0 and -0.0 mixed with ties
+        values = torch.where(torch.rand(rows, width, generator=gen) < 0.5, -0.0, values)
+    elif kind == "wide":
+        values = values * torch.tensor([1e-300, 1.0, 1e300, float("inf")]).repeat(width)[:width]
+    elif kind == "negative":
+        values[0, 0] = -1.0
+    assert torch.equal(argsort_descending(values), values.argsort(dim=1, descending=True, stable=True))
