@@ -133,19 +133,24 @@ def op_pattern_ceiling(shapes: list[tuple[int, ...]], dtype: torch.dtype, moving
 
 
 def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tensor, rank: int,
-               device: torch.device, epoch: int, prefetch: bool = False) -> list[tuple[float, int, float]]:
-    """Copy every layer from old to new, one layer per call (a chunk per step). With ``prefetch``
-    each layer is first prepared by ``copier.prefetch`` outside the timed call (as the hook does
-    during the step before), and that preparation is timed on its own.
-    Returns (seconds, bytes received, prefetch seconds) per layer."""
+               device: torch.device, epoch: int, mode: str = "inline") -> list[tuple[float, int, float]]:
+    """Copy every layer from old to new, one layer per call (a chunk per step).
+
+    ``mode``: ``inline`` plans, packs and sends inside the timed call; ``prefetch`` first
+    prepares the layer with ``copier.prefetch`` outside it (as the hook does during the step
+    before); ``start`` first issues the layer's transfers with ``copier.start`` and waits for the
+    device (the wire runs during the step before), so the timed call only lands them. The part
+    before the call is timed on its own (host call + device until done).
+    Returns (seconds of the call, bytes received, seconds before it) per layer."""
     fill(weights, old, rank)
     out = []
     for layer in range(old.shape[0]):
         ahead = 0.0
-        if prefetch:
+        if mode != "inline":
             sync(device)
+            dist.barrier()
             t0 = time.perf_counter()
-            copier.prefetch(epoch, [layer], old, new)
+            (copier.prefetch if mode == "prefetch" else copier.start)(epoch, [layer], old, new)
             sync(device)
             ahead = time.perf_counter() - t0
         sync(device)
@@ -154,8 +159,10 @@ def timed_copy(copier: CopyExecutor, weights, old: torch.Tensor, new: torch.Tens
         stats = copier(epoch, [layer], old, new)
         sync(device)
         out.append((time.perf_counter() - t0, stats.bytes_received, ahead))
-        if stats.prefetched_layers != int(prefetch):
-            raise SystemExit(f"rank {rank}: prefetched_layers {stats.prefetched_layers}")
+        if stats.prefetched_layers != int(mode == "prefetch") or \
+                stats.started_layers != int(mode == "start"):
+            raise SystemExit(f"rank {rank}: prefetched_layers {stats.prefetched_layers}, "
+                             f"started_layers {stats.started_layers} in mode {mode}")
     bad = check(weights, new, rank)
     if bad:
         raise SystemExit(f"rank {rank}: {bad} slot tensors hold the wrong expert after the copy")
@@ -200,7 +207,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, results) -> None:
                                         args.repeats)
         variants = {}
         for piece_mb in args.piece_mb:
-            for ahead in (False, True):
+            for ahead in ("inline", "prefetch", "start"):
                 copier = CopyExecutor(rank, args.world, weights, ranks_per_node=args.world,
                                       timeout_s=120.0, piece_bytes=int(piece_mb * 2**20))
                 timed_copy(copier, weights, old, new, rank, device, 0, ahead)  # warm-up
@@ -271,7 +278,7 @@ def main() -> None:
           "ceiling | % of whole-layer ceiling | prefetch ms/layer (before the step) | "
           "move-everything ms/layer | GB/s | % of whole-layer ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    notes = []
+    notes, started = [], []
     for (pattern, dtype_name), (per_expert, k, ceil_full, ceil_same, op_ceiling, variants,
                                 p_ms) in rows.items():
         for (piece_mb, ahead), (per_piece, ours, everything) in variants.items():
@@ -282,7 +289,12 @@ def main() -> None:
             e_b = statistics.median(b for _, b, _ in everything)
             o_g, e_g = o_b / o_t / 1e9, e_b / e_t / 1e9
             piece = "whole (0)" if not piece_mb else f"{piece_mb:g} ({per_piece})"
-            print(f"| {pattern} | {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {'yes' if ahead else 'no'} | "
+            if ahead == "start":
+                started.append(f"| {pattern} | {dtype_name} | {piece} | {o_t * 1e3:.2f} | "
+                               f"{o_a * 1e3:.2f} | {o_b / o_a / 1e9:.1f} | "
+                               f"{100 * o_b / o_a / 1e9 / ceil_same:.0f} % | {e_t * 1e3:.2f} |")
+                continue
+            print(f"| {pattern} | {dtype_name} | {per_expert / 1e6:.1f} | {piece} | {'yes' if ahead == 'prefetch' else 'no'} | "
                   f"{ceil_same:.1f} / {ceil_full:.1f} | {o_b / per_expert:.0f} | {o_t * 1e3:.2f} | "
                   f"{o_g:.1f} | {100 * o_g / ceil_same:.0f} % | {100 * o_g / ceil_full:.0f} % | "
                   f"{o_a * 1e3:.2f} | {e_t * 1e3:.2f} | {e_g:.1f} | {100 * e_g / ceil_full:.0f} % |")
@@ -293,6 +305,14 @@ def main() -> None:
                      f"weight tensor ({k} experts each way in one batch) gives {op_ceiling:.1f} GB/s; planning one layer's copies takes {p_ms:.2f} ms of "
                      "host time inside every copy call")
     print("\n".join(notes))
+    print("\ntransfers started a step ahead (CopyExecutor.start, as the hook does from chunk 0 on): "
+          "the call at the step only lands them (unpack, local copies); before it, the start call "
+          "plus waiting for the device, i.e. the wire time that runs beside the previous step")
+    print("| pattern | weights | piece MB (experts) | at the step: ms/layer | before the step: start "
+          "until the wire is done ms/layer | GB/s of that | % of same-bytes ceiling | "
+          "move-everything at the step ms/layer |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(started))
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,11 @@ and drift, the same number of steps, one rebalance triggered at ``--rebalance-at
   sidecar         this project: a real ``eplb-sidecar`` (one per node; here one node with --world
                   workers) with --interval = --rebalance-at, and ``WorkerHook(copy_fn=...)`` counting
                   with ``record()`` and copying one chunk per step from the agreed step S.
+  sidecar-ahead   the same with ``CopyExecutor.start`` offered to the hook: each chunk's transfers
+                  go out one step before the step that lands them (unpack) and switches its
+                  layers, so the wire runs beside the engine's step.
 
-All modes copy with ``eplb.worker_hook.copy_exec.CopyExecutor`` and plan with
+All modes copy with ``eplb.worker_hook.copy_exec.CopyExecutor`` (on a process group of its own) and plan with
 ``eplb.coordinator.planner.plan_placement`` (--policy), so they differ only in when and where they
 plan, agree and copy. The baseline, stop-the-world and async modes count with their own device
 tensor (one ``index_add_`` per layer, as ``record()`` does). Step time is wall time from the end of
@@ -32,8 +35,8 @@ After each mode every slot of every rank is compared bit-exactly with the value 
 
 GPU memory per rank (defaults): weights L x S x 88 MB = 8 x 9 x 88 MB = 6.3 GB, copy staging up to
 about 2 x S x 88 MB = 1.6 GB, the P2P ceiling buffers 2 x --ceiling-mb, activations < 0.3 GB:
-about 9 GB. Run time on 2 x H100 with defaults: about 4 x 2000 steps of 5-15 ms plus start-up, 2-4
-minutes.
+about 9 GB. Run time on 2 x H200 with defaults: about 5 x 2000 steps of 12-25 ms plus start-up,
+3-5 minutes.
 
     python3 bench/decode_gpu.py --out bench/results/h100x2_decode.md          # every visible GPU
     python3 bench/decode_gpu.py --device cpu --world 2 --hidden 64 --inter 32 --tokens 32 \\
@@ -75,9 +78,11 @@ from eplb.placement import default_placement, overall_balancedness, placement_ha
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
 from eplb.worker_hook.copy_plan import changed_layers, chunk_layers  # noqa: E402
 
-MODES = ("no-rebalance", "stop-the-world", "async", "sidecar")
+MODES = ("no-rebalance", "stop-the-world", "async", "sidecar", "sidecar-ahead")
 MODE_TITLES = {"no-rebalance": "no rebalance", "stop-the-world": "stop-the-world",
-               "async": "in-engine async", "sidecar": "sidecar (eplb)"}
+               "async": "in-engine async", "sidecar": "sidecar (eplb)",
+               "sidecar-ahead": "sidecar, sent a step ahead"}
+SIDECAR_MODES = ("sidecar", "sidecar-ahead")
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 AROUND = 5  # steps before the trigger and after the last copy counted in the "extra time"
@@ -92,15 +97,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def warm_p2p(device: torch.device) -> None:
-    """One small send/recv between every pair of ranks, so that no mode pays NCCL's lazy
-    point-to-point connection set-up inside its timed copies."""
+def warm_p2p(device: torch.device, group=None) -> None:
+    """One small send/recv between every pair of ranks (of ``group``, which spans every rank),
+    so that no mode pays NCCL's lazy point-to-point connection set-up inside its timed copies."""
     rank, world = dist.get_rank(), dist.get_world_size()
     for d in range(1, world):
         send = torch.ones(1024, device=device)
         recv = torch.empty_like(send)
-        ops = [dist.P2POp(dist.isend, send, (rank + d) % world),
-               dist.P2POp(dist.irecv, recv, (rank - d) % world)]
+        ops = [dist.P2POp(dist.isend, send, (rank + d) % world, group),
+               dist.P2POp(dist.irecv, recv, (rank - d) % world, group)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
     sync(device)
@@ -130,6 +135,7 @@ class Ctx:
         self.spec = PlannerSpec(policy=args.policy)
         self.copies: list[dict] = []
         self.prefetches: list[dict] = []
+        self.starts: list[dict] = []
         self.events: list[dict] = []
         self.step = -1
         self.can_prefetch = callable(getattr(copier, "prefetch", None))
@@ -143,8 +149,16 @@ class Ctx:
         self.copies.append({"step": self.step, "layers": [int(x) for x in layers],
                             "seconds": stats.seconds, "bytes_received": stats.bytes_received,
                             "bytes_sent": stats.bytes_sent,
-                            "prefetched_layers": int(getattr(stats, "prefetched_layers", 0))})
+                            "prefetched_layers": int(getattr(stats, "prefetched_layers", 0)),
+                            "started_layers": int(getattr(stats, "started_layers", 0))})
         return stats
+
+    def start(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        """Issue a chunk's transfers now; the copy at the next step lands them (sidecar-ahead)."""
+        started = time.perf_counter()
+        self.copier.start(epoch, list(layers), old, new)
+        self.starts.append({"step": self.step, "layers": [int(x) for x in layers],
+                            "seconds": time.perf_counter() - started})
 
     def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> None:
@@ -166,13 +180,16 @@ class Ctx:
 
 
 class EngineCopy:
-    """The sidecar mode's ``copy_fn``: copies through :meth:`Ctx.apply_copy` and, when the copy
-    engine has one, offers ``prefetch`` (the hook looks for that attribute)."""
+    """The sidecar modes' ``copy_fn``: copies through :meth:`Ctx.apply_copy` and, when the copy
+    engine has one, offers ``prefetch`` (the hook looks for that attribute); with ``ahead`` also
+    ``start``, so the hook sends each chunk a step before it lands."""
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, ahead: bool = False) -> None:
         self.ctx = ctx
         if ctx.can_prefetch:
             self.prefetch = ctx.prefetch
+        if ahead:
+            self.start = ctx.start
 
     def __call__(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
         return self.ctx.apply_copy(epoch, layers, old, new)
@@ -369,11 +386,13 @@ def sidecar_history(run_dir: str, timeout_s: float) -> dict:
 
 
 def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMoE,
-             side, run_dir: str | None) -> dict:
+             side, run_dir: str | None, copy_group) -> dict:
     s = engine.shape
-    # A fresh copy engine per mode: nothing prepared in one mode can leak into the next.
+    # A fresh copy engine per mode: nothing prepared in one mode can leak into the next. Its
+    # own process group (NCCL communicator) in every mode, so that transfers sent a step ahead
+    # can run beside the engine's all-to-all instead of queueing behind it.
     copier = CopyExecutor(rank, args.world, engine.weights, ranks_per_node=args.world,
-                          timeout_s=args.collective_timeout)
+                          timeout_s=args.collective_timeout, group=copy_group)
     initial = default_placement(s.layers, s.experts, s.physical)
     engine.reset(initial)
     own = torch.zeros(s.layers, s.experts, dtype=torch.int64, device=device)
@@ -381,14 +400,15 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
     ones = torch.ones(s.tokens * s.topk, dtype=torch.int64, device=device)
     ctx = Ctx(args, rank, device, engine, copier, side, own)
     controller = {"no-rebalance": NoRebalance, "stop-the-world": StopTheWorld,
-                  "async": InEngineAsync, "sidecar": NoRebalance}[mode](ctx)
+                  "async": InEngineAsync, "sidecar": NoRebalance,
+                  "sidecar-ahead": NoRebalance}[mode](ctx)
     hook = None
     sync_check = {"steps": 0, "error": "", "armed": ""}
-    if mode == "sidecar":
+    if mode in SIDECAR_MODES:
         from eplb.worker_hook import WorkerHook
 
         hook = WorkerHook(rank, s.world, s.layers, s.experts, s.physical, initial,
-                          copy_fn=EngineCopy(ctx), device=device, node=0, run_dir=run_dir,
+                          copy_fn=EngineCopy(ctx, ahead=mode == "sidecar-ahead"), device=device, node=0, run_dir=run_dir,
                           bytes_per_expert=s.bytes_per_expert(engine.dtype),
                           flush_every=args.flush_every, hold_timeout_s=args.hold_timeout)
         hook.wait_joined(60.0)
@@ -405,7 +425,7 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
     try:
         for step in range(args.steps):
             ctx.step = step
-            copies_before, prefetches_before = len(ctx.copies), len(ctx.prefetches)
+            work_before = len(ctx.copies), len(ctx.prefetches), len(ctx.starts)
             checking = (hook is not None and device.type == "cuda" and sync_check["armed"] == "yes"
                         and check_from <= step < check_to and not sync_check["error"])
             in_hook = 0.0
@@ -452,8 +472,8 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
             t_prev = now
             if checking:
                 sync_check["steps"] += 1
-            elif (hook is not None and step >= args.warmup and len(ctx.copies) == copies_before
-                  and len(ctx.prefetches) == prefetches_before):  # no copy work in this step
+            elif (hook is not None and step >= args.warmup and work_before ==
+                  (len(ctx.copies), len(ctx.prefetches), len(ctx.starts))):  # no copy work here
                 on_step_us.append(in_hook * 1e6)
                 record_us.append(recorded * 1e6)
         controller.finish()
@@ -468,6 +488,7 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
         for record in status.get("history", []):
             ctx.events.append({**record, "trigger_step": record.get("started_at_step")})
     result = {"step_s": step_s, "copies": ctx.copies, "prefetches": ctx.prefetches,
+              "starts": ctx.starts,
               "events": ctx.events,
               "hook_on_step_us": on_step_us, "hook_record_us": record_us,
               "sync_check": sync_check if hook is not None and device.type == "cuda" else None,
@@ -498,17 +519,17 @@ def run_mode(mode: str, args, rank: int, device: torch.device, engine: StandInMo
     return result
 
 
-def rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str) -> None:
+def rank_main(rank: int, args, port: int, run_dirs: dict[str, str], result_dir: str) -> None:
     for key, value in NVLS_OFF.items():
         os.environ.setdefault(key, value)
     try:
-        _rank_main(rank, args, port, run_dir, result_dir)
+        _rank_main(rank, args, port, run_dirs, result_dir)
     except BaseException:
         Path(result_dir, f"rank{rank}.error").write_text(traceback.format_exc())
         raise
 
 
-def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str) -> None:
+def _rank_main(rank: int, args, port: int, run_dirs: dict[str, str], result_dir: str) -> None:
     cuda = args.device == "cuda"
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
@@ -520,13 +541,16 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=args.world, timeout=timeout, **kwargs)
     side = dist.new_group(backend="gloo", timeout=timeout)  # the async mode's CPU group
+    copy_group = dist.new_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     dist.all_reduce(torch.ones(1, device=device))  # the communicator exists before any P2P
     dist.all_reduce(torch.ones(1), group=side)
+    dist.all_reduce(torch.ones(1, device=device), group=copy_group)  # its communicator exists
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shape = Shape(layers=args.layers, experts=args.experts, slots=args.slots, world=args.world,
                   hidden=args.hidden, inter=args.inter, tokens=args.tokens, topk=args.topk)
     engine = StandInMoE(shape, rank, device, dtype, args.seed, args.sigma, args.drift_steps)
     warm_p2p(device)
+    warm_p2p(device, copy_group)
     ceiling_bytes = int(args.ceiling_mb * 1e6)
     ceiling = measure_ceiling(ceiling_bytes, [1], device, args.ceiling_repeats)  # one message, ring
     out = {"rank": rank, "ceiling_gbps": ceiling, "ceiling_bytes": ceiling_bytes, "modes": {},
@@ -536,7 +560,8 @@ def _rank_main(rank: int, args, port: int, run_dir: str | None, result_dir: str)
         if mode == args.inject_failure and rank == args.world - 1:
             raise RuntimeError(f"injected failure at the start of mode {mode} (--inject-failure)")
         dist.barrier()
-        out["modes"][mode] = run_mode(mode, args, rank, device, engine, side, run_dir)
+        out["modes"][mode] = run_mode(mode, args, rank, device, engine, side, run_dirs.get(mode),
+                                      copy_group)
         # After every mode, so that a later failure still leaves the modes that ran.
         tmp = Path(result_dir, f"rank{rank}.json.tmp")
         tmp.write_text(json.dumps(out))
@@ -553,11 +578,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(args, run_dir: str | None, result_dir: str) -> tuple[list[dict | None], str]:
+def spawn_ranks(args, run_dirs: dict[str, str], result_dir: str) -> tuple[list[dict | None], str]:
     """Run the ranks. Returns what each rank wrote (None where nothing) and '' or what failed."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, args, port, run_dir, result_dir),
+    procs = [ctx.Process(target=rank_main, args=(r, args, port, run_dirs, result_dir),
                          name=f"decode-rank{r}") for r in range(args.world)]
     deadline = time.monotonic() + args.timeout
     failed = ""
@@ -608,11 +633,14 @@ def summarize(args, ranks: list[dict]) -> dict:
                    "max_ms": max(measured), "mean_ms": statistics.fmean(measured),
                    "steps_measured": len(measured)}
         copies = [c for pr in per_rank for c in pr["copies"]]
-        copy_steps = sorted({c["step"] for c in copies})
+        starts = [c for pr in per_rank for c in pr.get("starts", [])]
+        # Steps with copy work: the landing copies and, sent a step ahead, the starts too.
+        copy_steps = sorted({c["step"] for c in copies} | {c["step"] for c in starts})
         m["p50_before_trigger_ms"] = statistics.median(steps_ms[args.warmup:args.rebalance_at - AROUND])
         m["steps_ms"] = steps_ms
         m["copy_steps"] = copy_steps
-        m["chunks"] = len(copy_steps)
+        m["chunks"] = len({c["step"] for c in copies})
+        m["sent_ahead"] = bool(starts)
         events = per_rank[0]["events"]
         m["events"] = events
         m["rebalances"] = sum(1 for e in events if e.get("outcome") == "committed")
@@ -635,9 +663,11 @@ def summarize(args, ranks: list[dict]) -> dict:
             during = steps_ms[during_lo:during_hi + 1]
             m["worst_window_ms"] = max(during)
             m["worst_window_step"] = during_lo + during.index(max(during))
-            chunk_ms = {}
-            for c in copies:
-                chunk_ms[c["step"]] = max(chunk_ms.get(c["step"], 0.0), c["seconds"] * 1e3)
+            # A step's copy work on a rank: its copy call plus, sent ahead, its start call.
+            chunk_ms: dict[tuple[int, int], float] = {}
+            for r, pr in enumerate(per_rank):
+                for c in pr["copies"] + pr.get("starts", []):
+                    chunk_ms[r, c["step"]] = chunk_ms.get((r, c["step"]), 0.0) + c["seconds"] * 1e3
             m["longest_chunk_ms"] = max(chunk_ms.values())
             # The same run's own normal step: its variation between runs is larger than a chunk.
             own = steps_ms[max(args.warmup, args.rebalance_at - OWN_NORMAL_STEPS):args.rebalance_at]
@@ -653,13 +683,14 @@ def summarize(args, ranks: list[dict]) -> dict:
                 b = sum(c["bytes_received"] for c in pr["copies"])
                 t = sum(c["seconds"] for c in pr["copies"])
                 rates.append((b, b / t / 1e9 if t > 0 else 0.0))
-            m["copy_gbps"] = max(rates)[1]  # the rank that received the most bytes
-            m["copy_pct_of_ceiling"] = 100 * m["copy_gbps"] / ceiling if ceiling else 0.0
+            if not starts:  # sent ahead, the wire time is not inside the timed calls
+                m["copy_gbps"] = max(rates)[1]  # the rank that received the most bytes
+                m["copy_pct_of_ceiling"] = 100 * m["copy_gbps"] / ceiling if ceiling else 0.0
         m["mismatched_slots"] = sum(pr["mismatched_slots"] for pr in per_rank)
         m["slots_checked"] = sum(pr["slots_checked"] for pr in per_rank)
         m["placements_agree"] = all(pr["placements_agree"] for pr in per_rank)
         m["balancedness"] = per_rank[0].get("balancedness")
-        if mode == "sidecar":
+        if mode in SIDECAR_MODES:
             on_step = [u for pr in per_rank for u in pr["hook_on_step_us"]]
             record = [u for pr in per_rank for u in pr["hook_record_us"]]
             if on_step:
@@ -682,15 +713,18 @@ def summarize(args, ranks: list[dict]) -> dict:
         for mode, m in summary["modes"].items():
             m["p99_vs_no_rebalance_pct"] = 100 * (m["p99_ms"] / base["p99_ms"] - 1)
             m["p50_vs_no_rebalance_pct"] = 100 * (m["p50_ms"] / base["p50_ms"] - 1)
-    side = summary["modes"].get("sidecar")
-    if side and side.get("chunks"):
+    for mode in SIDECAR_MODES:
+        side = summary["modes"].get(mode)
+        if not (side and side.get("chunks")):
+            continue
         normal = base["p50_ms"] if base else side["reference_p50_ms"]
         side["goals"] = {
             "worst_step_le_normal_plus_chunk": side["worst_window_ms"] <= normal + side["longest_chunk_ms"],
             "worst_copy_step_le_own_normal_plus_chunk":
                 side["worst_copy_vs_own_normal_ms"] <= side["longest_chunk_ms"],
             "p99_within_5pct": base is not None and side["p99_vs_no_rebalance_pct"] <= 5.0,
-            "copy_ge_80pct_ceiling": side["copy_pct_of_ceiling"] >= 80.0}
+            "copy_ge_80pct_ceiling": (side["copy_pct_of_ceiling"] >= 80.0
+                                      if "copy_pct_of_ceiling" in side else None)}
     return summary
 
 
@@ -720,12 +754,15 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         f"run); NCCL P2P ceiling measured in this run: {summary['ceiling_gbps']:.1f} GB/s per "
         f"direction (one {args.ceiling_mb:g} MB message each way)",
     ]
-    if "sidecar" in modes:
-        lines.append(f"sidecar mode: one eplb-sidecar, --interval {args.rebalance_at} --window "
+    if any(m in SIDECAR_MODES for m in modes):
+        lines.append(f"sidecar modes: one eplb-sidecar each, --interval {args.rebalance_at} --window "
                      f"{args.window} --min-gain 0 --layers-per-step {args.layers_per_step} "
                      f"--policy {args.policy} --planner thread {args.sidecar_args}".rstrip()
                      + f"; WorkerHook(flush_every={args.flush_every}); async mode: begin step = "
-                     f"max over ranks of (step + {args.async_margin})")
+                     f"max over ranks of (step + {args.async_margin}); every mode copies with "
+                     "CopyExecutor on a process group of its own; sidecar, sent a step ahead: "
+                     "the hook starts each chunk's transfers (CopyExecutor.start) one step "
+                     "before the step that lands them and switches its layers")
     lines += [
         "",
         "| | " + " | ".join(MODE_TITLES[m] for m in modes) + " |",
@@ -756,13 +793,14 @@ def render(args, ranks: list[dict], summary: dict) -> str:
     if "no-rebalance" in modes:
         row("extra time vs the same steps without rebalance ms",
             lambda m: _f(m.get("extra_vs_same_steps_ms"), "{:+.1f}"))
-    row("longest chunk copy ms", lambda m: _f(m.get("longest_chunk_ms")))
+    row("longest copy work in one step ms (landing + start when sent ahead)",
+        lambda m: _f(m.get("longest_chunk_ms")))
     row("chunks prefetched (longest prefetch call ms)",
         lambda m: f"{m['chunks_prefetched']} of {m['chunks']}"
         + (f" ({m['longest_prefetch_ms']:.2f})" if m.get("longest_prefetch_ms") else "")
         if m["chunks"] else "-")
     row("bytes moved (all ranks) MB", lambda m: _f(m["bytes_moved"] / 1e6 if m.get("bytes_moved") else None, "{:.1f}"))
-    row("copy GB/s (% of P2P ceiling)",
+    row("copy GB/s (% of P2P ceiling; not for sent ahead: its wire time runs beside the steps)",
         lambda m: f"{m['copy_gbps']:.1f} ({m['copy_pct_of_ceiling']:.0f} %)" if "copy_gbps" in m else "-")
     row("plan ms (where)", lambda m: _plan_cell(m))
     row("balancedness before (window)", lambda m: _f((m["balancedness"] or {}).get("before"), "{:.3f}"))
@@ -771,12 +809,12 @@ def render(args, ranks: list[dict], summary: dict) -> str:
         lambda m: f"{m['mismatched_slots']} / {m['slots_checked']}"
         + ("" if m["placements_agree"] else " (placements differ!)"))
     lines.append("")
-    side = s.get("sidecar")
-    if side:
+    for mode in [m for m in SIDECAR_MODES if m in s]:
+        side, title = s[mode], MODE_TITLES[mode]
         hook = side.get("hook")
         if hook:
             lines.append(
-                f"hook per step, no rebalance in flight ({hook['steps']} rank-steps): on_step p50 "
+                f"{title}: hook per step, no rebalance in flight ({hook['steps']} rank-steps): on_step p50 "
                 f"{hook['on_step_p50_us']:.1f} us, p99 {hook['on_step_p99_us']:.1f} us, max "
                 f"{hook['on_step_max_us']:.1f} us; {args.layers} x record() p50 "
                 f"{hook['record_step_p50_us']:.1f} us, p99 {hook['record_step_p99_us']:.1f} us "
@@ -787,20 +825,20 @@ def render(args, ranks: list[dict], summary: dict) -> str:
             bad = [c["error"] for c in checks if c["error"]]
             armed = all(c["armed"] == "yes" for c in checks)
             lines.append(
-                f"device sync check: on_step + record() ran under "
+                f"{title}: device sync check: on_step + record() ran under "
                 f"torch.cuda.set_sync_debug_mode('error') for {min(c['steps'] for c in checks)} "
                 f"steps on every rank (armed: a deliberate .item() raised: {armed}): "
                 + (f"SYNCHRONIZED: {bad[0]}" if bad else "no device synchronization"))
         else:
-            lines.append("device sync check: not run (CPU)")
-        lines.append(f"sidecar: leader counters {side.get('leader_counters')}, placement "
+            lines.append(f"{title}: device sync check: not run (CPU)")
+        lines.append(f"{title}: leader counters {side.get('leader_counters')}, placement "
                      f"{'matches' if side.get('placement_matches_leader') else 'DIFFERS FROM'} "
                      "the leader's")
         goals = side.get("goals")
         if goals:
             normal = s["no-rebalance"]["p50_ms"] if "no-rebalance" in s else side["reference_p50_ms"]
             lines.append(
-                f"goals (sidecar): worst step {side['worst_window_ms']:.2f} ms <= normal "
+                f"goals ({title}): worst step {side['worst_window_ms']:.2f} ms <= normal "
                 f"{normal:.2f} + one chunk {side['longest_chunk_ms']:.2f} ms: "
                 f"{'met' if goals['worst_step_le_normal_plus_chunk'] else 'NOT met'}; worst copy step "
                 f"{side['worst_copy_step_ms']:.2f} ms <= the run's own normal {side['own_normal_ms']:.2f}"
@@ -809,9 +847,10 @@ def render(args, ranks: list[dict], summary: dict) -> str:
                 + (f"5 % of no rebalance ({side['p99_vs_no_rebalance_pct']:+.1f} %): "
                    f"{'met' if goals['p99_within_5pct'] else 'NOT met'}"
                    if "p99_vs_no_rebalance_pct" in side else "5 %: n/a (no-rebalance not run)")
-                + "; copies >= 80 % of the "
-                f"ceiling ({side['copy_pct_of_ceiling']:.0f} %): "
-                f"{'met' if goals['copy_ge_80pct_ceiling'] else 'NOT met'}")
+                + ("; copies >= 80 % of the "
+                   f"ceiling ({side['copy_pct_of_ceiling']:.0f} %): "
+                   f"{'met' if goals['copy_ge_80pct_ceiling'] else 'NOT met'}"
+                   if goals["copy_ge_80pct_ceiling"] is not None else ""))
     for mode in modes:
         for e in s[mode]["events"]:
             keys = ("epoch", "outcome", "trigger_step", "switch_step", "plan_ms", "gather_ms",
@@ -838,7 +877,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world", type=int, default=None,
                    help="ranks, one process per GPU (default: every visible GPU; 2 on CPU)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                   help="modes to run, in this order (default: all four)")
+                   help="modes to run, in this order (default: all five)")
     p.add_argument("--layers", type=int, default=8, help="MoE layers")
     p.add_argument("--slots", type=int, default=9, help="expert slots per GPU per layer")
     p.add_argument("--experts", type=int, default=None,
@@ -918,12 +957,13 @@ def main(argv: list[str] | None = None) -> int:
         [REPO] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
     print(f"decode bench: {args.world} ranks on {args.device}, modes {' '.join(args.modes)}; "
           f"about {memory_estimate_gb(args):.1f} GB of device memory per rank", flush=True)
-    cluster = None
-    run_dir = None
+    clusters: dict = {}
+    run_dirs: dict[str, str] = {}
     ranks: list[dict | None] = []
     failed = ""
     try:
-        if "sidecar" in args.modes:
+        for mode in [m for m in args.modes if m in SIDECAR_MODES]:
+            # One sidecar per sidecar mode: each mode's epoch starts from the initial placement.
             from eplb.demo.cluster import LocalCluster
 
             cluster = LocalCluster(num_nodes=1, sidecar_args=[
@@ -932,25 +972,27 @@ def main(argv: list[str] | None = None) -> int:
                 "--policy", args.policy, "--planner", "thread", "--max-retries", "3",
                 "--worker-timeout", "10", "--ack-timeout", "10", "--promise-timeout", "10",
                 "--log-level", "INFO", *shlex.split(args.sidecar_args)])
+            clusters[mode] = cluster
             cluster.start()
             cluster.wait_ready(60.0)
-            run_dir = str(cluster.run_dir(0))
+            run_dirs[mode] = str(cluster.run_dir(0))
         with tempfile.TemporaryDirectory(prefix="eplb-decode-") as result_dir:
-            ranks, failed = spawn_ranks(args, run_dir, result_dir)
+            ranks, failed = spawn_ranks(args, run_dirs, result_dir)
         if failed:
             raise RuntimeError(failed)
     except BaseException as exc:
-        if cluster is not None:
+        for cluster in clusters.values():
             for log in sorted(Path(cluster.log_dir).glob("*.log")):
                 tail = log.read_text(errors="replace").splitlines()[-30:]
                 print(f"--- last lines of {log} ---", *tail, sep="\n", file=sys.stderr)
         print(f"decode bench failed: {exc}", file=sys.stderr)
         failed = failed or f"{type(exc).__name__}: {exc}"
     finally:
-        if cluster is not None:
+        for cluster in clusters.values():
             cluster.stop()
-    if cluster is not None and not failed:  # kept when something failed (its logs)
-        shutil.rmtree(cluster.base_dir, ignore_errors=True)
+    if not failed:  # kept when something failed (their logs)
+        for cluster in clusters.values():
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
     done = [m for m in args.modes if ranks and all(r is not None and m in r["modes"] for r in ranks)]
     if failed:
         if not done:
@@ -968,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
                "per_rank_step_ms": {m: [[t * 1e3 for t in r["modes"][m]["step_s"]] for r in ranks]
                                     for m in args.modes},
                "copies": {m: [r["modes"][m]["copies"] for r in ranks] for m in args.modes},
+               "starts": {m: [r["modes"][m].get("starts", []) for r in ranks] for m in args.modes},
                "ceiling_gbps_per_rank": [r["ceiling_gbps"] for r in ranks],
                "device_name": ranks[0]["device_name"], "torch": ranks[0]["torch"]}
         Path(args.out).with_suffix(".json").write_text(json.dumps(raw, indent=1))

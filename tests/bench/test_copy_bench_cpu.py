@@ -53,5 +53,8 @@ def test_bench_runs_both_patterns_at_four_ranks() -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ring") or
             line.startswith("| all-pairs")]
-    assert [r.split("|")[1].strip() for r in rows] == ["ring", "ring", "all-pairs", "all-pairs"]
+    # The main table (inline, prefetched) for both patterns, then the sent-ahead table.
+    assert [r.split("|")[1].strip() for r in rows] == ["ring", "ring", "all-pairs", "all-pairs",
+                                                       "ring", "all-pairs"]
+    assert "transfers started a step ahead" in proc.stdout
     assert "all-pairs bf16: the same-bytes ceiling moves" in proc.stdout

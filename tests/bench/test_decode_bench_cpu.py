@@ -38,14 +38,15 @@ def bench_run(tmp_path_factory) -> tuple[dict, str, str]:
 def test_every_mode_ran_with_the_same_steps(bench_run) -> None:
     raw, table, stdout = bench_run
     modes = raw["summary"]["modes"]
-    assert list(modes) == ["no-rebalance", "stop-the-world", "async", "sidecar"]
+    assert list(modes) == ["no-rebalance", "stop-the-world", "async", "sidecar", "sidecar-ahead"]
     for name, m in modes.items():
         assert m["steps_measured"] == STEPS - WARMUP, name
         assert all(len(r) == STEPS for r in raw["per_rank_step_ms"][name])
         assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
     assert "RESULT: ok" in stdout
     header = next(line for line in table.splitlines() if line.startswith("| |"))
-    assert header == "| | no rebalance | stop-the-world | in-engine async | sidecar (eplb) |"
+    assert header == ("| | no rebalance | stop-the-world | in-engine async | sidecar (eplb) | "
+                      "sidecar, sent a step ahead |")
     assert raw["summary"]["ceiling_gbps"] > 0
 
 
@@ -54,13 +55,22 @@ def test_rebalancing_modes_rebalance_once_and_move_real_bytes(bench_run) -> None
     modes = raw["summary"]["modes"]
     assert modes["no-rebalance"]["rebalances"] == 0 and modes["no-rebalance"]["chunks"] == 0
     bytes_per_expert = 3 * 64 * 32 * 2
-    for name in ("stop-the-world", "async", "sidecar"):
+    for name in ("stop-the-world", "async", "sidecar", "sidecar-ahead"):
         m = modes[name]
         assert m["rebalances"] == 1, name
         assert m["bytes_moved"] > 0 and m["bytes_moved"] % bytes_per_expert == 0, name
         assert m["copy_steps"][0] >= TRIGGER, name  # nobody copies before the trigger
         assert m["copy_steps"][-1] < STEPS - WINDOW, name  # done before the "after" window
-        assert m["copy_gbps"] > 0 and m["longest_chunk_ms"] > 0
+        assert m["longest_chunk_ms"] > 0
+        assert (m.get("copy_gbps") is None) == (name == "sidecar-ahead"), name
+    assert all(m["copy_gbps"] > 0 for n, m in modes.items() if n in ("stop-the-world", "async"))
+    # Sent ahead: chunk i starts at S + i and lands at S + i + 1 (one start per landing, the
+    # start a step earlier, for the same layers).
+    for rank_copies, rank_starts in zip(raw["copies"]["sidecar-ahead"], raw["starts"]["sidecar-ahead"]):
+        assert [c["started_layers"] for c in rank_copies] == [len(c["layers"]) for c in rank_copies]
+        assert [(s["step"] + 1, s["layers"]) for s in rank_starts] == \
+            [(c["step"], c["layers"]) for c in rank_copies]
+    assert not any(c["started_layers"] for r in raw["copies"]["sidecar"] for c in r)
     # Stop-the-world copies every layer at the trigger step; the others one layer per step.
     assert modes["stop-the-world"]["copy_steps"] == [TRIGGER]
     for name in ("async", "sidecar"):
@@ -75,11 +85,12 @@ def test_rebalancing_modes_rebalance_once_and_move_real_bytes(bench_run) -> None
         for rank_copies in raw["copies"][name]:
             for c in rank_copies:
                 assert step_ms[c["step"]] >= c["seconds"] * 1e3, (name, c)
-    hook = modes["sidecar"]["hook"]
-    # Left out per rank: at most one copy step and one prefetch step per layer.
-    assert hook["steps"] >= WORLD * (STEPS - WARMUP - 2 * LAYERS) and hook["on_step_p50_us"] > 0
-    assert modes["sidecar"]["placement_matches_leader"]
-    assert modes["sidecar"]["leader_counters"]["committed"] == 1
+    for name in ("sidecar", "sidecar-ahead"):
+        hook = modes[name]["hook"]
+        # Left out per rank: at most one copy step and one prefetch step per layer (+1 start).
+        assert hook["steps"] >= WORLD * (STEPS - WARMUP - 2 * LAYERS - 1) and hook["on_step_p50_us"] > 0
+        assert modes[name]["placement_matches_leader"]
+        assert modes[name]["leader_counters"]["committed"] == 1
 
 
 def test_weights_hold_their_experts_and_balance_improves(bench_run) -> None:
@@ -90,7 +101,7 @@ def test_weights_hold_their_experts_and_balance_improves(bench_run) -> None:
         assert m["placements_agree"], name
     modes = raw["summary"]["modes"]
     base = modes["no-rebalance"]["balancedness"]
-    for name in ("stop-the-world", "async", "sidecar"):
+    for name in ("stop-the-world", "async", "sidecar", "sidecar-ahead"):
         b = modes[name]["balancedness"]
         assert b["before"] == pytest.approx(base["before"])  # same routing in every mode
         assert b["after"] > b["after_if_not_rebalanced"] + 0.02, name
