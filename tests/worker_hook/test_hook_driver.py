@@ -218,6 +218,25 @@ class StartingCopier(RecordingCopier):
         self.calls.append(("start", epoch, list(layers)))
 
 
+def commit_epoch(side, committed: threading.Event, epoch: int, step: int,
+                 layers: dict[int, list[int]]) -> torch.Tensor:
+    """Plan (one layer per chunk), prepare and commit ``epoch`` with switch step ``step``, where
+    the placement of each layer in ``layers`` becomes the given row; returns the new placement."""
+    new = default_placement(L, E, P)
+    for layer, row in layers.items():
+        new[layer] = torch.tensor(row)
+    side.send(Plan(epoch=epoch, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
+    assert side.expect(PlanAck).epoch == epoch
+    side.send(Prepare(epoch=epoch, step=step))
+    assert side.expect(Promise).epoch == epoch
+    side.send(Commit(epoch=epoch, step=step))
+    assert committed.wait(5)
+    return new
+
+
+TWO_LAYERS = {1: [3, 2, 1, 0, 0, 1, 2, 3], 2: [1, 0, 3, 2, 1, 0, 3, 2]}  # one chunk each
+
+
 def test_a_copy_fn_with_start_sends_each_chunk_a_step_before_it_switches(side, tmp_path) -> None:
     copier = StartingCopier()
     committed = threading.Event()
@@ -226,15 +245,7 @@ def test_a_copy_fn_with_start_sends_each_chunk_a_step_before_it_switches(side, t
     try:
         hook.on_step(1)
         old = default_placement(L, E, P)
-        new = old.clone()
-        new[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])
-        new[2] = torch.tensor([1, 0, 3, 2, 1, 0, 3, 2])  # two layers, one per chunk
-        side.send(Plan(epoch=4, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
-        assert side.expect(PlanAck).epoch == 4
-        side.send(Prepare(epoch=4, step=5))
-        assert side.expect(Promise).epoch == 4
-        side.send(Commit(epoch=4, step=5))
-        assert committed.wait(5)
+        new = commit_epoch(side, committed, 4, 5, TWO_LAYERS)
         hook.on_step(3)
         assert copier.calls == [("prefetch", 4, [1])]
         hook.on_step(5)  # S: chunk 0 goes out; no layer switches yet
@@ -265,14 +276,7 @@ def test_a_failed_start_marks_the_rank_unsafe_and_reports_done_error(side, tmp_p
                 on_event=lambda msg: isinstance(msg, Commit) and committed.set())
     try:
         hook.on_step(1)
-        new = default_placement(L, E, P)
-        new[1] = torch.tensor([3, 2, 1, 0, 0, 1, 2, 3])
-        side.send(Plan(epoch=2, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=1))
-        assert side.expect(PlanAck).epoch == 2
-        side.send(Prepare(epoch=2, step=3))
-        assert side.expect(Promise).epoch == 2
-        side.send(Commit(epoch=2, step=3))
-        assert committed.wait(5)
+        commit_epoch(side, committed, 2, 3, {1: TWO_LAYERS[1]})
         with pytest.raises(CopyFailed, match="NCCL is gone"):
             hook.on_step(3)
         done = side.expect(Done)
