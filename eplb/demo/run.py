@@ -160,8 +160,9 @@ def print_summary(status: dict[str, Any], results: list[dict[str, Any]], opts: D
                   "(the rest of a step is this machine running 6 processes on its cores)", file=out)
         print(f"  hook on_step on steps without a copy: p50 {hook_p50:.1f} us, p99 {hook_p99:.1f} us "
               "(this machine's cores are shared by every process of the demo)", file=out)
-        print(f"  worst extra time one step paid inside the hook: {worst_hook:.2f} ms (copy chunks: "
-              f"{len(copy_steps)} over all ranks, slowest {worst_copy:.2f} ms)", file=out)
+        print(f"  worst extra time one step paid inside the hook: {worst_hook:.2f} ms (steps with copy "
+              f"work, transfers started or landed: {len(copy_steps)} over all ranks, slowest "
+              f"{worst_copy:.2f} ms)", file=out)
         print(f"  weights checked after every layer switch on every rank: {checks} checks, "
               f"{mismatches} mismatched slots", file=out)
     gains = [r for r in history if r["outcome"] == "committed"
