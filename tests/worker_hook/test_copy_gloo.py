@@ -331,6 +331,9 @@ def job_absent_peer(rank: int, world_size: int, payload: dict) -> str:
                             timeout_s=1.0)
     start = time.monotonic()
     try:
+        if payload.get("start_ahead"):
+            executor.start(7, [0], old, new)  # returns at once: nothing is waited for here
+            assert time.monotonic() - start < 0.5
         executor(7, [0], old, new)
     except CopyError as err:
         elapsed = time.monotonic() - start
@@ -365,9 +368,11 @@ def test_started_transfers_are_not_landed_for_other_placements() -> None:
     assert list(reports.values()) == ["ok"] * 4
 
 
-def test_absent_peer_raises_copy_error_within_timeout() -> None:
+@pytest.mark.parametrize("start_ahead", [False, True])
+def test_absent_peer_raises_copy_error_within_timeout(start_ahead: bool) -> None:
     ctx = mp.get_context("spawn")
-    reports = spawn_ranks(2, job_absent_peer, {"done": ctx.Event()}, ctx=ctx)
+    reports = spawn_ranks(2, job_absent_peer, {"done": ctx.Event(), "start_ahead": start_ahead},
+                          ctx=ctx)
     assert reports[0].startswith("CopyError")
 
 
