@@ -15,7 +15,10 @@ Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current p
    reference, taking the slot of an expert that has more replicas than the reference gives it
    (1 slot); otherwise swap a slot of the hottest GPU with a slot of a light GPU (2 slots), or
    turn a spare replica elsewhere into one more replica of an expert of the hottest GPU (1 slot),
-   preferring changes that bring every GPU they touch under the ceiling. Each change is checked
+   preferring changes that bring every GPU they touch under the ceiling. A change costs the slots
+   it changes net of the chain's earlier changes (a swap with a slot the chain already changed
+   costs 1, so two steps can close a 3-cycle that fixes two hot GPUs with 3 slots). With at most
+   ``ALL_TARGETS_UP_TO`` slots per GPU a swap may land on any GPU. Each change is checked
    exactly; every state keeps every expert present. Each layer gets a chain of valid states.
 4. **Fallback.** Where a chain stops short, the reference plan itself is an option for that
    layer, aligned to the current placement (its GPUs matched to the current GPUs by shared
@@ -44,11 +47,16 @@ DEFAULT_TOLERANCE = 0.003
 #: A layer's repair stops once its max GPU load is within this fraction of the reference's.
 SLACK = 0.002
 #: Local-search steps per layer before the reference plan is used as the fallback.
-DEFAULT_STEPS = 12
-#: A local-search move lands on one of this many least-loaded GPUs.
+DEFAULT_STEPS = 24
+#: A local-search swap lands on one of this many least-loaded GPUs...
 LIGHT_GPUS = 16
+#: ...or on any GPU when a GPU has at most this many slots (with few slots per GPU the best
+#: target is a light slot, often on a GPU that is not among the lightest).
+ALL_TARGETS_UP_TO = 4
 #: A replica-splitting move takes its slot from one of this many cheapest donors.
 DONORS = 32
+#: Rank candidate changes by the slots they change net of earlier chain steps.
+NET_COST = True
 
 
 def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
@@ -230,7 +238,7 @@ def slot_costs(swaps: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
 def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
                  per_replica: torch.Tensor, gpu_load: torch.Tensor, peak: torch.Tensor,
                  hot: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
-                 ref_counts: torch.Tensor) -> Change:
+                 ref_counts: torch.Tensor, current: torch.Tensor | None = None) -> Change:
     """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
     and for a swap the new expert of slot ``src`` on ``g``.
 
@@ -245,15 +253,18 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     (1 slot). A candidate is scored by the highest load among the GPUs it touches (for a split,
     the other GPUs holding the expert that gives up a replica are charged with its heavier share:
     an upper bound). Those that bring all of them under ``ceiling`` rank first, 1-slot ones
-    before 2-slot ones, then by load shed; the rest by load shed per slot changed. The caller
-    checks the chosen change exactly.
+    before 2-slot ones, then by load shed; the rest by load shed per slot changed. With
+    ``current`` given, a candidate's slots are counted net of the chain so far
+    (:func:`net_costs`: a slot changed before costs nothing more, one given back its current
+    expert saves one). The caller checks the chosen change exactly.
 
     Args:
         load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts
         as float64 (whole numbers); per_replica: ``[L, E]`` ``load / counts.clamp(min=1)``;
         gpu_load: ``[L, G]`` its GPU loads; peak, hot: ``[L]`` float64 and int64, the max of
         ``gpu_load`` per layer and its (first) GPU; ceiling: ``[L]``; limit: ``[L]``;
-        ref_counts: ``[L, E]`` the reference's replica counts (float64).
+        ref_counts: ``[L, E]`` the reference's replica counts (float64); current: ``[L, P]``
+        the served placement, or None to count 2 slots per swap and 1 per split.
     Returns:
         the :class:`Change` of each layer.
     """
@@ -271,7 +282,10 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
     # (a move must land below the peak; the lightest leave the most room). A target on g itself
     # gets d = -inf, one of the same expert d = 0: neither is taken.
-    light_load, light = gpu_load.topk(min(num_gpus, LIGHT_GPUS), dim=1, largest=False)  # [L, K]
+    if per_gpu <= ALL_TARGETS_UP_TO or LIGHT_GPUS >= num_gpus:  # every GPU, in order (no sort)
+        light_load, light = gpu_load, lanes(num_gpus).expand(layers, -1)
+    else:
+        light_load, light = gpu_load.topk(LIGHT_GPUS, dim=1, largest=False)  # [L, K]
     target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
     x = per_replica.gather(1, phys2log.gather(1, target))
     x.view(layers, -1, per_gpu).masked_fill_((light == hot).unsqueeze(2), inf)
@@ -306,14 +320,23 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
     # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
     width = target.shape[1]
     touched = torch.cat([swapped, split], dim=2)
-    cost, first = slot_costs(width, touched.shape[2] - width)
-    shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
-    rank = torch.where(touched <= ceiling[:, None, None], first + shed, shed / cost)
+    if current is None:
+        cost, first = slot_costs(width, touched.shape[2] - width)
+        shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
+        rank = torch.where(touched <= ceiling[:, None, None], first + shed, shed / cost)
+    else:
+        cost = net_costs(phys2log, current, source, target, spare.gather(1, pick), es)
+        shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
+        rank = torch.where(touched <= ceiling[:, None, None], 10.0 - cost + shed,
+                           shed / cost.clamp(min=0.25))
     rank = torch.where(torch.cat([d > 0, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
     best, index = rank.view(layers, -1).max(dim=1, keepdim=True)  # [L, 1]
     row, column = index // touched.shape[2], index % touched.shape[2]
     peak = peak.squeeze(1)
-    gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak / cost[column.squeeze(1)]
+    if current is None:
+        gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak / cost[column.squeeze(1)]
+    else:
+        gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak
     act = (best.squeeze(1) > -inf) & (gain > peak * 1e-9)
     swap = (column < width).squeeze(1)
     src = source.gather(1, row).squeeze(1)
@@ -333,6 +356,34 @@ def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tenso
                                .argmax(dim=1, keepdim=True)).squeeze(1)
     return Change(act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
                   torch.where(forced, grow, new_expert), peak)
+
+
+def net_costs(phys2log: torch.Tensor, current: torch.Tensor, source: torch.Tensor,
+              target: torch.Tensor, donor: torch.Tensor, es: torch.Tensor) -> torch.Tensor:
+    """Slots changed against ``current`` after each candidate of :func:`best_changes`, minus before.
+
+    A swap of source slot ``s`` (expert ``es``) with target slot ``t`` (expert ``et``) sets
+    ``s`` to ``et`` and ``t`` to ``es``; a split sets donor slot ``t`` to ``es``. A slot that the
+    chain changed before costs nothing more when it changes again, and one given back its current
+    expert saves one: so a swap with a slot changed earlier (a cycle) costs 1, not 2.
+
+    Args:
+        phys2log: ``[L, P]`` the chain's state; current: ``[L, P]`` the served placement;
+        source: ``[L, S]`` slots of the hot GPU; target: ``[L, C]`` swap targets; donor:
+        ``[L, M]`` split slots; es: ``[L, S]`` the experts of ``source``.
+    Returns:
+        ``[L, S, C + M]`` float64 (whole numbers from -2 to 2).
+    """
+    cur_s, cur_t, cur_d = current.gather(1, source), current.gather(1, target), current.gather(1, donor)
+    et, ed = phys2log.gather(1, target), phys2log.gather(1, donor)
+    # 2 slots, less those already changed, less those given back their current expert
+    before = (es != cur_s).to(torch.float64).unsqueeze(2) + (et != cur_t).to(torch.float64).unsqueeze(1)
+    back = (et.unsqueeze(1) == cur_s.unsqueeze(2)).to(torch.float64)
+    back += es.unsqueeze(2) == cur_t.unsqueeze(1)
+    swap = (2.0 - before).sub_(back)
+    split = (ed != cur_d).to(torch.float64).unsqueeze(1).sub(1.0).neg_() \
+        - (es.unsqueeze(2) == cur_d.unsqueeze(1)).to(torch.float64)
+    return torch.cat([swap, split], dim=2)
 
 
 def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
@@ -420,7 +471,7 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_bounds, t_ref, t_current = state
         t_ceiling, t_limit = t_bounds.unbind(dim=1)
         change = best_changes(t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_ceiling,
-                              t_limit, t_ref)
+                              t_limit, t_ref, t_current if NET_COST else None)
         swap, src, dst, expert, t_peak = change.swap, change.src, change.dst, change.expert, change.peak
         gone = t_p2l.gather(1, dst[:, None])  # [T, 1] the expert dst gives up
         new_p2l = t_p2l.scatter(1, torch.where(swap, src, dst)[:, None], gone)
@@ -641,7 +692,7 @@ def choose_states(scores: list[list[float]], moves: list[list[int]], goal_sum: f
 
 def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
                      current: torch.Tensor | None = None, max_moves: int = 0,
-                     tolerance: float = DEFAULT_TOLERANCE, steps: int = DEFAULT_STEPS) -> torch.Tensor:
+                     tolerance: float = DEFAULT_TOLERANCE, steps: int = 0) -> torch.Tensor:
     """The stable policy (see the module docstring).
 
     Args:
@@ -651,7 +702,7 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
             reference (:func:`plan_from_scratch`) and ``max_moves`` does not apply.
         max_moves: at most this many slots change (0: no cap).
         tolerance: how far below the reference's mean balancedness the plan may stay.
-        steps: local-search steps per layer.
+        steps: local-search steps per layer (0: ``DEFAULT_STEPS``).
     Returns:
         phys2log ``[L, P]`` int64 with every expert present in every layer. When the current
         placement already reaches the target it is returned unchanged (no slot moves).
@@ -659,7 +710,8 @@ def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
     # Inference mode runs the same arithmetic with less bookkeeping per tensor operation (the plan
     # is many small ones); the result is copied out as an ordinary tensor.
     with torch.inference_mode():
-        plan = stable_plan(load, num_physical, num_gpus, current, max_moves, tolerance, steps)
+        plan = stable_plan(load, num_physical, num_gpus, current, max_moves, tolerance,
+                           steps or DEFAULT_STEPS)
     return plan.clone()
 
 
