@@ -93,6 +93,10 @@ OPTIONS: tuple[Option, ...] = (
            "rebalance changes; 0 = no cap", POLICY, default=0, minimum=0),
     Option("planner", str, "executor the planner runs in", POLICY, default="process",
            choices=("process", "thread")),
+    Option("planner-threads", int, "torch CPU threads the planner uses; its many small tensor "
+           "operations run fastest on 1, and more threads spin on cores the engine needs (with "
+           "--planner thread this sets torch's threads for the whole sidecar)", POLICY, default=1,
+           minimum=1, metavar="N"),
     Option("ack-timeout", float, "PLAN -> every PLAN_ACK", TIMEOUTS,
            metavar="SECONDS", default=5.0, above=0),
     Option("promise-timeout", float, "PREPARE -> every PROMISE", TIMEOUTS,
@@ -153,6 +157,7 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         bind_address=v.get("bind"), run_dir=Path(v["run-dir"]), leader=leader,
         heartbeat_s=v["heartbeat"], worker_timeout_s=v["worker-timeout"],
         node_timeout_s=v["node-timeout"], planner_executor=v["planner"],
+        planner_threads=v["planner-threads"],
         group_access=v["group-access"], http=parse_http(v["http"]),
         expected_workers=v["expected-workers"], grace_s=v["grace-period"],
         curve_keys=v.get("curve-keys"))

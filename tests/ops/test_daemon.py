@@ -151,3 +151,23 @@ def test_a_shutdown_longer_than_the_grace_period_ends_with_status_1(daemon_facto
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(10) == 1, daemon.log()
     assert "shutdown took longer than --grace-period" in daemon.log()
+
+
+@pytest.mark.parametrize("executor", ["process", "thread"])
+def test_the_planner_runs_with_planner_threads_torch_threads(tmp_path: Path, executor: str) -> None:
+    """--planner-threads reaches the executor the plans run in (default 1: the planner's small
+    tensor operations are fastest on one thread, and more would spin on the engine's cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    cfg = SidecarConfig(node_rank=0, num_nodes=1, leader_address=f"tcp://127.0.0.1:{free_port()}",
+                        run_dir=tmp_path, planner_executor=executor, planner_threads=3)
+    sidecar = Sidecar(cfg)
+    sidecar._start_executor()
+    try:
+        assert sidecar._executor.submit(torch.get_num_threads).result(timeout=120) == 3
+    finally:
+        sidecar._executor.shutdown(wait=True)
+        torch.set_num_threads(before)
+    assert SidecarConfig(node_rank=0, num_nodes=1, leader_address="tcp://127.0.0.1:1",
+                         run_dir=tmp_path).planner_threads == 1
