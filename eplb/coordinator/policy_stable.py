@@ -203,7 +203,7 @@ def balancedness(mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
 
 
 class Change(NamedTuple):
-    """One change per layer (see :func:`best_changes`); all ``[L]``.
+    """One change per layer (see :func:`best_changes`); all ``[T, 1]``.
 
     act: bool, a change helps or is forced; forced: bool, it must be made; swap: bool, two slots
     change; src: a slot on the most loaded GPU; dst: the slot that takes ``expert`` (a swap also
@@ -219,6 +219,42 @@ class Change(NamedTuple):
     peak: torch.Tensor
 
 
+class Going(NamedTuple):
+    """The layers a repair chain still works on, one row each (``T`` rows).
+
+    load: ``[T, E]`` float64; ref: ``[T, E]`` the reference's replica counts (float64); ceiling:
+    ``[T, 1, 1]`` the max GPU load at which a layer is done; limit: ``[T, 1]`` the reference's
+    heaviest replica; current: ``[T, P]`` the served placement; phys2log: ``[T, P]`` the chain's
+    state; counts: ``[T, E]`` its replica counts (float64, whole numbers); share: ``[T, E]``
+    ``load / counts``; slot: ``[T, P]`` the share of each slot's expert; gpu: ``[T, G]`` GPU
+    loads; peak: ``[T, 1]`` their max; hot: ``[T]`` its (first) GPU; changed: ``[T, P]`` bool,
+    ``phys2log != current``.
+    """
+
+    load: torch.Tensor
+    ref: torch.Tensor
+    ceiling: torch.Tensor
+    limit: torch.Tensor
+    current: torch.Tensor
+    phys2log: torch.Tensor
+    counts: torch.Tensor
+    share: torch.Tensor
+    slot: torch.Tensor
+    gpu: torch.Tensor
+    peak: torch.Tensor
+    hot: torch.Tensor
+    changed: torch.Tensor
+
+
+#: The rank of a candidate that is not taken (a 0-d tensor, for ``torch.where(..., out=)``).
+NO_RANK = torch.tensor(float("-inf"), dtype=torch.float64)
+#: The least load shed (relative to the peak) that counts as a change (a 0-d tensor).
+TINY = torch.tensor(1e-9, dtype=torch.float64)
+#: Infinite load and -1.0 (0-d tensors: cheaper in ``torch.where`` than Python numbers).
+NO_LOAD = torch.tensor(float("inf"), dtype=torch.float64)
+MINUS_ONE = torch.tensor(-1.0, dtype=torch.float64)
+
+
 @functools.lru_cache(maxsize=32)
 def lanes(n: int) -> torch.Tensor:
     """``arange(n)``, made once (read-only)."""
@@ -226,136 +262,193 @@ def lanes(n: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def slot_costs(swaps: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots changed by each candidate (``swaps`` 2-slot ones, then ``splits`` 1-slot ones) and the
-    rank offset of a candidate under the ceiling (``4 - cost``); both ``[swaps + splits]``
-    float64, made once (read-only)."""
-    cost = torch.ones(swaps + splits, dtype=torch.float64)
-    cost[:swaps] = 2.0
-    return cost, 4.0 - cost
+def gpu_slots(num_gpus: int, per_gpu: int) -> torch.Tensor:
+    """``[G, S]``: the slots of each GPU, made once (read-only)."""
+    return torch.arange(num_gpus * per_gpu).view(num_gpus, per_gpu)
 
 
-def best_changes(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-                 per_replica: torch.Tensor, gpu_load: torch.Tensor, peak: torch.Tensor,
-                 hot: torch.Tensor, ceiling: torch.Tensor, limit: torch.Tensor,
-                 ref_counts: torch.Tensor, current: torch.Tensor | None = None) -> Change:
+@functools.lru_cache(maxsize=32)
+def slot_gpu(num_gpus: int, per_gpu: int) -> torch.Tensor:
+    """``[P]``: the GPU of each slot, made once (read-only)."""
+    return torch.arange(num_gpus).repeat_interleave(per_gpu)
+
+
+@functools.lru_cache(maxsize=32)
+def row_column(rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[rows * columns]`` each: the row and the column of each flat index, made once
+    (read-only; a lookup is cheaper than an integer division)."""
+    flat = torch.arange(rows * columns)
+    return flat // columns, flat % columns
+
+
+def best_changes(g: Going, net: bool = True) -> Change:
     """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
     and for a swap the new expert of slot ``src`` on ``g``.
 
     First, a replica that must move: an expert on ``g`` whose load per replica exceeds
     ``limit`` (the reference's heaviest replica) cannot fit the reference way, so it takes a slot
-    of the expert with a spare replica (more than ``ref_counts``) that is cheapest to give up, on
+    of the expert with a spare replica (more than ``ref``) that is cheapest to give up, on
     the most loaded GPU holding that expert (forced: 1 slot).
 
     Otherwise the best of these candidates: swap a slot of ``g`` with a lighter slot on one of the
-    ``LIGHT_GPUS`` least loaded GPUs (2 slots change, counts unchanged), or turn a slot of one of
-    the ``DONORS`` cheapest spare replicas elsewhere into one more replica of an expert on ``g``
-    (1 slot). A candidate is scored by the highest load among the GPUs it touches (for a split,
-    the other GPUs holding the expert that gives up a replica are charged with its heavier share:
-    an upper bound). Those that bring all of them under ``ceiling`` rank first, 1-slot ones
-    before 2-slot ones, then by load shed; the rest by load shed per slot changed. With
-    ``current`` given, a candidate's slots are counted net of the chain so far
-    (:func:`net_costs`: a slot changed before costs nothing more, one given back its current
-    expert saves one). The caller checks the chosen change exactly.
+    ``LIGHT_GPUS`` least loaded GPUs (any GPU with at most ``ALL_TARGETS_UP_TO`` slots per GPU;
+    2 slots change, counts unchanged), or turn a slot of one of the ``DONORS`` cheapest spare
+    replicas elsewhere into one more replica of an expert on ``g`` (1 slot). A candidate is scored
+    by the highest load among the GPUs it touches (for a split, the other GPUs holding the expert
+    that gives up a replica are charged with its heavier share: an upper bound). Those that bring
+    all of them under ``ceiling`` rank first, 1-slot ones before 2-slot ones, then by load shed;
+    the rest by load shed per slot changed. With ``net``, a candidate's slots are counted net of
+    the chain so far (:func:`net_costs`: a slot changed before costs nothing more, one given back
+    its current expert saves one). The caller checks the chosen change exactly.
+
+    Candidates are ``[T, S, C + M]``: ``S`` slots of ``g`` times ``C`` swap targets, then ``M``
+    donor slots. The work is written out in few, large tensor operations, several of them in
+    place into two buffers (the touched load, then the load shed; and whether a candidate is
+    valid): on a CPU, at a few layers, each operation costs about as much as its arithmetic.
 
     Args:
-        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts
-        as float64 (whole numbers); per_replica: ``[L, E]`` ``load / counts.clamp(min=1)``;
-        gpu_load: ``[L, G]`` its GPU loads; peak, hot: ``[L]`` float64 and int64, the max of
-        ``gpu_load`` per layer and its (first) GPU; ceiling: ``[L]``; limit: ``[L]``;
-        ref_counts: ``[L, E]`` the reference's replica counts (float64); current: ``[L, P]``
-        the served placement, or None to count 2 slots per swap and 1 per split.
+        g: the layers (:class:`Going`).
+        net: count slots net of the chain so far (else 2 per swap, 1 per split).
     Returns:
         the :class:`Change` of each layer.
     """
-    layers, slots = phys2log.shape
-    num_gpus = gpu_load.shape[1]
+    layers, slots = g.phys2log.shape
+    num_gpus = g.gpu.shape[1]
+    experts = g.load.shape[1]
     per_gpu = slots // num_gpus
     inf = float("inf")
-    peak, hot = peak[:, None], hot[:, None]  # [L, 1]
+    p2l, slot, gpu, peak = g.phys2log, g.slot, g.gpu, g.peak
+    hot = g.hot.unsqueeze(1)  # [T, 1]
     peak3 = peak.unsqueeze(2)
-    one_less = load / (counts - 1).clamp_(min=1)  # [L, E] the share with one replica fewer
-    source = hot * per_gpu + lanes(per_gpu)  # [L, S] the slots of g
-    es = phys2log.gather(1, source)
-    xs = per_replica.gather(1, es)
+    source = gpu_slots(num_gpus, per_gpu).index_select(0, g.hot)  # [T, S] the slots of g
+    es, xs = p2l.gather(1, source), slot.gather(1, source)
 
     # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
-    # (a move must land below the peak; the lightest leave the most room). A target on g itself
-    # gets d = -inf, one of the same expert d = 0: neither is taken.
+    # (a move must land below the peak; the lightest leave the most room). The GPU g itself has
+    # an infinite room (touched inf: never taken), one slot of the same expert d = 0 (not taken).
     if per_gpu <= ALL_TARGETS_UP_TO or LIGHT_GPUS >= num_gpus:  # every GPU, in order (no sort)
-        light_load, light = gpu_load, lanes(num_gpus).expand(layers, -1)
+        light_load = gpu.scatter(1, hot, inf)
+        target, x, t_expert = lanes(slots).expand(layers, -1), slot, p2l
+        t_current, t_changed = g.current, g.changed
     else:
-        light_load, light = gpu_load.topk(LIGHT_GPUS, dim=1, largest=False)  # [L, K]
-    target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [L, C]
-    x = per_replica.gather(1, phys2log.gather(1, target))
-    x.view(layers, -1, per_gpu).masked_fill_((light == hot).unsqueeze(2), inf)
-    d = xs.unsqueeze(2) - x.unsqueeze(1)  # [L, S, C]
-    room = (light_load[:, None, :, None] + d.view(layers, per_gpu, -1, per_gpu)).view(d.shape)
-    swapped = torch.maximum(peak3 - d, room)
+        light_load, light = gpu.topk(LIGHT_GPUS, dim=1, largest=False)  # [T, K]
+        light_load = light_load.masked_fill(light == hot, inf)
+        target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [T, C]
+        x, t_expert = slot.gather(1, target), p2l.gather(1, target)
+        t_current, t_changed = g.current.gather(1, target), g.changed.gather(1, target)
+    width = target.shape[1]
+    wide = max(1, min(slots, 2 * (slots - experts)))  # spare replicas listed
+    donors = min(wide, DONORS)
+    total = width + donors
+    # (the touched load of every candidate, then its load shed, in one buffer; a swap with d <= 0
+    # touches at least the peak: it sheds nothing, so it is not taken)
+    touched = torch.empty(layers, per_gpu, total, dtype=torch.float64)
+    swapped = touched.narrow(2, 0, width)
+    d = xs.unsqueeze(2) - x.unsqueeze(1)  # [T, S, C]
+    torch.add(light_load.view(layers, 1, -1, 1), d.view(layers, per_gpu, -1, per_gpu),
+              out=swapped.view(layers, per_gpu, -1, per_gpu))  # the room left on the target's GPU
+    torch.maximum(torch.sub(peak3, d, out=d), swapped, out=swapped)
 
     # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
     # a's other holders take its heavier share. Donors: those cheapest to give up, from the slots
-    # of experts with more than one replica (at most 2 (P - E), listed in slot order, then
-    # padded with a slot of g, which never gives up its replica: inf).
-    multi = counts.gather(1, phys2log) > 1  # [L, P]
-    width = max(1, min(slots, 2 * (slots - load.shape[1])))
-    at = multi.cumsum(dim=1).sub_(1).masked_fill_(~multi, width)
-    spare = source[:, :1].expand(-1, width + 1).clone().scatter_(
-        1, at, lanes(slots).expand(layers, -1))[:, :width]  # [L, W] slots
-    spare_expert = phys2log.gather(1, spare)
-    spare_gpu = spare // per_gpu
-    spare_load = gpu_load.gather(1, spare_gpu)
-    holders = other_holder(spare, spare_expert, spare_load, per_replica) \
-        + (one_less - per_replica).gather(1, spare_expert)
+    # of experts with more than one replica (at most 2 (P - E), listed in slot order from column
+    # 1, column 0 taking the others; then padded with a slot of g, which never gives up its
+    # replica: inf).
+    counts = g.counts
+    one_less = g.load / (counts - 1).clamp_(min=1)  # [T, E] the share with one replica fewer
+    multi = counts.gather(1, p2l) > 1  # [T, P]
+    spare = source.narrow(1, 0, 1).expand(-1, wide + 1).clone().scatter_(
+        1, multi.cumsum(dim=1).mul_(multi), lanes(slots).expand(layers, -1)).narrow(1, 1, wide)
+    spare_expert = p2l.gather(1, spare)  # [T, W]
+    spare_gpu = slot_gpu(num_gpus, per_gpu).take(spare)
+    spare_load = gpu.gather(1, spare_gpu)
+    spare_share = slot.gather(1, spare)
+    holders = other_holder(spare, spare_expert, spare_load, one_less)
+    holders += one_less.gather(1, spare_expert) - spare_share
     holders.masked_fill_(spare_gpu == hot, inf)
-    left = spare_load - per_replica.gather(1, spare_expert)
-    pick = torch.maximum(holders, left).topk(min(width, DONORS), dim=1, largest=False).indices
-    new_share = (load / (counts + 1)).gather(1, es)  # [L, S]
-    split = torch.maximum(torch.maximum((peak - (xs - new_share)).unsqueeze(2),
-                                        left.gather(1, pick).unsqueeze(1) + new_share.unsqueeze(2)),
-                          holders.gather(1, pick).unsqueeze(1))  # [L, S, M]
-    split_ok = es.unsqueeze(2) != spare_expert.gather(1, pick).unsqueeze(1)
+    left = spare_load - spare_share
+    pick = torch.maximum(holders, left).topk(donors, dim=1, largest=False).indices  # [T, M]
+    donor = spare.gather(1, pick)
+    new_share = g.load.gather(1, es) / (counts.gather(1, es) + 1)  # [T, S]
+    split = touched.narrow(2, width, donors)
+    torch.maximum(torch.maximum((peak - (xs - new_share)).unsqueeze(2),
+                                left.gather(1, pick).unsqueeze(1) + new_share.unsqueeze(2)),
+                  holders.gather(1, pick).unsqueeze(1), out=split)
+    # (an expert giving a replica to itself changes nothing: not taken)
+    split.masked_fill_(es.unsqueeze(2) == spare_expert.gather(1, pick).unsqueeze(1), inf)
 
     # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
-    # then lower touched load; otherwise the load shed per slot changed. Candidates [L, S, C + M].
-    width = target.shape[1]
-    touched = torch.cat([swapped, split], dim=2)
-    if current is None:
-        cost, first = slot_costs(width, touched.shape[2] - width)
-        shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
-        rank = torch.where(touched <= ceiling[:, None, None], first + shed, shed / cost)
+    # then more load shed (bias + shed, bias = 10 - cost); otherwise the load shed per slot changed
+    # (at least a quarter of a slot). (Without net costs: 4 - cost, and shed / cost.)
+    under = touched <= g.ceiling
+    shed = torch.sub(peak3, touched, out=touched).div_(peak3.clamp(min=1e-300))  # <= 1
+    valid = shed > TINY
+    if net:
+        bias = cost_bias(es, g.current.gather(1, source), g.changed.gather(1, source), t_expert,
+                         t_current, t_changed, g.current.gather(1, donor), g.changed.gather(1, donor))
+        top = bias.to(torch.float64)
+        per_slot = (10 - bias).to(torch.float64).clamp_(min=0.25)
     else:
-        cost = net_costs(phys2log, current, source, target, spare.gather(1, pick), es)
-        shed = (peak3 - touched) / peak3.clamp(min=1e-300)  # <= 1
-        rank = torch.where(touched <= ceiling[:, None, None], 10.0 - cost + shed,
-                           shed / cost.clamp(min=0.25))
-    rank = torch.where(torch.cat([d > 0, split_ok], dim=2) & (shed > 1e-9), rank, -inf)
-    best, index = rank.view(layers, -1).max(dim=1, keepdim=True)  # [L, 1]
-    row, column = index // touched.shape[2], index % touched.shape[2]
-    peak = peak.squeeze(1)
-    if current is None:
-        gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak / cost[column.squeeze(1)]
-    else:
-        gain = shed.view(layers, -1).gather(1, index).squeeze(1) * peak
-    act = (best.squeeze(1) > -inf) & (gain > peak * 1e-9)
-    swap = (column < width).squeeze(1)
-    src = source.gather(1, row).squeeze(1)
-    dst = torch.cat([target, spare.gather(1, pick)], dim=1).gather(1, column).squeeze(1)
-    new_expert = es.gather(1, row).squeeze(1)
+        top = torch.empty(layers, per_gpu, total, dtype=torch.float64)
+        top.narrow(2, 0, width).fill_(2.0)
+        top.narrow(2, width, donors).fill_(3.0)
+        per_slot = 4.0 - top
+    rank = torch.div(shed, per_slot, out=per_slot)
+    rank = torch.where(under, top.add_(shed), rank, out=rank)
+    rank = torch.where(valid, rank, NO_RANK, out=rank)
+    best, index = rank.view(layers, -1).max(dim=1, keepdim=True)  # [T, 1]
+    row, column = (part.take(index) for part in row_column(per_gpu, total))
+    gain = shed.view(layers, -1).gather(1, index) * peak
+    swap = column < width
+    if not net:
+        gain = gain / torch.where(swap, 2.0, 1.0).to(torch.float64)
+    act = (best > NO_RANK) & (gain > peak * 1e-9)
+    src = source.gather(1, row)
+    dst = torch.cat([target, donor], dim=1).gather(1, column)
+    new_expert = es.gather(1, row)
 
     # The forced replica overrides.
-    excess, at = (xs - limit[:, None]).max(dim=1)
-    forced = excess > limit * 1e-9
+    excess, at = (xs - g.limit).max(dim=1, keepdim=True)
+    forced = excess > g.limit * 1e-9
     if not bool(forced.any()):
         return Change(act, forced, swap, src, dst, new_expert, peak)
-    grow = es.gather(1, at[:, None]).squeeze(1)
-    donor_load, donor_expert = torch.where(counts > ref_counts, one_less, inf).min(dim=1)
-    forced &= (donor_load < inf) & (donor_expert != grow)
+    grow = es.gather(1, at)
+    donor_load, donor_expert = torch.where(counts > g.ref, one_less, NO_LOAD).min(dim=1, keepdim=True)
+    forced &= (donor_load < NO_LOAD) & (donor_expert != grow)
     # (a donor has a spare replica, so all of its slots are listed)
-    forced_slot = spare.gather(1, torch.where(spare_expert == donor_expert[:, None], spare_load, -1.0)
-                               .argmax(dim=1, keepdim=True)).squeeze(1)
-    return Change(act | forced, forced, swap & ~forced, src, torch.where(forced, forced_slot, dst),
+    forced_slot = spare.gather(1, torch.where(spare_expert == donor_expert, spare_load, MINUS_ONE)
+                               .argmax(dim=1, keepdim=True))
+    return Change(act | forced, forced, swap > forced, src, torch.where(forced, forced_slot, dst),
                   torch.where(forced, grow, new_expert), peak)
+
+
+def cost_bias(es: torch.Tensor, s_current: torch.Tensor, s_changed: torch.Tensor,
+              t_expert: torch.Tensor, t_current: torch.Tensor, t_changed: torch.Tensor,
+              d_current: torch.Tensor, d_changed: torch.Tensor) -> torch.Tensor:
+    """``10 -`` :func:`net_costs`, as int8, from the candidates' slots.
+
+    A swap changes 2 slots, less each one changed before (``changed``), less each one given back
+    its current expert; a split changes 1, less the same for its donor slot.
+
+    Args:
+        es, s_current, s_changed: ``[T, S]`` the source slots' experts in the chain's state and
+        in the current placement, and whether they differ; t_expert, t_current, t_changed:
+        ``[T, C]`` the same for the swap targets; d_current, d_changed: ``[T, M]`` for the donor
+        slots (whose experts in the state are not needed).
+    Returns:
+        ``[T, S, C + M]`` int8 (8..12).
+    """
+    layers, per_gpu = es.shape
+    width, donors = t_current.shape[1], d_current.shape[1]
+    bias = torch.empty(layers, per_gpu, width + donors, dtype=torch.int8)
+    swap, split = bias.narrow(2, 0, width), bias.narrow(2, width, donors)
+    torch.add(s_changed.view(torch.int8).unsqueeze(2), (t_changed.view(torch.int8) + 8).unsqueeze(1),
+              out=swap)
+    swap += t_expert.unsqueeze(1) == s_current.unsqueeze(2)
+    swap += es.unsqueeze(2) == t_current.unsqueeze(1)
+    torch.add((d_changed.view(torch.int8) + 9).unsqueeze(1), es.unsqueeze(2) == d_current.unsqueeze(1),
+              out=split)
+    return bias
 
 
 def net_costs(phys2log: torch.Tensor, current: torch.Tensor, source: torch.Tensor,
@@ -365,7 +458,8 @@ def net_costs(phys2log: torch.Tensor, current: torch.Tensor, source: torch.Tenso
     A swap of source slot ``s`` (expert ``es``) with target slot ``t`` (expert ``et``) sets
     ``s`` to ``et`` and ``t`` to ``es``; a split sets donor slot ``t`` to ``es``. A slot that the
     chain changed before costs nothing more when it changes again, and one given back its current
-    expert saves one: so a swap with a slot changed earlier (a cycle) costs 1, not 2.
+    expert saves one: so a swap with a slot changed earlier (a cycle) costs 1, not 2. (The chain
+    uses :func:`cost_bias`, ``10 -`` these.)
 
     Args:
         phys2log: ``[L, P]`` the chain's state; current: ``[L, P]`` the served placement;
@@ -374,16 +468,11 @@ def net_costs(phys2log: torch.Tensor, current: torch.Tensor, source: torch.Tenso
     Returns:
         ``[L, S, C + M]`` float64 (whole numbers from -2 to 2).
     """
-    cur_s, cur_t, cur_d = current.gather(1, source), current.gather(1, target), current.gather(1, donor)
-    et, ed = phys2log.gather(1, target), phys2log.gather(1, donor)
-    # 2 slots, less those already changed, less those given back their current expert
-    before = (es != cur_s).to(torch.float64).unsqueeze(2) + (et != cur_t).to(torch.float64).unsqueeze(1)
-    back = (et.unsqueeze(1) == cur_s.unsqueeze(2)).to(torch.float64)
-    back += es.unsqueeze(2) == cur_t.unsqueeze(1)
-    swap = (2.0 - before).sub_(back)
-    split = (ed != cur_d).to(torch.float64).unsqueeze(1).sub(1.0).neg_() \
-        - (es.unsqueeze(2) == cur_d.unsqueeze(1)).to(torch.float64)
-    return torch.cat([swap, split], dim=2)
+    changed = phys2log != current
+    bias = cost_bias(es, current.gather(1, source), changed.gather(1, source),
+                     phys2log.gather(1, target), current.gather(1, target),
+                     changed.gather(1, target), current.gather(1, donor), changed.gather(1, donor))
+    return 10.0 - bias.to(torch.float64)
 
 
 def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
@@ -455,44 +544,45 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     ceilings = ceiling.tolist()
     going = (peak > ceiling).nonzero().squeeze(1)
     ids = going.tolist()  # the layers still going
-    # per layer going: load, placement, counts, GPU loads, (ceiling, limit), reference counts and
-    # the current placement (to count slots moved)
+    peaks = [first_peak for first_peak, c in zip(peak.tolist(), ceilings) if first_peak > c]
     # (counts as float64 from here: whole numbers, so every share is the same, without the
     # int-to-float promotion in each division)
-    t_load, t_counts = load[going], counts[going].to(torch.float64)
-    t_max = gpu_load[going].max(dim=1)
-    state = [t_load, current[going], t_counts, t_load / t_counts.clamp(min=1), gpu_load[going],
-             t_max.values, t_max.indices, torch.stack([ceiling, limit], dim=1)[going],
-             ref_counts[going].to(torch.float64), current[going]]
+    t_load, t_counts, t_current = load[going], counts[going].to(torch.float64), current[going]
+    t_share = t_load / t_counts.clamp(min=1)
+    t_gpu = gpu_load[going]
+    t_max = t_gpu.max(dim=1)
+    g = Going(t_load, ref_counts[going].to(torch.float64), ceiling[going].view(-1, 1, 1),
+              limit[going].unsqueeze(1), t_current, t_current, t_counts, t_share,
+              t_share.gather(1, t_current), t_gpu, t_max.values.unsqueeze(1), t_max.indices,
+              torch.zeros_like(t_current, dtype=torch.bool))
     found, offset = [current], layers
     for _ in range(steps):
         if not ids or math.fsum(last) / layers >= goal:
             break
-        t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_bounds, t_ref, t_current = state
-        t_ceiling, t_limit = t_bounds.unbind(dim=1)
-        change = best_changes(t_load, t_p2l, t_counts, t_share, t_gpu, t_peak, t_hot, t_ceiling,
-                              t_limit, t_ref, t_current if NET_COST else None)
-        swap, src, dst, expert, t_peak = change.swap, change.src, change.dst, change.expert, change.peak
-        gone = t_p2l.gather(1, dst[:, None])  # [T, 1] the expert dst gives up
-        new_p2l = t_p2l.scatter(1, torch.where(swap, src, dst)[:, None], gone)
-        new_p2l.scatter_(1, dst[:, None], expert[:, None])
-        split = (~swap).to(torch.float64)[:, None]
-        new_counts = t_counts.scatter_add(1, gone, -split).scatter_add_(1, expert[:, None], split)
-        new_share = t_load / new_counts.clamp(min=1)
-        new_gpu = gpu_load_from(new_share.gather(1, new_p2l), num_gpus)
+        change = best_changes(g, NET_COST)
+        swap, dst, expert = change.swap, change.dst, change.expert
+        gone = g.phys2log.gather(1, dst)  # [T, 1] the expert dst gives up
+        new_p2l = g.phys2log.scatter(1, torch.where(swap, change.src, dst), gone)
+        new_p2l.scatter_(1, dst, expert)
+        split = (~swap).to(torch.float64)
+        new_counts = g.counts.scatter_add(1, gone, -split).scatter_add_(1, expert, split)
+        new_share = g.load / new_counts.clamp(min=1)
+        new_slot = new_share.gather(1, new_p2l)
+        new_gpu = gpu_load_from(new_slot, num_gpus)
         new_max = new_gpu.max(dim=1)
         new_peak = new_max.values.tolist()
+        changed = new_p2l != g.current
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
-        old_peak, acts = t_peak.tolist(), change.act.tolist()
-        keep = [act and (forced or new < old)
-                for act, forced, new, old in zip(acts, change.forced.tolist(), new_peak, old_peak)]
-        level = [act and new == old for act, new, old in zip(acts, new_peak, old_peak)]
+        acts = change.act.view(-1).tolist()
+        keep = [act and (forced or new < old) for act, forced, new, old
+                in zip(acts, change.forced.view(-1).tolist(), new_peak, peaks)]
+        level = [act and new == old for act, new, old in zip(acts, new_peak, peaks)]
         if any(level):
-            fewer = (new_gpu >= t_peak[:, None]).sum(dim=1) < (t_gpu >= t_peak[:, None]).sum(dim=1)
+            fewer = (new_gpu >= change.peak).sum(dim=1) < (g.gpu >= change.peak).sum(dim=1)
             keep = [k or (lv and f) for k, lv, f in zip(keep, level, fewer.tolist())]
         scores = score_of([mean[layer] for layer in ids], new_peak)
-        moved = (new_p2l != t_current).sum(dim=1).tolist()
+        moved = changed.sum(dim=1).tolist()
         stay = []
         for i, (layer, kept) in enumerate(zip(ids, keep)):
             if kept:
@@ -504,12 +594,23 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
                     stay.append(i)
         found.append(new_p2l)
         offset += len(ids)
-        state = [t_load, new_p2l, new_counts, new_share, new_gpu, new_max.values, new_max.indices,
-                 t_bounds, t_ref, t_current]
-        if len(stay) < len(ids):
-            ids = [ids[i] for i in stay]
-            at = torch.tensor(stay, dtype=torch.int64)
-            state = [t.index_select(0, at) for t in state]
+        if not stay:
+            break
+        if len(stay) == len(ids):
+            g = g._replace(phys2log=new_p2l, counts=new_counts, share=new_share, slot=new_slot,
+                           gpu=new_gpu, peak=new_max.values.unsqueeze(1), hot=new_max.indices,
+                           changed=changed)
+            peaks = new_peak
+            continue
+        ids = [ids[i] for i in stay]
+        peaks = [new_peak[i] for i in stay]
+        at = torch.tensor(stay, dtype=torch.int64)
+        new_gpu = new_gpu.index_select(0, at)
+        new_max = new_gpu.max(dim=1)  # (the same as selecting its rows)
+        g = Going(*(t.index_select(0, at) for t in (
+            g.load, g.ref, g.ceiling, g.limit, g.current, new_p2l, new_counts, new_share,
+            new_slot)), new_gpu, new_max.values.unsqueeze(1), new_max.indices,
+            changed.index_select(0, at))
     return chain._replace(states=torch.cat(found))
 
 
