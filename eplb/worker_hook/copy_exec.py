@@ -126,7 +126,8 @@ class CopyExecutor:
         ranks_per_node: ranks per node (``node = rank // ranks_per_node``), to prefer same-node
             sources.
         group: the EP process group, or None for the default group; group ranks ``0..G-1`` are
-            the EP ranks.
+            the EP ranks. A group of its own (not the one the engine's collectives use) lets
+            transfers issued by :meth:`start` run beside the engine's step.
         max_ops_per_batch: bounds one batch to ``max_ops_per_batch // tensors per expert``
             expert transfers of this rank (at least one).
         timeout_s: the longest one layer's transfers may take, in seconds.
