@@ -209,14 +209,9 @@ class CopyExecutor:
         with self._side_stream():
             started = [self._take_started(epoch, layer, old, new) for layer in layers]
             totals.started = sum(prep is not None for prep in started)
-            prepared = [prep or self._take_prefetched(epoch, layer, old, new)
-                        for layer, prep in zip(layers, started)]
-            totals.prefetched = sum(prep is not None and prep.was_prefetched for prep in prepared)
-            missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
-            fresh = {plan.layer: self._prepare(plan)
-                     for plan in self._plan(epoch, missing, old, new)} if missing else {}
-            for layer, prep in zip(layers, prepared):
-                prep = prep or fresh[layer]
+            prepared = self._ready(epoch, layers, old, new, started)
+            totals.prefetched = sum(prep.was_prefetched for prep in prepared)
+            for prep in prepared:
                 if not prep.plan.is_empty:
                     if not prep.issued:
                         self._issue(epoch, prep)
@@ -249,12 +244,7 @@ class CopyExecutor:
             raise CopyError(epoch, stale[0][1], None, f"layers {[k[1] for k in stale]} of epochs "
                             f"{sorted({k[0] for k in stale})} are still in flight; land them first")
         with self._side_stream():
-            prepared = [self._take_prefetched(epoch, layer, old, new) for layer in layers]
-            missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
-            fresh = {plan.layer: self._prepare(plan)
-                     for plan in self._plan(epoch, missing, old, new)} if missing else {}
-            for layer, prep in zip(layers, prepared):
-                prep = prep or fresh[layer]
+            for layer, prep in zip(layers, self._ready(epoch, layers, old, new, [None] * len(layers))):
                 prep.rows = (old[layer].clone(), new[layer].clone())
                 if not prep.plan.is_empty:
                     self._issue(epoch, prep)
@@ -314,6 +304,18 @@ class CopyExecutor:
         if not (torch.equal(old_row, old[layer]) and torch.equal(new_row, new[layer])):
             return None  # prefetched for other placements: plan again
         return prep
+
+    def _ready(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor,
+               known: list[_Prepared | None]) -> list[_Prepared]:
+        """One preparation per layer: the one in ``known`` (started), else what :meth:`prefetch`
+        prepared for these placements, else planned and prepared now (all missing layers in one
+        plan). Device work goes to the current stream (the side stream, from this class)."""
+        prepared = [prep or self._take_prefetched(epoch, layer, old, new)
+                    for layer, prep in zip(layers, known)]
+        missing = [layer for layer, prep in zip(layers, prepared) if prep is None]
+        fresh = {plan.layer: self._prepare(plan)
+                 for plan in self._plan(epoch, missing, old, new)} if missing else {}
+        return [prep or fresh[layer] for layer, prep in zip(layers, prepared)]
 
     def _take_started(self, epoch: int, layer: int, old: torch.Tensor,
                       new: torch.Tensor) -> _Prepared | None:
