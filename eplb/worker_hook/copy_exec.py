@@ -244,7 +244,8 @@ class CopyExecutor:
             raise CopyError(epoch, stale[0][1], None, f"layers {[k[1] for k in stale]} of epochs "
                             f"{sorted({k[0] for k in stale})} are still in flight; land them first")
         with self._side_stream():
-            for layer, prep in zip(layers, self._ready(epoch, layers, old, new, [None] * len(layers))):
+            none: list[_Prepared | None] = [None] * len(layers)
+            for layer, prep in zip(layers, self._ready(epoch, layers, old, new, none)):
                 prep.rows = (old[layer].clone(), new[layer].clone())
                 if not prep.plan.is_empty:
                     self._issue(epoch, prep)
