@@ -55,8 +55,6 @@ LIGHT_GPUS = 16
 ALL_TARGETS_UP_TO = 4
 #: A replica-splitting move takes its slot from one of this many cheapest donors.
 DONORS = 32
-#: Rank candidate changes by the slots they change net of earlier chain steps.
-NET_COST = True
 
 
 def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
@@ -281,7 +279,7 @@ def row_column(rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat // columns, flat % columns
 
 
-def best_changes(g: Going, net: bool = True) -> Change:
+def best_changes(g: Going) -> Change:
     """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
     and for a swap the new expert of slot ``src`` on ``g``.
 
@@ -297,7 +295,7 @@ def best_changes(g: Going, net: bool = True) -> Change:
     by the highest load among the GPUs it touches (for a split, the other GPUs holding the expert
     that gives up a replica are charged with its heavier share: an upper bound). Those that bring
     all of them under ``ceiling`` rank first, 1-slot ones before 2-slot ones, then by load shed;
-    the rest by load shed per slot changed. With ``net``, a candidate's slots are counted net of
+    the rest by load shed per slot changed. A candidate's slots are counted net of
     the chain so far (:func:`net_costs`: a slot changed before costs nothing more, one given back
     its current expert saves one). The caller checks the chosen change exactly.
 
@@ -308,7 +306,6 @@ def best_changes(g: Going, net: bool = True) -> Change:
 
     Args:
         g: the layers (:class:`Going`).
-        net: count slots net of the chain so far (else 2 per swap, 1 per split).
     Returns:
         the :class:`Change` of each layer.
     """
@@ -379,20 +376,14 @@ def best_changes(g: Going, net: bool = True) -> Change:
 
     # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
     # then more load shed (bias + shed, bias = 10 - cost); otherwise the load shed per slot changed
-    # (at least a quarter of a slot). (Without net costs: 4 - cost, and shed / cost.)
+    # (at least a quarter of a slot).
     under = touched <= g.ceiling
     shed = torch.sub(peak3, touched, out=touched).div_(peak3.clamp(min=1e-300))  # <= 1
     valid = shed > TINY
-    if net:
-        bias = cost_bias(es, g.current.gather(1, source), g.changed.gather(1, source), t_expert,
-                         t_current, t_changed, g.current.gather(1, donor), g.changed.gather(1, donor))
-        top = bias.to(torch.float64)
-        per_slot = (10 - bias).to(torch.float64).clamp_(min=0.25)
-    else:
-        top = torch.empty(layers, per_gpu, total, dtype=torch.float64)
-        top.narrow(2, 0, width).fill_(2.0)
-        top.narrow(2, width, donors).fill_(3.0)
-        per_slot = 4.0 - top
+    bias = cost_bias(es, g.current.gather(1, source), g.changed.gather(1, source), t_expert,
+                     t_current, t_changed, g.current.gather(1, donor), g.changed.gather(1, donor))
+    top = bias.to(torch.float64)
+    per_slot = (10 - bias).to(torch.float64).clamp_(min=0.25)
     rank = torch.div(shed, per_slot, out=per_slot)
     rank = torch.where(under, top.add_(shed), rank, out=rank)
     rank = torch.where(valid, rank, NO_RANK, out=rank)
@@ -400,8 +391,6 @@ def best_changes(g: Going, net: bool = True) -> Change:
     row, column = (part.take(index) for part in row_column(per_gpu, total))
     gain = shed.view(layers, -1).gather(1, index) * peak
     swap = column < width
-    if not net:
-        gain = gain / torch.where(swap, 2.0, 1.0).to(torch.float64)
     act = (best > NO_RANK) & (gain > peak * 1e-9)
     src = source.gather(1, row)
     dst = torch.cat([target, donor], dim=1).gather(1, column)
@@ -559,7 +548,7 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     for _ in range(steps):
         if not ids or math.fsum(last) / layers >= goal:
             break
-        change = best_changes(g, NET_COST)
+        change = best_changes(g)
         swap, dst, expert = change.swap, change.dst, change.expert
         gone = g.phys2log.gather(1, dst)  # [T, 1] the expert dst gives up
         new_p2l = g.phys2log.scatter(1, torch.where(swap, change.src, dst), gone)
