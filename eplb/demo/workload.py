@@ -77,3 +77,17 @@ def drift_windows(base: torch.Tensor, windows: int, seed: int, swaps: int = 4) -
             load[:, [i, j]] = load[:, [j, i]]
         out.append(load.clone())
     return out
+
+
+def noise_windows(base: torch.Tensor, windows: int, seed: int, sigma: float = 0.1) -> list[torch.Tensor]:
+    """``windows`` successive loads ``[L, E]``: each multiplies every load of the one before by
+    ``exp(N(0, sigma^2))``, drawn per layer and expert (a random walk: the ranking shifts a
+    little each window, mostly among experts of similar load, as sampling noise and slow trends
+    move it)."""
+    gen = torch.Generator().manual_seed(seed)
+    out, load = [], base.clone()
+    for _ in range(windows):
+        step = torch.randn(load.shape, generator=gen, dtype=torch.float64).mul_(sigma).exp_()
+        load = load * step.to(load.dtype)
+        out.append(load.clone())
+    return out
