@@ -15,8 +15,8 @@ whole instead:
 3. **Place.** Pool replicas, heaviest first, each into the hole that fits it most tightly (a GPU
    never takes a second copy of an expert); where none fits, into the slot of a lighter replica
    ``y`` on a GPU with room for it once ``y`` leaves, ``y`` taking a hole that fits it (a swap);
-   where no hole fits ``y`` either, ``y`` goes back to the pool (at most ``4 P`` times, then the
-   layer is given up).
+   where no hole fits ``y`` either, ``y`` goes back to the pool (at most ``DISPLACEMENTS + P / 8`` times,
+   then the layer is given up).
 
 Every slot that is not a hole keeps its expert, so the changes are the holes refilled with other
 experts. Plain Python on one layer at a time: it runs only for the layers the chain cannot fix.
@@ -28,6 +28,11 @@ import bisect
 import heapq
 
 import torch
+
+#: Displacements (a replica sent back to the pool) allowed per layer: ``DISPLACEMENTS + P // 8``.
+#: (Layers that were repacked at 144 GPUs on the benchmark's noise drift needed at most 7; a layer
+#: that runs out is given up, which costs far more time the longer it runs.)
+DISPLACEMENTS = 8
 
 
 def repack_layers(load: torch.Tensor, current: torch.Tensor, layers: list[int], num_gpus: int,
@@ -103,7 +108,7 @@ def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: 
     # 3. place the pool, heaviest first
     heap = [(-share[e], e) for e in pool]
     heapq.heapify(heap)
-    budget = 4 * slots  # displacements allowed before giving up
+    budget = DISPLACEMENTS + slots // 8  # displacements allowed before giving up
     while heap:
         _, e = heapq.heappop(heap)
         x = share[e]
