@@ -876,7 +876,8 @@ def offer_repacks(load: torch.Tensor, current: torch.Tensor, aligned_moves: dict
     Returns:
         ``states`` with the repacked layers' plans appended (``[N + K, P]``).
     """
-    found = repack_layers(load, current, list(aligned_moves), num_gpus, ceiling, limit)
+    most = {layer: int(REPACK_AT_MOST * moves) for layer, moves in aligned_moves.items()}
+    found = repack_layers(load, current, most, num_gpus, ceiling, limit)
     moves = {layer: int((plan != current[layer]).sum()) for layer, plan in found.items()}
     offered = [layer for layer in found if moves[layer] <= REPACK_AT_MOST * aligned_moves[layer]]
     if not offered:

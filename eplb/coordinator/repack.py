@@ -15,7 +15,7 @@ whole instead:
 3. **Place.** Pool replicas, heaviest first, each into the hole that fits it most tightly (a GPU
    never takes a second copy of an expert); where none fits, into the slot of a lighter replica
    ``y`` on a GPU with room for it once ``y`` leaves, ``y`` taking a hole that fits it (a swap);
-   where no hole fits ``y`` either, ``y`` goes back to the pool (at most ``DISPLACEMENTS + P / 8`` times,
+   where no hole fits ``y`` either, ``y`` goes back to the pool (at most ``DISPLACEMENTS + P / 32`` times,
    then the layer is given up).
 
 Every slot that is not a hole keeps its expert, so the changes are the holes refilled with other
@@ -29,34 +29,34 @@ import heapq
 
 import torch
 
-#: Displacements (a replica sent back to the pool) allowed per layer: ``DISPLACEMENTS + P // 8``.
+#: Displacements (a replica sent back to the pool) allowed per layer: ``DISPLACEMENTS + P // 32``.
 #: (Layers that were repacked at 144 GPUs on the benchmark's noise drift needed at most 7; a layer
 #: that runs out is given up, which costs far more time the longer it runs.)
 DISPLACEMENTS = 8
 
 
-def repack_layers(load: torch.Tensor, current: torch.Tensor, layers: list[int], num_gpus: int,
-                  ceiling: torch.Tensor, limit: torch.Tensor) -> dict[int, torch.Tensor]:
+def repack_layers(load: torch.Tensor, current: torch.Tensor, max_pool: dict[int, int],
+                  num_gpus: int, ceiling: torch.Tensor, limit: torch.Tensor) -> dict[int, torch.Tensor]:
     """:func:`repack_layer` for the listed layers.
 
     Args:
-        load: ``[L, E]`` float64; current: ``[L, P]`` int64; layers: the rows to repack;
-        ceiling: ``[L]`` the highest GPU load allowed per layer; limit: ``[L]`` the highest load
-        per replica allowed per layer.
+        load: ``[L, E]`` float64; current: ``[L, P]`` int64; max_pool: ``{layer: its max_pool}``
+        for the layers to repack; ceiling: ``[L]`` the highest GPU load allowed per layer;
+        limit: ``[L]`` the highest load per replica allowed per layer.
     Returns:
         ``{layer: [P] int64 placement}`` for the layers where a placement was found.
     """
     found = {}
-    for layer in layers:
+    for layer, most in max_pool.items():
         plan = repack_layer(load[layer].tolist(), current[layer].tolist(), num_gpus,
-                            float(ceiling[layer]), float(limit[layer]))
+                            float(ceiling[layer]), float(limit[layer]), most)
         if plan is not None:
             found[layer] = torch.tensor(plan, dtype=torch.int64)
     return found
 
 
 def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: float,
-                 limit: float) -> list[int] | None:
+                 limit: float, max_pool: int | None = None) -> list[int] | None:
     """One layer's placement with every GPU load at most ``ceiling``, or None if not found.
 
     Args:
@@ -65,6 +65,8 @@ def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: 
         num_gpus: ``G``, dividing ``P``.
         ceiling: the highest GPU load allowed.
         limit: the highest load per replica allowed (``<= ceiling``).
+        max_pool: give up (None) when more replicas than this must be placed again (each
+            usually changes a slot), before the costly part.
     Returns:
         ``P`` experts, every expert present; the slots not changed keep ``current``'s expert.
     """
@@ -105,10 +107,12 @@ def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: 
                  else max(mine, key=lambda s: share[plan[s]]))
             pool.append(plan[s])
             vacate(plan, gpu_load, holes, s, share[plan[s]], per_gpu)
+    if max_pool is not None and len(pool) > max_pool:
+        return None
     # 3. place the pool, heaviest first
     heap = [(-share[e], e) for e in pool]
     heapq.heapify(heap)
-    budget = DISPLACEMENTS + slots // 8  # displacements allowed before giving up
+    budget = DISPLACEMENTS + slots // 32  # displacements allowed before giving up
     while heap:
         _, e = heapq.heappop(heap)
         x = share[e]
