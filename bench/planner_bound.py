@@ -3,66 +3,118 @@
 Issue 4 asks ``stable`` for two things on drift at 72 and 144 GPUs: balancedness at least
 ``deepseek``'s minus 0.005, and at most 1/3 of the slots ``deepseek`` moves. This script runs the
 same inputs as ``bench/planner.py`` (same loads, drift windows, policies and metric) and, for every
-drift window, computes from the placement ``stable`` serves before the window (``C``) a number
-``bound`` such that **every** placement ``Q`` with ``overall_balancedness(window, Q) >= target``
-(``target = deepseek's overall balancedness on the window - 0.005``) changes at least ``bound``
-slots (``(Q != C).sum()``). It prints the bound next to 1/3 of deepseek's moves and stable's.
+drift window and a starting placement ``C``, computes a number ``bound`` such that **every**
+placement ``Q`` with ``overall_balancedness(window, Q) >= target`` (``target`` = deepseek's overall
+balancedness on the window - 0.005) changes at least ``bound`` slots (``(Q != C).sum()``).
+``C`` is, with ``--from``, ``stable``'s placement before the window (the state stable is in) and/or
+``deepseek``'s placement of the previous window (the state a from-scratch planner is in).
 
-Why it is a lower bound (all of it per layer, then over layers):
+Everything is per layer first: ``B_l(k)`` = an upper bound on the balancedness layer ``l`` can
+reach by changing at most ``k`` of its slots (every expert keeping a replica); then over layers.
+Balancedness of a layer is ``mean / max`` GPU load and the mean does not depend on the
+placement, so that is a question about the least max GPU load ``M_l(k)``.
 
-* Balancedness of a layer is ``mean / max`` GPU load; the mean does not depend on the placement,
-  so a layer reaches ``b`` exactly when every GPU load is at most ``T = mean / b``.
-* **Covering.** A GPU ``g`` whose load under ``C`` is above ``T`` must come down. If none of its
-  own slots changes, it holds the same experts, and its load (each expert's load split evenly
-  over the expert's replicas) falls only if one of its experts gains a replica, which takes a
-  changed slot elsewhere that now holds that expert. So a changed slot ``s`` (new expert ``e``)
-  can settle at most ``1 + h_e`` of the GPUs above ``T``: its own GPU and the ``h_e`` GPUs above
-  ``T`` that hold ``e`` under ``C``. ``k`` changed slots settle at most ``k`` + the sum of the
-  ``k`` largest ``h_e``, so at least the smallest ``k`` for which that reaches the number of
-  GPUs above ``T`` are needed.
-* **Replicas.** A GPU holding a replica of expert ``e`` carries at least ``load_e / count_e``,
-  so every expert needs ``count_e >= c_e(T)``, the least ``c`` with ``load_e / c <= T`` (float
-  division, as the metric). Each replica added is a changed slot holding ``e``, so at least
-  ``sum_e max(0, c_e(T) - count_e(C))`` slots change.
-* ``f_l(T)`` = the larger of the two; it only grows as ``T`` falls. It changes value only where
-  ``T`` crosses a GPU load or a ``load_e / c``; evaluating it there gives, for each ``k``, the
-  highest balancedness ``b_l(k)`` that ``k`` changed slots in layer ``l`` could possibly reach
-  (capped at 1: the max GPU load is never below the mean).
-* **Over layers.** The window's balancedness is the mean over layers, so the cheapest way to
-  reach ``target`` under these per-layer bounds is a multiple-choice knapsack: pick ``k_l`` per
-  layer with ``mean_l b_l(k_l) >= target`` and the least ``sum_l k_l``. It is solved exactly by
-  dynamic programming over the total ``k``, so the layers cheapest to fix are the ones fixed.
-  ``target`` is lowered by 1e-9 before this, for float summation order.
+**Exact part (k <= --exact, default 2).** ``M_l(k)`` is computed exactly by branch and bound
+over sets of changed slots (a change = one slot gets a new expert; changes to distinct slots
+commute, so a set is explored in any order; each slot changes at most once). The search keeps
+the best max load ``B`` found so far (valid placements only) and looks for placements below
+``T = B - delta`` (``delta = 1e-9 * mean``). Rules, each a necessary condition for any such
+placement reachable from a search state ``S`` with ``r`` changes left:
 
-What it assumes and does not claim: the bound is from **stable's own current placement** in each
-window (the state stable is in); a policy that had placed the experts differently in earlier
-windows starts from another placement. It ignores that a slot taken for a new replica costs its
-old expert a replica (that only adds moves), so it can be far below what is achievable.
-As a check, each layer of stable's actual plan must change at least ``f_l`` of that plan's own
-max GPU load; the script asserts it.
+* *Touching.* A GPU's load falls only if one of its slots is rewritten or one of the experts it
+  holds gains a replica (a change writing that expert elsewhere); any other change can only
+  raise it. So every GPU at or above ``T`` ("hot") must be touched, and the search branches on
+  the changes touching one hot GPU (the hottest, or every GPU that needs all ``r`` changes).
+* *Most a GPU can drop* (``maxred``): ``j`` touching changes lower a GPU by at most its ``a``
+  largest slot shares (a rewritten slot's new content is >= 0) plus the ``n`` largest drops of
+  an expert share from one more replica (times the copies on the GPU), with
+  ``max(a, n) + a1 <= j``, ``a1`` the rewritten slots whose expert has no other replica (that
+  expert must be written elsewhere, a change that lowers this GPU by nothing; if all its new
+  replicas are on this GPU they carry its whole load). A hot GPU that needs more than ``r``
+  touching changes prunes ``S``.
+* *Covering.* A change touches at most ``1 + h`` hot GPUs (its own GPU and the ``h`` hot ones
+  holding its expert); the hot GPUs' needs must fit in ``r`` such changes, and when they add up
+  to more than ``r`` some change touches two hot GPUs: the search branches on those only (any
+  two, not only with the hottest: that change need not be the one touching the hottest GPU;
+  a brute-force self-test caught that mistake in a first version).
+* *Missing experts.* A state with more experts without a replica than changes left is pruned;
+  with exactly as many, every change left must write one of them.
+* Children are checked with the same rules before they are entered (the GPUs a change does not
+  touch keep their load and bound), and with one change left every candidate is evaluated.
+  The search stops early at the loose bound below (it cannot do better than that).
 
-    .venv/bin/python bench/planner_bound.py
-    .venv/bin/python bench/planner_bound.py --gpus 144 --windows 3
+Float safety: GPU loads are computed as ``eplb.placement`` does (load / replicas per slot,
+summed per GPU, float64); every improvement is recomputed from scratch before it is kept;
+prunes need a margin of ``1e-9 * mean``; so the true ``M_l(k)`` is at least the one found minus
+``delta``, and ``B_l(k) = mean / (M_l(k) - 2 * delta)`` is used (a slight over-statement, the
+safe side; also capped by the loose ``b_l(k)``, another upper bound). The search is C (compiled
+here with ``cc`` on first use, cached in the temp dir): a numpy version was 20-60 times slower.
+A search over ``--node-limit`` nodes is abandoned and that ``k`` (and larger) fall back to the
+loose bound, which stays valid. Cost on one thread: ``--exact 2`` takes about 90 s for all six
+inputs, 10 windows and both starts; ``--exact 3`` takes minutes per window and start at 72 GPUs
+(up to ~20 s for one layer), so it is meant for a few windows (``--windows``, ``--loads``).
+
+**Loose part (k > the exact range).** ``b_l(k)`` (as before this change; never below the exact
+``B_l`` of the last exact ``k``, which it bounds anyway):
+
+* Covering: a GPU above ``T`` comes down only if touched, so ``k`` changed slots settle at most
+  ``k`` + the ``k`` largest ``h_e`` of the GPUs above ``T``.
+* Replicas: every expert needs ``count_e >= c_e(T)``, the least ``c`` with ``load_e / c <= T``,
+  each replica added is a changed slot.
+* ``f_l(T)`` = the larger; evaluated where ``T`` crosses a GPU load or a ``load_e / c`` it gives
+  the highest balancedness ``k`` changed slots could possibly reach (capped at 1).
+
+**Over layers.** The window's balancedness is the mean over layers, so the cheapest way to reach
+``target`` under per-layer bounds is a multiple-choice knapsack: pick ``k_l`` per layer with
+``mean_l B_l(k_l) >= target`` and the least ``sum_l k_l``, solved exactly by dynamic programming
+over the total. ``target`` is lowered by 1e-9 for float summation order.
+
+Checks the script asserts: every exact ``M_l(k)`` comes with its changes; the placement they give
+is rebuilt and validated, changes at most ``k`` slots and has, by
+``eplb.placement.balancedness``, exactly the balancedness found (to 1e-12) and no more than the
+loose bound; every layer of the plan the starting policy actually makes next (stable's from
+stable's state, deepseek's from deepseek's) reaches no more than ``B_l`` of its own number of
+changed slots; and the window bound is at most that plan's moves when it reaches the target.
+``--selftest N`` compares the exact search with brute force (every placement within ``k``
+changes) on ``N`` random tiny layers.
+
+What it does not claim: the bound is conditional on the starting placement ``C``; ``k`` beyond
+the exact range still uses the loose bound, so the bound is below what is achievable.
+
+    .venv/bin/python bench/planner_bound.py                       # both starts, 10 windows
+    .venv/bin/python bench/planner_bound.py --gpus 144 --windows 3 --exact 2
+    .venv/bin/python bench/planner_bound.py --selftest 200
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
+import itertools
+import os
 import statistics
+import subprocess
+import tempfile
+import time
 
+import numpy as np
 import torch
 
 from eplb.coordinator.planner import PlannerSpec, plan_placement
 from eplb.demo.workload import drift_windows, planner_load
 from eplb.placement import (balancedness, default_placement, gpu_loads, overall_balancedness,
-                            replica_counts)
+                            replica_counts, validate_placement)
 
 L, E, P, GROUPS = 58, 256, 288, 8
 #: The balance goal of issue 4: stable >= deepseek - this (absolute).
 GOAL_TOLERANCE = 0.005
 #: The target is lowered by this much for float summation order (it only weakens the bound).
 FLOAT_SLACK = 1e-9
-
+#: Relative size of the exact search's improvement step and prune margin (times the mean load).
+SEARCH_DELTA = 1e-9
+#: Balancedness is never above this (the max GPU load is never below the mean).
+CAP = 1.0 / (1 - 1e-12)
 
 def needed_replicas(load: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     """The least ``c >= 1`` with ``load / c <= peak`` (float64 division, as the metric).
@@ -144,22 +196,606 @@ def fewest_slots(options: list[list[float]], target: float) -> int:
     return int(reach[0]) if reach.numel() else -1
 
 
+
+# ------------------------------------------------------------------------------------- exact
+C_SOURCE = r"""
+/* Exact best max GPU load of one layer with at most k changed slots (branch and bound). */
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define KMAX 8
+
+typedef struct {
+    int E, P, G, S;
+    const double *load;
+    int *slot_exp, *cnt;
+    unsigned char *changed;
+    double best, delta, slack, floor_;
+    int sol[KMAX][2], nsol;
+    int best_sol[KMAX][2], nbest;
+    long long nodes, limit;
+    int stop; /* 1: floor reached (exact), 2: node limit (not exact) */
+    double *dl; int *mark; int stamp;
+} Ctx;
+
+static double share_of(const Ctx *c, int e) { return c->cnt[e] > 0 ? c->load[e] / c->cnt[e] : 0.0; }
+
+static void gpu_loads(const Ctx *c, double *gl) {
+    for (int g = 0; g < c->G; g++) {
+        double s = 0.0;
+        for (int a = 0; a < c->S; a++) s += share_of(c, c->slot_exp[g * c->S + a]);
+        gl[g] = s;
+    }
+}
+
+static void sort_desc(double *v, int n) {
+    for (int i = 1; i < n; i++) {
+        double x = v[i]; int k = i - 1;
+        while (k >= 0 && v[k] < x) { v[k + 1] = v[k]; k--; }
+        v[k + 1] = x;
+    }
+}
+
+/* Upper bound on the drop of GPU g's load with 0..j more changes (see the Python docstring). */
+static void maxred(const Ctx *c, int g, int j, double *out) {
+    int S = c->S;
+    double ns[16], so[16], marg[16 * KMAX];
+    int nns = 0, nso = 0, nm = 0;
+    for (int a = 0; a < S; a++) {
+        int e = c->slot_exp[g * S + a];
+        double ld = c->load[e], cn = (double)c->cnt[e];
+        int nge = 0;
+        for (int b = 0; b < S; b++) nge += c->slot_exp[g * S + b] == e;
+        double sh = ld / cn;
+        if (c->cnt[e] <= 1) so[nso++] = sh; else ns[nns++] = sh;
+        for (int m = 1; m <= j; m++) marg[nm++] = nge * ld * (1.0 / (cn + m - 1) - 1.0 / (cn + m));
+    }
+    sort_desc(ns, nns); sort_desc(so, nso); sort_desc(marg, nm);
+    double cns[17] = {0}, cso[17] = {0}, cm[16 * KMAX + 1];
+    cm[0] = 0;
+    for (int i = 0; i < nns; i++) cns[i + 1] = cns[i] + ns[i];
+    for (int i = 0; i < nso; i++) cso[i + 1] = cso[i] + so[i];
+    for (int i = 0; i < nm; i++) cm[i + 1] = cm[i] + marg[i];
+    for (int i = 0; i <= j; i++) out[i] = 0.0;
+    for (int a0 = 0; a0 <= nns && a0 <= j; a0++)
+        for (int a1 = 0; a1 <= nso && a1 <= j; a1++)
+            for (int n = 0; n <= j; n++) {
+                int cost = (a0 + a1 > n ? a0 + a1 : n) + a1;
+                if (cost > j) continue;
+                double v = cns[a0] + cso[a1] + cm[n < nm ? n : nm];
+                for (int i = cost; i <= j; i++) if (v > out[i]) out[i] = v;
+            }
+    for (int i = 0; i <= j; i++) out[i] = out[i] * (1 + 1e-12) + c->slack;
+}
+
+/* New max GPU load and validity after the single change (s, e), from loads gl with
+ * desc order `ord`; holders: CSR lists of slots per expert (head/next). */
+static int g_touched[1024], g_nt;
+static double eval_change(Ctx *c, const double *gl, const int *ord, const int *head, const int *next,
+                          int s, int e, int nmiss, int *valid) {
+    int S = c->S, x = c->slot_exp[s];
+    double lx = c->load[x], le = c->load[e];
+    int cx = c->cnt[x], ce = c->cnt[e];
+    double shx = lx / cx;
+    double dx = cx > 1 ? lx / (cx - 1) - shx : 0.0;
+    double nse = le / (ce + 1);
+    double de = ce > 0 ? nse - le / ce : 0.0;
+    int touched[1024]; int nt = 0;
+    c->stamp++;
+#define TOUCH(g, v) do { int _g = (g); if (c->mark[_g] != c->stamp) { c->mark[_g] = c->stamp; c->dl[_g] = 0.0; if (nt < 1024) touched[nt++] = _g; } c->dl[_g] += (v); } while (0)
+    if (dx != 0.0) for (int t = head[x]; t >= 0; t = next[t]) TOUCH(t / S, dx);
+    if (de != 0.0) for (int t = head[e]; t >= 0; t = next[t]) TOUCH(t / S, de);
+    TOUCH(s / S, nse - shx - dx);
+#undef TOUCH
+    double m = -INFINITY;
+    for (int i = 0; i < nt; i++) { double v = gl[touched[i]] + c->dl[touched[i]]; if (v > m) m = v; }
+    for (int i = 0; i < c->G; i++) if (c->mark[ord[i]] != c->stamp) { if (gl[ord[i]] > m) m = gl[ord[i]]; break; }
+    memcpy(g_touched, touched, sizeof(int) * nt); g_nt = nt;
+    *valid = (nmiss - (ce == 0) + (cx == 1)) == 0;
+    return m;
+}
+
+static double *g_sortkey;
+static int cmp_key(const void *a, const void *b) {
+    double x = g_sortkey[*(const int *)a], y = g_sortkey[*(const int *)b];
+    return (x > y) - (x < y);
+}
+static const double *g_gl;
+static int cmp_gl_desc(const void *a, const void *b) {
+    double x = g_gl[*(const int *)a], y = g_gl[*(const int *)b];
+    return (x < y) - (x > y);
+}
+
+static void apply(Ctx *c, int s, int e, int *old) {
+    *old = c->slot_exp[s];
+    c->cnt[*old]--; c->cnt[e]++; c->slot_exp[s] = e; c->changed[s] = 1;
+}
+static void undo(Ctx *c, int s, int e, int old) {
+    c->cnt[e]--; c->cnt[old]++; c->slot_exp[s] = old; c->changed[s] = 0;
+}
+
+static void record(Ctx *c, double M) {
+    c->best = M;
+    c->nbest = c->nsol;
+    memcpy(c->best_sol, c->sol, sizeof(c->sol));
+    if (M <= c->floor_ + c->delta) c->stop = 1;
+}
+
+static void node(Ctx *c, int r) {
+    int E = c->E, P = c->P, G = c->G, S = c->S;
+    if (c->stop) return;
+    if (++c->nodes > c->limit) { c->stop = 2; return; }
+    double *gl = malloc(sizeof(double) * G);
+    gpu_loads(c, gl);
+    double M = -INFINITY; int nmiss = 0;
+    for (int g = 0; g < G; g++) if (gl[g] > M) M = gl[g];
+    for (int e = 0; e < E; e++) nmiss += c->cnt[e] == 0;
+    if (nmiss == 0 && M < c->best - c->delta) record(c, M);
+    if (r == 0 || nmiss > r || c->stop) { free(gl); return; }
+    double T = c->best - c->delta;
+    int *H = malloc(sizeof(int) * G), nH = 0;
+    for (int g = 0; g < G; g++) if (gl[g] >= T) H[nH++] = g;
+    int *U = malloc(sizeof(int) * G), nU = 0;
+    int *needg = calloc(G, sizeof(int)); int sumneed_all = 0, fallback = 0;
+    int cap = (S * E + S * P) * (nH > 0 ? nH : 1) + P + 16;
+    int *cs = malloc(sizeof(int) * cap), *ce_ = malloc(sizeof(int) * cap), n = 0;
+    if (nH == 0) {
+        int m = 0; while (c->cnt[m] != 0) m++;
+        for (int s = 0; s < P; s++) if (!c->changed[s] && c->slot_exp[s] != m) { cs[n] = s; ce_[n] = m; n++; }
+    } else {
+        double red[KMAX + 1];
+        int sumneed = 0, maxneed = 0; int *need = malloc(sizeof(int) * nH);
+        for (int i = 0; i < nH; i++) {
+            maxred(c, H[i], r, red);
+            int k = 0; while (k <= r && gl[H[i]] - red[k] >= T) k++;
+            need[i] = k; sumneed += k; if (k > maxneed) maxneed = k;
+            needg[H[i]] = k;
+        }
+        int prune = maxneed > r;
+        if (!prune) {
+            /* experts held by GPUs of H: a change touches at most 1 + that many of them */
+            int *hc = calloc(E, sizeof(int)), best_hc = 0;
+            for (int i = 0; i < nH; i++)
+                for (int a = 0; a < S; a++) {
+                    int e = c->slot_exp[H[i] * S + a], dup = 0;
+                    for (int b = 0; b < a; b++) dup |= c->slot_exp[H[i] * S + b] == e;
+                    if (!dup && ++hc[e] > best_hc) best_hc = hc[e];
+                }
+            free(hc);
+            sumneed_all = sumneed;
+            if (sumneed > r * (1 + best_hc)) prune = 1;
+        }
+        if (!prune) {
+            for (int i = 0; i < nH; i++) if (need[i] == r) U[nU++] = H[i];
+            if (nU == 0) { int h = H[0]; for (int i = 1; i < nH; i++) if (gl[H[i]] > gl[h]) h = H[i]; U[nU++] = h; fallback = 1; }
+        }
+        free(need);
+        if (prune) { free(gl); free(H); free(U); free(cs); free(ce_); free(needg); return; }
+        /* changes touching every GPU of U. When the needs of H add up to more than r, some
+         * change touches two GPUs of H (filtered below); that change need not touch the
+         * hottest GPU, so then U is all of H, taken as a union (changes touching any of it),
+         * unless some GPUs need all r changes (every change touches those: U stays them). */
+        int unite = fallback && sumneed_all > r && nH >= 2;
+        if (unite) { nU = nH; for (int i = 0; i < nH; i++) U[i] = H[i]; }
+        int *hcU = calloc(E, sizeof(int));
+        unsigned char *inU = calloc(G, 1);
+        for (int i = 0; i < nU; i++) {
+            inU[U[i]] = 1;
+            for (int a = 0; a < S; a++) {
+                int e = c->slot_exp[U[i] * S + a], dup = 0;
+                for (int b = 0; b < a; b++) dup |= c->slot_exp[U[i] * S + b] == e;
+                if (!dup) hcU[e]++;
+            }
+        }
+        for (int i = 0; i < nU; i++) {
+            int g = U[i];
+            for (int a = 0; a < S; a++) {
+                int s = g * S + a;
+                if (c->changed[s]) continue;
+                for (int e = 0; e < E; e++) {
+                    if (e == c->slot_exp[s]) continue;
+                    int holds = 0; for (int b = 0; b < S; b++) holds |= c->slot_exp[g * S + b] == e;
+                    if (!unite && hcU[e] - holds != nU - 1) continue;
+                    cs[n] = s; ce_[n] = e; n++;
+                }
+            }
+        }
+        for (int e = 0; e < E; e++) {
+            if (unite ? hcU[e] < 1 : hcU[e] != nU) continue;
+            for (int s = 0; s < P; s++) {
+                if (c->changed[s] || inU[s / S] || c->slot_exp[s] == e) continue;
+                cs[n] = s; ce_[n] = e; n++;
+            }
+        }
+        free(hcU); free(inU);
+        if (sumneed_all > r && nH >= 2) {
+            /* the needs add up to more than r: some change touches two GPUs of H; branch on it */
+            int *hcH = calloc(E, sizeof(int));
+            unsigned char *inH = calloc(G, 1);
+            for (int i = 0; i < nH; i++) {
+                inH[H[i]] = 1;
+                for (int a = 0; a < S; a++) {
+                    int e = c->slot_exp[H[i] * S + a], dup = 0;
+                    for (int b = 0; b < a; b++) dup |= c->slot_exp[H[i] * S + b] == e;
+                    if (!dup) hcH[e]++;
+                }
+            }
+            int k = 0;
+            for (int i = 0; i < n; i++) {
+                int g = cs[i] / S, e = ce_[i], t = hcH[e];
+                if (inH[g]) { int holds = 0; for (int b = 0; b < S; b++) holds |= c->slot_exp[g * S + b] == e; t += !holds; }
+                if (t >= 2) { cs[k] = cs[i]; ce_[k] = ce_[i]; k++; }
+            }
+            n = k;
+            free(hcH); free(inH);
+        }
+        if (nmiss == r) { /* every remaining change writes a missing expert */
+            int k = 0;
+            for (int i = 0; i < n; i++) if (c->cnt[ce_[i]] == 0) { cs[k] = cs[i]; ce_[k] = ce_[i]; k++; }
+            n = k;
+        }
+    }
+    free(U);
+    if (n == 0) { free(gl); free(cs); free(ce_); free(H); free(needg); return; }
+    /* holder lists and the GPUs in descending load */
+    int *head = malloc(sizeof(int) * E), *next = malloc(sizeof(int) * P), *ord = malloc(sizeof(int) * G);
+    for (int e = 0; e < E; e++) head[e] = -1;
+    for (int s = P - 1; s >= 0; s--) { next[s] = head[c->slot_exp[s]]; head[c->slot_exp[s]] = s; }
+    for (int g = 0; g < G; g++) ord[g] = g;
+    g_gl = gl; qsort(ord, G, sizeof(int), cmp_gl_desc);
+    double *cm = malloc(sizeof(double) * n);
+    int *valid = malloc(sizeof(int) * n);
+    for (int i = 0; i < n; i++) {
+        cm[i] = eval_change(c, gl, ord, head, next, cs[i], ce_[i], nmiss, &valid[i]);
+        if (r >= 2 && nmiss - (c->cnt[ce_[i]] == 0) + (c->cnt[c->slot_exp[cs[i]]] == 1) > r - 1) { cm[i] = INFINITY; continue; }
+        if (r >= 2 && nH > 0) {
+            /* the child must be fixable with r - 1 changes: every GPU of H it leaves untouched
+             * keeps its load and its bound (need <= r - 1), and r - 1 changes must touch all
+             * its GPUs at or above T (each touches at most 1 + hc of them, hc bounded by the
+             * parent's count plus the touched GPUs now hot plus one for the written slot). */
+            int j = r - 1, sum_need = 0, bad = 0, overflow = 0;
+            for (int q = 0; q < nH; q++) {
+                int g = H[q];
+                if (c->mark[g] == c->stamp) continue;
+                sum_need += needg[g];
+                if (needg[g] > j) { bad = 1; break; }
+            }
+            if (!bad) {
+                /* in the child's state: the exact need of the touched GPUs now hot, and how many
+                 * hot GPUs one change can touch (1 + the most of them holding one expert) */
+                int hot[64], nhot = 0, old;
+                for (int q = 0; q < nH; q++) if (c->mark[H[q]] != c->stamp) { if (nhot < 64) hot[nhot++] = H[q]; else overflow = 1; }
+                double tl[1024]; int tg[1024], ntt = g_nt;
+                for (int q = 0; q < ntt; q++) { tg[q] = g_touched[q]; tl[q] = gl[tg[q]] + c->dl[tg[q]]; }
+                apply(c, cs[i], ce_[i], &old);
+                double red[KMAX + 1];
+                for (int q = 0; q < ntt && !bad; q++) {
+                    if (tl[q] < T) continue;
+                    maxred(c, tg[q], j, red);
+                    int k = 0; while (k <= j && tl[q] - red[k] >= T) k++;
+                    if (k > j) bad = 1;
+                    sum_need += k;
+                    if (nhot < 64) hot[nhot++] = tg[q]; else overflow = 1;
+                }
+                if (!bad && !overflow && nhot < 64) {
+                    int best_hc = 1;
+                    for (int q = 0; q < nhot; q++)
+                        for (int a = 0; a < S; a++) {
+                            int e = c->slot_exp[hot[q] * S + a], h = 0;
+                            for (int q2 = 0; q2 < nhot; q2++) {
+                                int has = 0;
+                                for (int b = 0; b < S; b++) has |= c->slot_exp[hot[q2] * S + b] == e;
+                                h += has;
+                            }
+                            if (h > best_hc) best_hc = h;
+                        }
+                    if (sum_need > j * (1 + best_hc)) bad = 1;
+                }
+                undo(c, cs[i], ce_[i], old);
+            }
+            if (bad) cm[i] = INFINITY;
+        }
+    }
+    free(H); free(needg);
+    if (r == 1) {
+        for (int i = 0; i < n && !c->stop; i++) {
+            if (!valid[i] || cm[i] >= c->best - c->delta) continue;
+            int old; apply(c, cs[i], ce_[i], &old);
+            c->sol[c->nsol][0] = cs[i]; c->sol[c->nsol][1] = ce_[i]; c->nsol++;
+            double *g2 = malloc(sizeof(double) * G); gpu_loads(c, g2);
+            double m2 = -INFINITY; for (int g = 0; g < G; g++) if (g2[g] > m2) m2 = g2[g];
+            free(g2);
+            if (m2 < c->best - c->delta) record(c, m2);
+            c->nsol--; undo(c, cs[i], ce_[i], old);
+        }
+    } else {
+        int *idx = malloc(sizeof(int) * n);
+        for (int i = 0; i < n; i++) idx[i] = i;
+        g_sortkey = cm; qsort(idx, n, sizeof(int), cmp_key);
+        for (int ii = 0; ii < n && !c->stop; ii++) {
+            int i = idx[ii], old;
+            if (cm[i] == INFINITY) break;
+            apply(c, cs[i], ce_[i], &old);
+            c->sol[c->nsol][0] = cs[i]; c->sol[c->nsol][1] = ce_[i]; c->nsol++;
+            node(c, r - 1);
+            c->nsol--; undo(c, cs[i], ce_[i], old);
+        }
+        free(idx);
+    }
+    free(cm); free(valid); free(head); free(next); free(ord); free(gl); free(cs); free(ce_);
+}
+
+/* M_out[k], sol_out[k][i][2] (k = 0..K, i < k; -1 padded), exact_out[k] (1 exact, 0 not),
+ * nodes_out[k]. floors[k]: a known lower bound on the max load with k changes. */
+int exact_layer(int E, int P, int G, const double *load, const int *cur, int K, const double *floors,
+                double delta, double slack, long long limit, double *M_out, int *sol_out,
+                int *exact_out, long long *nodes_out) {
+    if (K >= KMAX || P % G || G > 1024) return -1;
+    Ctx c; memset(&c, 0, sizeof(c));
+    c.E = E; c.P = P; c.G = G; c.S = P / G; c.load = load; c.delta = delta; c.slack = slack;
+    if (c.S > 16) return -1;
+    c.slot_exp = malloc(sizeof(int) * P); memcpy(c.slot_exp, cur, sizeof(int) * P);
+    c.cnt = calloc(E, sizeof(int)); for (int s = 0; s < P; s++) c.cnt[cur[s]]++;
+    c.changed = calloc(P, 1);
+    c.dl = calloc(G, sizeof(double)); c.mark = calloc(G, sizeof(int));
+    double *gl = malloc(sizeof(double) * G); gpu_loads(&c, gl);
+    double M0 = -INFINITY; for (int g = 0; g < G; g++) if (gl[g] > M0) M0 = gl[g];
+    free(gl);
+    for (int i = 0; i < (K + 1) * K * 2; i++) sol_out[i] = -1;
+    M_out[0] = M0; exact_out[0] = 1; nodes_out[0] = 0;
+    int prev[KMAX][2], nprev = 0;
+    for (int k = 1; k <= K; k++) {
+        c.best = M_out[k - 1]; c.nbest = nprev; memcpy(c.best_sol, prev, sizeof(prev));
+        c.floor_ = floors[k]; c.stop = 0; c.nodes = 0; c.limit = limit;
+        if (c.best <= c.floor_ + c.delta) c.stop = 1;
+        /* seed: the best single change on top of the k - 1 optimum */
+        int olds[KMAX];
+        for (int i = 0; i < nprev; i++) apply(&c, prev[i][0], prev[i][1], &olds[i]);
+        c.nsol = nprev; memcpy(c.sol, prev, sizeof(prev));
+        node(&c, 1);
+        for (int i = nprev - 1; i >= 0; i--) undo(&c, prev[i][0], prev[i][1], olds[i]);
+        c.nsol = 0;
+        if (c.stop == 2) c.stop = 0; /* the seed's nodes do not count against exactness */
+        c.nodes = 0;
+        node(&c, k);
+        M_out[k] = c.best; exact_out[k] = c.stop != 2; nodes_out[k] = c.nodes;
+        for (int i = 0; i < c.nbest; i++) {
+            sol_out[(k * K + i) * 2] = c.best_sol[i][0]; sol_out[(k * K + i) * 2 + 1] = c.best_sol[i][1];
+        }
+        nprev = c.nbest; memcpy(prev, c.best_sol, sizeof(prev));
+        if (c.stop == 2) { for (int kk = k + 1; kk <= K; kk++) { M_out[kk] = c.best; exact_out[kk] = 0; nodes_out[kk] = 0; } break; }
+    }
+    free(c.slot_exp); free(c.cnt); free(c.changed); free(c.dl); free(c.mark);
+    return 0;
+}
+"""
+
+_LIB = None
+
+
+def _library() -> ctypes.CDLL:
+    """Compile (once, cached in the temp dir by the source's hash) and load the C search."""
+    global _LIB
+    if _LIB is None:
+        digest = hashlib.sha1(C_SOURCE.encode()).hexdigest()[:16]
+        folder = os.path.join(tempfile.gettempdir(), "eplb_planner_bound")
+        os.makedirs(folder, exist_ok=True)
+        shared = os.path.join(folder, f"exact_{digest}.so")
+        if not os.path.exists(shared):
+            source = os.path.join(folder, f"exact_{digest}.c")
+            with open(source, "w") as f:
+                f.write(C_SOURCE)
+            try:
+                subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", shared + f".{os.getpid()}", source,
+                                "-lm"], check=True)
+            except (OSError, subprocess.CalledProcessError) as err:
+                raise SystemExit(f"the exact search is C and could not be compiled with cc ({err}): "
+                                 "install a C compiler (gcc or clang as cc), or run with --exact 0 "
+                                 "for the loose bound only") from err
+            os.replace(shared + f".{os.getpid()}", shared)
+        _LIB = ctypes.CDLL(shared)
+        _LIB.exact_layer.restype = ctypes.c_int
+    return _LIB
+
+
+def exact_layer(load: np.ndarray, current: np.ndarray, num_gpus: int, k_max: int,
+                floors: list[float], node_limit: int):
+    """The least max GPU load ``M(k)`` of one layer with at most ``k`` changed slots, k <= k_max.
+
+    Args:
+        load: ``[E]`` float64; current: ``[P]`` the placement now; floors: ``[k_max + 1]``
+        known lower bounds on ``M(k)`` (the search stops there); node_limit: per ``k``.
+    Returns:
+        ``(M, changes, exact, nodes, mean, delta)``: ``M[k]`` the best found, ``changes[k]`` a
+        list of ``(slot, expert)`` reaching it, ``exact[k]`` whether the search finished.
+    """
+    lib = _library()
+    load = np.ascontiguousarray(load, dtype=np.float64)
+    cur = np.ascontiguousarray(current, dtype=np.int32)
+    experts, slots = load.size, cur.size
+    mean = float(gpu_loads(torch.from_numpy(load)[None], torch.from_numpy(cur.astype(np.int64))[None],
+                           num_gpus).mean())
+    delta = SEARCH_DELTA * mean
+    fl = np.ascontiguousarray(floors, dtype=np.float64)
+    best = np.zeros(k_max + 1)
+    sol = np.zeros((k_max + 1) * max(k_max, 1) * 2, dtype=np.int32)
+    exact = np.zeros(k_max + 1, dtype=np.int32)
+    nodes = np.zeros(k_max + 1, dtype=np.int64)
+
+    def ptr(a, t):
+        return a.ctypes.data_as(ctypes.POINTER(t))
+
+    rc = lib.exact_layer(experts, slots, num_gpus, ptr(load, ctypes.c_double), ptr(cur, ctypes.c_int), k_max,
+                         ptr(fl, ctypes.c_double), ctypes.c_double(delta), ctypes.c_double(delta),
+                         ctypes.c_longlong(node_limit), ptr(best, ctypes.c_double), ptr(sol, ctypes.c_int),
+                         ptr(exact, ctypes.c_int), ptr(nodes, ctypes.c_longlong))
+    if rc != 0:
+        raise ValueError(f"exact_layer failed ({rc}): k_max < 8, P % G == 0, P / G <= 16 and "
+                         "G <= 1024 needed")
+    sol = sol.reshape(k_max + 1, max(k_max, 1), 2)
+    changes = [[(int(s), int(e)) for s, e in sol[k] if s >= 0] for k in range(k_max + 1)]
+    return [float(m) for m in best], changes, [bool(x) for x in exact], [int(n) for n in nodes], mean, delta
+
+
+class Tally:
+    """Counts of the checks made (reported at the end)."""
+
+    def __init__(self) -> None:
+        self.rebuilt = 0
+        self.layer_plans = 0
+        self.window_plans = 0
+        self.exact_layers = 0
+        self.inexact = 0
+        self.nodes = 0
+
+
+def exact_options(load: torch.Tensor, current: torch.Tensor, num_gpus: int, k_exact: int,
+                  node_limit: int, tally: Tally) -> tuple[list[float], list[float]]:
+    """Per-layer ``(loose, new)`` options ``B(k)`` for ``k = 0, 1, ...`` (see the docstring).
+
+    The new options are the exact ``B(k)`` up to the last ``k`` whose search finished, then the
+    loose ``b(k)``. Each exact value is checked by rebuilding its placement.
+    """
+    loose = layer_options(load, current, num_gpus)
+    k_max = min(k_exact, len(loose) - 1)
+    if k_max <= 0:
+        return loose, list(loose)
+    mean0 = float(gpu_loads(load[None, :], current[None, :], num_gpus).mean())
+    floors = [mean0 / min(b, 1.0) * (1 - 1e-9) for b in loose[:k_max + 1]]  # M(k) >= these
+    best, changes, exact, nodes, mean, delta = exact_layer(load.numpy(), current.numpy(), num_gpus, k_max,
+                                                           floors, node_limit)
+    tally.exact_layers += 1
+    tally.nodes += sum(nodes)
+    new: list[float] = []
+    for k in range(k_max + 1):
+        # (c) rebuild the placement the search reports and measure it with eplb.placement
+        q = current.clone()
+        for s, e in changes[k]:
+            q[s] = e
+        validate_placement(q[None, :], load.shape[0], current.shape[0], num_gpus)
+        assert int((q != current).sum()) <= k, (k, changes[k])
+        measured = float(balancedness(load[None, :], q[None, :], num_gpus)[0])
+        found = mean / best[k]
+        assert abs(measured - found) <= 1e-12 * found, (k, measured, found)
+        assert measured <= loose[k] + 1e-9, (k, measured, loose[k])
+        tally.rebuilt += 1
+        if not exact[k]:
+            tally.inexact += k_max + 1 - k
+            break
+        new.append(min(CAP, loose[k], mean / (best[k] - 2 * delta)))  # both bound B(k)
+    for k in range(len(new), len(loose)):
+        new.append(max(loose[k], new[-1]))
+    return loose, new
+
+
+def check_plan(load: torch.Tensor, start: torch.Tensor, plan: torch.Tensor, num_gpus: int,
+               options: list[list[float]], where: tuple) -> None:
+    """(b) Each layer of a real plan from ``start`` reaches at most ``B_l`` of its changed slots."""
+    bal = balancedness(load, plan, num_gpus)
+    moved = (plan != start).sum(dim=1)
+    for l in range(load.shape[0]):
+        opts = options[l]
+        k = min(int(moved[l]), len(opts) - 1)
+        assert float(bal[l]) <= opts[k] + 1e-9, (where, l, int(moved[l]), float(bal[l]), opts[k])
+
+
+# --------------------------------------------------------------------------------- self-test
+def brute_force(load: np.ndarray, current: np.ndarray, num_gpus: int, k_max: int) -> list[float]:
+    """The least max GPU load with at most k changes, k = 0..k_max, by trying every placement."""
+    experts, slots = load.size, current.size
+    best = []
+    for k in range(k_max + 1):
+        placements = []
+        for chosen in itertools.combinations(range(slots), k):
+            choices = [[e for e in range(experts) if e != current[s]] for s in chosen]
+            for new in itertools.product(*choices):
+                q = current.copy()
+                q[list(chosen)] = new
+                placements.append(q)
+        q = torch.from_numpy(np.array(placements))
+        present = torch.zeros(q.shape[0], experts, dtype=torch.bool).scatter_(1, q, True).all(dim=1)
+        q = q[present]
+        value = float(gpu_loads(torch.from_numpy(load)[None].expand(q.shape[0], experts), q,
+                                num_gpus).max(dim=1).values.min()) if q.shape[0] else float("inf")
+        best.append(min([value] + best[-1:]))
+    return best
+
+
+def selftest(cases: int, seed: int = 0) -> int:
+    """Exact search vs brute force on random tiny layers; returns the comparisons made."""
+    rng = np.random.default_rng(seed)
+    compared = 0
+    for case in range(cases):
+        experts = int(rng.integers(5, 9))
+        gpus = int(rng.choice([2, 3, 4, 5]))
+        per_gpu = 2 if gpus >= 4 else int(rng.choice([3, 4]))
+        slots = gpus * per_gpu
+        if slots < experts:
+            continue
+        kind = int(rng.integers(3))
+        if kind == 2:
+            load = 1e6 / (rng.permutation(experts) + 1.0) ** 1.1
+        else:
+            load = np.exp(rng.normal(size=experts) * (0.5, 1.0)[kind]) * 1000
+        if rng.random() < 0.3:
+            load = np.round(load / 200) * 200 + 100  # ties
+        current = np.concatenate([rng.permutation(experts), rng.integers(0, experts, slots - experts)])
+        current = current[rng.permutation(slots)].astype(np.int64)
+        k_max = 3 if slots <= 10 else 2
+        truth = brute_force(load, current, gpus, k_max)
+        found, changes, exact, _, mean, delta = exact_layer(load, current, gpus, k_max,
+                                                            [-np.inf] * (k_max + 1),
+                                                            10 ** 9)
+        for k in range(k_max + 1):
+            assert exact[k], (case, k)
+            assert abs(found[k] - truth[k]) <= 1e-12 * truth[k], (case, k, found, truth, load, current)
+            compared += 1
+    return compared
+
+
+# ------------------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--skip", type=int, default=0,
+                   help="plan but do not bound the first this many windows (to bound later ones only)")
     p.add_argument("--gpus", default="72,144", help="comma-separated, of 32, 72 and 144")
+    p.add_argument("--loads", default="lognormal=0.5,lognormal=1.0,zipf=1.1")
+    p.add_argument("--from", dest="starts", default="stable,deepseek",
+                   help="starting placements: stable (its own previous plan) and/or deepseek (its "
+                        "previous plan)")
+    p.add_argument("--exact", type=int, default=2,
+                   help="exact per-layer search up to this many slots (0: loose only, no C compiler "
+                        "needed; 3 takes minutes per window and start)")
+    p.add_argument("--node-limit", type=int, default=400_000,
+                   help="search nodes per layer and k before falling back to the loose bound")
+    p.add_argument("--selftest", type=int, default=0, help="brute-force comparisons on this many tiny layers, then exit")
     args = p.parse_args()
-    nodes_of = {32: 4, 72: 9, 144: 18}
     torch.set_num_threads(1)
-    print(f"lower bound on slots changed per drift window (L={L}, E={E}, P={P}), from stable's current "
-          f"placement, to reach deepseek's balancedness - {GOAL_TOLERANCE}")
-    print("| GPUs | load | window | target | deepseek moves | 1/3 of it | bound | stable moves "
-          "| stable balancedness | bound > 1/3? |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.selftest:
+        started = time.perf_counter()
+        n = selftest(args.selftest)
+        print(f"selftest: exact search == brute force on {n} (layer, k) pairs of {args.selftest} random tiny "
+              f"layers ({time.perf_counter() - started:.1f} s)")
+        return
+    nodes_of = {32: 4, 72: 9, 144: 18}
+    starts = args.starts.split(",")
+    tally = Tally()
+    started_all = time.perf_counter()
+    print(f"lower bound on slots changed per drift window (L={L}, E={E}, P={P}) to reach deepseek's "
+          f"balancedness - {GOAL_TOLERANCE}: loose (covering + replicas) and new (exact up to "
+          f"{args.exact} slots per layer, node limit {args.node_limit}), from "
+          + " and from ".join(f"{s}'s placement" for s in starts))
+    head = "| GPUs | load | window | target | deepseek moves | 1/3 of it | stable moves | stable balancedness "
+    head += "".join(f"| from {s}: loose | from {s}: new | new > 1/3? " for s in starts) + "|"
+    print(head)
+    print("|---" * (8 + 3 * len(starts)) + "|")
     summary = []
     for gpus in [int(g) for g in args.gpus.split(",")]:
         nodes = nodes_of[gpus]
-        for kind in ("lognormal=0.5", "lognormal=1.0", "zipf=1.1"):
+        for kind in args.loads.split(","):
+            started = time.perf_counter()
             load = planner_load(kind, L, E, gpus)
             windows = drift_windows(load, args.windows, seed=gpus + 1)
             deep_spec, stable_spec = PlannerSpec("deepseek", GROUPS, nodes), PlannerSpec("stable", GROUPS, nodes)
@@ -171,32 +807,56 @@ def main() -> None:
                 s = plan_placement(window, P, gpus, stable_spec, stable)
                 target = overall_balancedness(window, d, gpus) - GOAL_TOLERANCE
                 window64 = window.to(torch.float64)
-                options = [layer_options(window64[l], stable[l], gpus) for l in range(L)]
-                bound = fewest_slots(options, target - FLOAT_SLACK)
-                # check: each layer of stable's own plan changes at least f_l(its own max)
-                s_peak = gpu_loads(window64, s, gpus).max(dim=1).values
-                for l in range(L):
-                    f = int(slots_needed(window64[l], stable[l], gpus, s_peak[l:l + 1])[0])
-                    assert int((s[l] != stable[l]).sum()) >= f, (gpus, kind, w, l)
                 d_moved, s_moved = int((d != deep).sum()), int((s != stable).sum())
                 s_bal = overall_balancedness(window, s, gpus)
-                assert bound <= s_moved or s_bal < target - FLOAT_SLACK, (gpus, kind, w)
-                rows.append((d_moved, bound, s_moved))
-                print(f"| {gpus} | {kind} | {w} | {target:.4f} | {d_moved} | {d_moved / 3:.1f} | {bound} | "
-                      f"{s_moved} | {s_bal:.4f} | {'yes' if bound > d_moved / 3 else 'no'} |")
+                d_bal = overall_balancedness(window, d, gpus)
+                if w < args.skip:
+                    deep, stable = d, s
+                    continue
+                cells, row = [], {"d": d_moved, "s": s_moved}
+                for start_name in starts:
+                    start, plan, plan_moved, plan_bal = ((stable, s, s_moved, s_bal) if start_name == "stable"
+                                                         else (deep, d, d_moved, d_bal))
+                    pairs = [exact_options(window64[l], start[l], gpus, args.exact, args.node_limit, tally)
+                             if args.exact > 0 else (layer_options(window64[l], start[l], gpus),) * 2
+                             for l in range(L)]
+                    loose_opts, new_opts = [a for a, _ in pairs], [b for _, b in pairs]
+                    bound_loose = fewest_slots(loose_opts, target - FLOAT_SLACK)
+                    bound_new = fewest_slots(new_opts, target - FLOAT_SLACK)
+                    # (b) the plan this start actually leads to must respect the bounds
+                    check_plan(window64, start, plan, gpus, new_opts, (gpus, kind, w, start_name))
+                    tally.layer_plans += L
+                    assert bound_loose <= bound_new, (gpus, kind, w, start_name)
+                    assert bound_new <= plan_moved or plan_bal < target - FLOAT_SLACK, (gpus, kind, w, start_name)
+                    tally.window_plans += 1
+                    row[start_name] = (bound_loose, bound_new)
+                    cells.append(f"| {bound_loose} | {bound_new} | {'yes' if bound_new > d_moved / 3 else 'no'} ")
+                rows.append(row)
+                print(f"| {gpus} | {kind} | {w} | {target:.4f} | {d_moved} | {d_moved / 3:.1f} | {s_moved} | "
+                      f"{s_bal:.4f} " + "".join(cells) + "|", flush=True)
                 deep, stable = d, s
-            d_mean = statistics.mean(r[0] for r in rows)
-            b_mean = statistics.mean(r[1] for r in rows)
-            s_mean = statistics.mean(r[2] for r in rows)
-            summary.append(f"{gpus:>3} GPUs {kind:<13} per window: deepseek {d_mean:.1f}, 1/3 of it "
-                           f"{d_mean / 3:.1f}, bound {b_mean:.1f} (min {min(r[1] for r in rows)}, max "
-                           f"{max(r[1] for r in rows)}), stable {s_mean:.1f}; bound / deepseek = "
-                           f"{b_mean / max(d_mean, 1):.2f}, stable / bound = {s_mean / max(b_mean, 1):.2f}; "
-                           f"windows with bound > 1/3: {sum(r[1] > r[0] / 3 for r in rows)} of {len(rows)}")
+            d_mean = statistics.mean(r["d"] for r in rows)
+            s_mean = statistics.mean(r["s"] for r in rows)
+            parts = []
+            for start_name in starts:
+                lo = statistics.mean(r[start_name][0] for r in rows)
+                nw = statistics.mean(r[start_name][1] for r in rows)
+                over = sum(r[start_name][1] > r["d"] / 3 for r in rows)
+                parts.append(f"from {start_name}: loose {lo:.1f}, new {nw:.1f} (min "
+                             f"{min(r[start_name][1] for r in rows)}, max {max(r[start_name][1] for r in rows)}), "
+                             f"windows with new > 1/3: {over} of {len(rows)}")
+            summary.append(f"{gpus:>3} GPUs {kind:<13} per window: deepseek {d_mean:.1f}, 1/3 of it {d_mean / 3:.1f}, "
+                           f"stable {s_mean:.1f}; " + "; ".join(parts)
+                           + f" [{time.perf_counter() - started:.0f} s]")
     print()
     print("means over the drift windows:")
     for line in summary:
         print("  " + line)
+    print()
+    print(f"checks: {tally.rebuilt} exact optima rebuilt and measured with eplb.placement "
+          f"({tally.exact_layers} layer searches, {tally.nodes} nodes, {tally.inexact} (layer, k) past the node "
+          f"limit: loose there); {tally.layer_plans} layers of real plans within their bounds; "
+          f"{tally.window_plans} window bounds <= the real plan's moves; total {time.perf_counter() - started_all:.0f} s")
 
 
 if __name__ == "__main__":
