@@ -229,6 +229,25 @@ static void gpu_loads(const Ctx *c, double *gl) {
     }
 }
 
+/* whether GPU g holds a replica of e */
+static int gpu_holds(const Ctx *c, int g, int e) {
+    for (int b = 0; b < c->S; b++) if (c->slot_exp[g * c->S + b] == e) return 1;
+    return 0;
+}
+
+/* for the n GPUs in set: mark them in in[g], and count in hc[e] how many of them hold e */
+static void count_holders(const Ctx *c, const int *set, int n, int *hc, unsigned char *in) {
+    for (int i = 0; i < n; i++) {
+        int g = set[i];
+        in[g] = 1;
+        for (int a = 0; a < c->S; a++) {
+            int e = c->slot_exp[g * c->S + a], dup = 0;
+            for (int b = 0; b < a; b++) dup |= c->slot_exp[g * c->S + b] == e;
+            if (!dup) hc[e]++;
+        }
+    }
+}
+
 static void sort_desc(double *v, int n) {
     for (int i = 1; i < n; i++) {
         double x = v[i]; int k = i - 1;
@@ -380,14 +399,7 @@ static void node(Ctx *c, int r) {
         if (unite) { nU = nH; for (int i = 0; i < nH; i++) U[i] = H[i]; }
         int *hcU = calloc(E, sizeof(int));
         unsigned char *inU = calloc(G, 1);
-        for (int i = 0; i < nU; i++) {
-            inU[U[i]] = 1;
-            for (int a = 0; a < S; a++) {
-                int e = c->slot_exp[U[i] * S + a], dup = 0;
-                for (int b = 0; b < a; b++) dup |= c->slot_exp[U[i] * S + b] == e;
-                if (!dup) hcU[e]++;
-            }
-        }
+        count_holders(c, U, nU, hcU, inU);
         for (int i = 0; i < nU; i++) {
             int g = U[i];
             for (int a = 0; a < S; a++) {
@@ -395,8 +407,7 @@ static void node(Ctx *c, int r) {
                 if (c->changed[s]) continue;
                 for (int e = 0; e < E; e++) {
                     if (e == c->slot_exp[s]) continue;
-                    int holds = 0; for (int b = 0; b < S; b++) holds |= c->slot_exp[g * S + b] == e;
-                    if (!unite && hcU[e] - holds != nU - 1) continue;
+                    if (!unite && hcU[e] - gpu_holds(c, g, e) != nU - 1) continue;
                     cs[n] = s; ce_[n] = e; n++;
                 }
             }
@@ -413,18 +424,11 @@ static void node(Ctx *c, int r) {
             /* the needs add up to more than r: some change touches two GPUs of H; branch on it */
             int *hcH = calloc(E, sizeof(int));
             unsigned char *inH = calloc(G, 1);
-            for (int i = 0; i < nH; i++) {
-                inH[H[i]] = 1;
-                for (int a = 0; a < S; a++) {
-                    int e = c->slot_exp[H[i] * S + a], dup = 0;
-                    for (int b = 0; b < a; b++) dup |= c->slot_exp[H[i] * S + b] == e;
-                    if (!dup) hcH[e]++;
-                }
-            }
+            count_holders(c, H, nH, hcH, inH);
             int k = 0;
             for (int i = 0; i < n; i++) {
                 int g = cs[i] / S, e = ce_[i], t = hcH[e];
-                if (inH[g]) { int holds = 0; for (int b = 0; b < S; b++) holds |= c->slot_exp[g * S + b] == e; t += !holds; }
+                if (inH[g]) t += !gpu_holds(c, g, e);
                 if (t >= 2) { cs[k] = cs[i]; ce_[k] = ce_[i]; k++; }
             }
             n = k;
