@@ -519,7 +519,7 @@ class Chain(NamedTuple):
 
 def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor,
                  gpu_load: torch.Tensor, steps: int, goal: float, ceiling: torch.Tensor,
-                 ref_counts: torch.Tensor) -> Chain:
+                 ref_counts: torch.Tensor, limit: torch.Tensor) -> Chain:
     """Local search from ``current``. At each step, every layer whose max GPU load is above its
     ``ceiling`` makes the change :func:`best_changes` names if it is forced, or truly lowers the
     layer's max GPU load (or leaves fewer GPUs at that max); a layer with no such change stops,
@@ -530,13 +530,13 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     Args:
         load: ``[L, E]`` float64; current: ``[L, P]`` int64; counts: ``[L, E]`` its replica counts;
         gpu_load: ``[L, G]`` its GPU loads; ceiling: ``[L]`` max GPU load at which a layer is done;
-        ref_counts: ``[L, E]`` the reference's replica counts.
+        ref_counts: ``[L, E]`` the reference's replica counts; limit: ``[L]`` its heaviest
+        replica (``load / ref_counts``, max per layer).
     Returns:
         the :class:`Chain`: each layer's states in order, one per step it made a change.
     """
     layers, num_gpus = gpu_load.shape
     mean = (load.sum(dim=1) / num_gpus).tolist()
-    limit = (load / ref_counts).max(dim=1).values  # the reference's heaviest replica
     peak = gpu_load.max(dim=1).values
     first = score_of(mean, peak.tolist())
     chain = Chain(current, [[layer] for layer in range(layers)], [[s] for s in first],
@@ -835,7 +835,8 @@ def stable_plan(load: torch.Tensor, num_physical: int, num_gpus: int, current: t
     if float(layer_balancedness(load, gpu_load).mean()) >= goal - 1e-12:  # (the slack absorbs
         return current.clone()  # summation-order rounding)
     ceiling = ref_load.max(dim=1).values * (1 + SLACK)
-    chain = repair_chain(load, current, counts, gpu_load, steps, goal, ceiling, ref_counts)
+    limit = (load / ref_counts).max(dim=1).values  # the reference's heaviest replica
+    chain = repair_chain(load, current, counts, gpu_load, steps, goal, ceiling, ref_counts, limit)
     states = chain.states
     # layers whose chain stays above the ceiling: offer a repack and the aligned reference there
     best = [max(scores) for scores in chain.scores]
@@ -846,7 +847,7 @@ def stable_plan(load: torch.Tensor, num_physical: int, num_gpus: int, current: t
             rows = torch.tensor(short)
             contents, moved = match_gpus(reference[rows], current[rows], num_gpus)
             states = offer_repacks(load, current, dict(zip(short, moved.tolist())), num_gpus,
-                                   ceiling, (load / ref_counts).max(dim=1).values, chain, states)
+                                   ceiling, limit, chain, states)
             for i, (layer, m) in enumerate(zip(short, moved.tolist())):
                 chain.rows[layer].append(states.shape[0] + i)
                 chain.scores[layer].append(float(ref_score[layer]))

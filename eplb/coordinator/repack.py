@@ -76,7 +76,7 @@ def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: 
     counts = [0] * experts
     for e in current:
         counts[e] += 1
-    want = replica_counts(load, counts, slots, limit)
+    want = counts_within_limit(load, counts, slots, limit)
     if want is None:
         return None
     share = [load[e] / want[e] for e in range(experts)]
@@ -140,8 +140,8 @@ def repack_layer(load: list[float], current: list[int], num_gpus: int, ceiling: 
     return plan
 
 
-def replica_counts(load: list[float], counts: list[int], slots: int,
-                   limit: float) -> list[int] | None:
+def counts_within_limit(load: list[float], counts: list[int], slots: int,
+                        limit: float) -> list[int] | None:
     """Replica counts close to ``counts`` with every load per replica at most ``limit``.
 
     Each expert needs ``ceil(load / limit)`` replicas (at least 1); it keeps more if it has them,

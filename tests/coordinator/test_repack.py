@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.repack import needed, repack_layer, replica_counts
+from eplb.coordinator.repack import counts_within_limit, needed, repack_layer
 from eplb.coordinator.policy_stable import plan_from_scratch
-from eplb.placement import gpu_loads, replica_counts as counts_of
+from eplb.placement import gpu_loads, replica_counts
 
 
 def loads_of(load: list[float], plan: list[int], num_gpus: int) -> list[float]:
@@ -28,8 +28,8 @@ def test_needed_is_the_fewest_replicas_within_the_limit() -> None:
 
 def test_replica_counts_keep_current_counts_where_the_limit_allows() -> None:
     # expert 0 needs 3 replicas for limit 4; expert 3's spare is the cheapest to give up
-    assert replica_counts([12.0, 3.0, 3.0, 1.0], [1, 1, 1, 3], 6, 4.0) == [3, 1, 1, 1]
-    assert replica_counts([12.0, 3.0], [1, 1], 2, 4.0) is None  # 4 replicas needed, 2 slots
+    assert counts_within_limit([12.0, 3.0, 3.0, 1.0], [1, 1, 1, 3], 6, 4.0) == [3, 1, 1, 1]
+    assert counts_within_limit([12.0, 3.0], [1, 1], 2, 4.0) is None  # 4 replicas needed, 2 slots
 
 
 def test_a_hot_pair_is_fixed_with_one_swap() -> None:
@@ -65,7 +65,7 @@ def test_a_repacked_layer_is_valid_under_the_ceiling_and_the_limit(gpus, per_gpu
     load_t = (torch.randn(1, experts, generator=gen, dtype=torch.float64) * 0.8).exp() * 100
     # the ceiling and limit of a from-scratch plan, loosened by ``room``
     reference = plan_from_scratch(load_t, slots, gpus)
-    ref_counts = counts_of(reference, experts)[0]
+    ref_counts = replica_counts(reference, experts)[0]
     limit = float((load_t[0] / ref_counts).max()) * room
     ceiling = float(gpu_loads(load_t, reference, gpus).max()) * room
     current = torch.cat([torch.arange(experts), torch.randint(experts, (slots - experts,), generator=gen)])
