@@ -16,6 +16,7 @@ message            direction             meaning
 Hello              worker → sidecar      join: shape of the model, current placement
 Welcome            leader → worker       the join was accepted, or why not
 Rejoin             sidecar → worker      "I do not know you" (a sidecar restarted): say HELLO again
+OutcomeQuery       worker → leader       "what became of epoch e?" (asked while promised, until known)
 Heartbeat          worker → sidecar      alive, at decode step ``step``
 Counts             worker → leader       expert selections over steps [from, to)
 PlanAck            worker → leader       copy list ready; worker is at ``step``
@@ -50,12 +51,12 @@ from eplb.placement import tensor_bytes
 __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "REFUSE_CANNOT_COPY", "ProtocolError", "FrameTooLarge", "MalformedFrame",
     "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
-    "Hello", "Welcome", "Rejoin", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
+    "Hello", "Welcome", "Rejoin", "OutcomeQuery", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
     "ControlRequest", "ControlReply", "encode", "decode", "CONTROL_OPS",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: Frames above this size are rejected unread. A DeepSeek-V3 placement (58 x 288 int64) is 134 kB
 #: and its counts (58 x 256 int64) 119 kB, so 16 MiB leaves room for far larger models.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -251,7 +252,9 @@ def _reason(v: Any, n: str) -> str:
 
 @dataclass(frozen=True)
 class Hello(Message):
-    """A worker joins. ``phys2log: [L, P]`` is the placement it serves now."""
+    """A worker joins. ``phys2log: [L, P]`` is the placement it serves now (mid-copy: some layers
+    already switched). ``applied_epoch``: the last epoch whose copies this rank finished, 0 for
+    none (a fresh engine); it tells a rank that diverged from a fresh engine instance."""
 
     TYPE = "HELLO"
     rank: int
@@ -264,12 +267,14 @@ class Hello(Message):
     step: int
     pid: int
     phys2log: torch.Tensor
+    applied_epoch: int = 0
     _CHECKS = {"rank": _rank, "node": _rank, "world_size": lambda v, n: _int(v, n, 1, 1 << 20),
                "num_layers": lambda v, n: _int(v, n, 1, 1 << 16),
                "num_experts": lambda v, n: _int(v, n, 1, 1 << 20),
                "num_physical": lambda v, n: _int(v, n, 1, 1 << 20),
                "bytes_per_expert": lambda v, n: _int(v, n, 0, 1 << 50), "step": _step,
-               "pid": lambda v, n: _int(v, n, 0, 1 << 31), "phys2log": _placement}
+               "pid": lambda v, n: _int(v, n, 0, 1 << 31), "phys2log": _placement,
+               "applied_epoch": _epoch}
 
     def _check_consistency(self) -> None:
         if self.rank >= self.world_size:
@@ -281,13 +286,15 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class Welcome(Message):
-    """The leader's answer to HELLO: ``ok``, or ``error`` saying what to fix."""
+    """The answer to HELLO: ``ok``, or ``error`` saying what to fix. ``retry``: the refusal is
+    for now (say the rank's identity is held by a live connection); say HELLO again later."""
 
     TYPE = "WELCOME"
     rank: int
     ok: bool
     error: str
-    _CHECKS = {"rank": _rank, "ok": _bool, "error": _reason}
+    retry: bool = False
+    _CHECKS = {"rank": _rank, "ok": _bool, "error": _reason, "retry": _bool}
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,18 @@ class Rejoin(Message):
     rank: int
     reason: str
     _CHECKS = {"rank": _rank, "reason": _reason}
+
+
+@dataclass(frozen=True)
+class OutcomeQuery(Message):
+    """A rank that promised ``epoch`` and has not heard its outcome asks again (its sidecar or the
+    leader may have restarted and lost the COMMIT or ABORT). The leader answers with the COMMIT or
+    ABORT it decided, and nothing while it is still deciding."""
+
+    TYPE = "OUTCOME_QUERY"
+    rank: int
+    epoch: int
+    _CHECKS = {"rank": _rank, "epoch": _epoch}
 
 
 @dataclass(frozen=True)
@@ -497,7 +516,7 @@ class ControlReply(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Rejoin, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
+    cls.TYPE: cls for cls in (Hello, Welcome, Rejoin, OutcomeQuery, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
                               Prepare, Commit, Abort, NodeHello, NodeHeartbeat, WorkerLeft, Relay,
                               ControlRequest, ControlReply)
 }

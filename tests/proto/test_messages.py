@@ -11,19 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.placement import default_placement, placement_hash
-from eplb.proto import (MAX_FRAME_BYTES, MESSAGE_TYPES, Abort, Bye, Commit, ControlReply,
+from eplb.proto import (MAX_FRAME_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, Abort, Bye, Commit, ControlReply,
                         ControlRequest, Counts, Done, FrameTooLarge, Heartbeat, Hello,
                         InvalidField, MalformedFrame, NodeHeartbeat, NodeHello, Plan, PlanAck,
-                        Prepare, Promise, ProtocolError, Refuse, Rejoin, Relay, UnknownMessageType,
+                        OutcomeQuery, Prepare, Promise, ProtocolError, Refuse, Rejoin, Relay, UnknownMessageType,
                         UnsupportedVersion, Welcome, WorkerLeft, decode, encode)
 
 P2L = default_placement(3, 4, 8)
 
 EXAMPLES = [
     Hello(rank=1, node=0, world_size=2, num_layers=3, num_experts=4, num_physical=8,
-          bytes_per_expert=44_000_000, step=7, pid=123, phys2log=P2L),
+          bytes_per_expert=44_000_000, step=7, pid=123, phys2log=P2L, applied_epoch=4),
     Welcome(rank=1, ok=False, error="placement differs"),
+    Welcome(rank=1, ok=False, error="rank 1 is held by a live connection", retry=True),
     Rejoin(rank=1, reason="the leader does not know rank 1"),
+    OutcomeQuery(rank=1, epoch=5),
     Heartbeat(rank=3, step=1 << 40),
     Counts(rank=0, from_step=10, to_step=26, counts=torch.arange(12, dtype=torch.int64).reshape(3, 4)),
     PlanAck(rank=2, epoch=5, step=99), Promise(rank=2, epoch=5),
@@ -77,7 +79,7 @@ def test_garbage_is_a_malformed_frame(frame: bytes) -> None:
 
 
 def test_wrong_or_missing_version_is_refused_with_advice() -> None:
-    for version in (0, 2, "1", None):
+    for version in (0, 1, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), None):
         d = raw(Bye(rank=0))
         d["v"] = version
         with pytest.raises(UnsupportedVersion, match="same eplb version"):
@@ -86,7 +88,7 @@ def test_wrong_or_missing_version_is_refused_with_advice() -> None:
 
 def test_unknown_type_is_refused() -> None:
     with pytest.raises(UnknownMessageType):
-        decode(pack({"v": 1, "type": "SHUTDOWN"}))
+        decode(pack({"v": PROTOCOL_VERSION, "type": "SHUTDOWN"}))
 
 
 def test_oversized_frame_is_refused_unread() -> None:
