@@ -8,11 +8,14 @@ Phases, and the only transitions there are::
 
     PLANNED ──all PLAN_ACK──▶ PREPARING ──all PROMISE──▶ COMMITTED ──all DONE ok──▶ SUCCEEDED
        │                         │                           │
-       └─refuse/timeout/left─────┴──▶ ABORTED                └─error/timeout/left──▶ FAILED
+       └─refuse/timeout/left─────┴──▶ ABORTED                └─error/timeout──▶ FAILED
 
 ABORTED is reachable only before COMMIT is sent, so no worker can start copies in an aborted
 epoch (invariant I1). A COMMITTED epoch never aborts: a failure after it is FAILED, which the
-leader reports loudly, because the instance may hold mismatched maps (DESIGN.md §4.7).
+leader reports loudly, because the instance may hold mismatched maps (DESIGN.md §4.7). FAILED
+needs evidence (a DONE with an error) or the DONE deadline; a worker leaving after COMMIT is not
+evidence, and DONEs ok from every rank after the deadline turn a FAILED epoch into SUCCEEDED
+(:meth:`EpochAgreement.on_late_done`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class EpochAgreement:
     ended_at: float | None = field(init=False, default=None)
     deadline: float = field(init=False)
     effective_margin: int = field(init=False, default=0)
+    failed_on_timeout: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.ranks:
@@ -137,15 +141,43 @@ class EpochAgreement:
         return []
 
     def on_worker_left(self, rank: int, why: str, now: float) -> list[Message]:
-        """A worker of the group is gone (process died, sidecar lost)."""
-        if rank not in self.ranks or self.finished:
-            return []
-        if self.phase is Phase.COMMITTED:
-            if rank not in self.done:
-                self._fail(now, f"rank {rank} left after COMMIT before reporting DONE ({why}); "
-                                "its copies are in an unknown state")
+        """A worker of the group is gone (process died, sidecar lost). Before COMMIT the epoch
+        aborts. After COMMIT silence is not evidence: the rank may be paused, or its sidecar
+        restarting with its DONE queued; the epoch waits for it until the DONE deadline."""
+        if rank not in self.ranks or self.finished or self.phase is Phase.COMMITTED:
             return []
         return self._abort(now, f"rank {rank} left: {why}", retryable=False)
+
+    @classmethod
+    def resume_committed(cls, plan: Plan, ranks: frozenset[int], switch_step: int, now: float,
+                         timeouts: AgreementTimeouts) -> "EpochAgreement":
+        """A committed epoch taken over by a restarted leader (from its decision log): waiting
+        for every DONE, with a fresh DONE deadline."""
+        agreement = cls(plan, ranks, 2, 0.0, now, timeouts)
+        agreement.phase = Phase.COMMITTED
+        agreement.switch_step = switch_step
+        agreement.commit_sent_at = now
+        agreement.deadline = now + timeouts.done_s
+        return agreement
+
+    def on_late_done(self, msg: Done, now: float) -> bool:
+        """A DONE for this epoch after it FAILED on the DONE deadline (silence, not evidence).
+        Returns True when every rank has now reported DONE ok: the failure is cleared and the
+        epoch SUCCEEDED after all."""
+        if (self.phase is not Phase.FAILED or msg.epoch != self.epoch or msg.rank not in self.ranks
+                or not self.failed_on_timeout):
+            return False
+        self.done[msg.rank] = msg
+        if not msg.ok:
+            self.failed_on_timeout = False
+            self.reason = f"rank {msg.rank} failed its copies: {msg.error}"
+            return False
+        if len(self.done) == len(self.ranks) and all(d.ok for d in self.done.values()):
+            self.phase = Phase.SUCCEEDED
+            self.reason = ""
+            self.ended_at = now
+            return True
+        return False
 
     def on_tick(self, now: float) -> list[Message]:
         """Advance the clock; a phase past its deadline ends (invariant I2)."""
@@ -162,6 +194,7 @@ class EpochAgreement:
         missing = sorted(self.ranks - set(self.done))
         self._fail(now, f"timeout: no DONE from ranks {missing} within {self.timeouts.done_s:g}s "
                         "after COMMIT")
+        self.failed_on_timeout = True
         return []
 
     # --- transitions ----------------------------------------------------------------------------

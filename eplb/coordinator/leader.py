@@ -1,7 +1,14 @@
 """The leader's logic with no I/O: who has joined, the window of counts, when to rebalance,
-the running epoch and the history. The sidecar driver feeds it events and carries out what it
-returns: messages to broadcast, messages to one worker, and plan computations to run in an
+the running epoch, its decisions and the history. The sidecar driver feeds it events and carries
+out what it returns, in order: records to write durably (:class:`Persist`, before anything after
+it is sent), messages to broadcast, messages to one worker, and plan computations to run in an
 executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+
+Surviving a restart: every epoch start and every decision goes through :class:`Persist` first
+(:mod:`eplb.coordinator.decision_log`). A restarted leader is handed those records
+(:meth:`LeaderCore.restore`): it aborts, and logs, an epoch that was never decided, takes over a
+committed epoch that never ended, and answers every :class:`~eplb.proto.OutcomeQuery` of a
+promised worker with the decision on record. Membership is rebuilt from the ranks that rejoin.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from typing import Any
 import torch
 
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
+from eplb.coordinator.decision_log import EpochDecided, EpochEnded, EpochStarted, LogRecord
 from eplb.coordinator.planner import PlannerSpec, PlanResult
 from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
                             validate_placement)
-from eplb.proto import Counts, Done, Heartbeat, Hello, Message, Plan, PlanAck, Promise, Refuse
+from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, OutcomeQuery, Plan,
+                        PlanAck, Promise, Refuse)
 
 log = logging.getLogger("eplb.leader")
 
@@ -58,7 +67,28 @@ class ComputePlan:
     spec: PlannerSpec
 
 
-Output = Broadcast | ComputePlan
+@dataclass(frozen=True)
+class SendTo:
+    """Send ``msg`` to worker ``rank`` only."""
+
+    rank: int
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Write ``record`` to the decision log durably before carrying out any later output."""
+
+    record: LogRecord
+
+
+Output = Broadcast | SendTo | ComputePlan | Persist
+
+#: Progress reports closer together than this count as one sample of the step rate: a burst of
+#: reports queued while the leader was paused or restarting says nothing about the rate.
+RATE_SAMPLE_SPACING_S = 0.1
+#: The step rate needs samples spanning at least this long.
+RATE_MIN_SPAN_S = 1.0
 
 
 @dataclass
@@ -113,6 +143,11 @@ class LeaderCore:
         self.counters: dict[str, int] = {"started": 0, "committed": 0, "aborted": 0, "skipped": 0,
                                          "failed": 0, "joined": 0, "rejected_hello": 0}
         self._window: deque[Counts] = deque()
+        self._window_sum: torch.Tensor | None = None  # [L, E] int64: sum of _window's counts
+        self._window_newest = 0
+        self.decided: dict[int, Commit | Abort] = {}  # every decision on record, by epoch
+        self._committed_old: torch.Tensor | None = None  # [L, P] before the committed epoch
+        self._late: EpochAgreement | None = None  # failed on its DONE deadline: late DONEs count
         self._after_switch: list[Counts] = []
         self._next_epoch = 1
         self._next_request = 1
@@ -137,32 +172,73 @@ class LeaderCore:
         except InvalidPlacement as exc:
             self.counters["rejected_hello"] += 1
             return f"rank {hello.rank} serves an invalid placement: {exc}"
+        if self.shape is not None and not self.workers and self.agreement is None \
+                and self._pending is None and hello.applied_epoch == 0 \
+                and not self._serves_group_placement(hello.phys2log):
+            # A fresh engine (never rebalanced) while no rank is joined: a new instance.
+            self.shape = self.world_size = self.placement = None
         if self.shape is None:
             self.shape, self.world_size = shape, hello.world_size
             self.bytes_per_expert = hello.bytes_per_expert
             self.placement = hello.phys2log.clone()
+            self._clear_window()
         elif shape != self.shape or hello.world_size != self.world_size:
             self.counters["rejected_hello"] += 1
             return (f"rank {hello.rank} reports (L, E, P)={shape}, world_size={hello.world_size}; "
                     f"the group has {self.shape}, world_size={self.world_size}")
-        elif placement_hash(hello.phys2log) != placement_hash(self.placement):
+        elif not self._serves_group_placement(hello.phys2log):
             self.counters["rejected_hello"] += 1
-            return (f"rank {hello.rank} serves placement {placement_hash(hello.phys2log)}, the group "
-                    f"serves {placement_hash(self.placement)}; restart it with the group's placement")
+            served, group = placement_hash(hello.phys2log), placement_hash(self.placement)
+            if hello.applied_epoch > 0:
+                # Evidence, not suspicion: a rank that took part in rebalances serves a placement
+                # the group does not. Its maps differ from the others'.
+                self._declare_unsafe(f"rank {hello.rank} rejoined serving placement {served} "
+                                     f"(its last applied epoch: {hello.applied_epoch}); the group "
+                                     f"serves {group}")
+            return (f"rank {hello.rank} serves placement {served}, the group serves {group}; "
+                    "restart it with the group's placement")
         self.workers[hello.rank] = WorkerInfo(hello.rank, 0, hello.step, now)
         self.counters["joined"] += 1
         log.info("rank %d joined (%d/%d workers)", hello.rank, len(self.workers), self.world_size)
         return ""
+
+    def on_joined(self, rank: int) -> list[Output]:
+        """After :meth:`on_hello` accepted ``rank``: a committed epoch waiting for its DONE is
+        sent its COMMIT again (the rank may never have had it; one that finished answers with its
+        DONE again, one still copying ignores it)."""
+        agreement = self.agreement
+        if (agreement is not None and agreement.phase is Phase.COMMITTED
+                and rank in agreement.ranks and rank not in agreement.done):
+            assert agreement.switch_step is not None
+            return [SendTo(rank, Commit(epoch=agreement.epoch, step=agreement.switch_step))]
+        return []
+
+    def _serves_group_placement(self, phys2log: torch.Tensor) -> bool:
+        """The group's placement, or, while a committed epoch copies, any layer-by-layer mix of
+        its old and new placements (a rank rejoining mid-copy)."""
+        if self.placement is None or phys2log.shape != self.placement.shape:
+            return False
+        if torch.equal(phys2log, self.placement):
+            return True
+        agreement = self.agreement
+        if agreement is None or agreement.phase is not Phase.COMMITTED:
+            return False
+        old, new = self.placement, agreement.plan.phys2log
+        per_layer = (phys2log == old).all(dim=1) | (phys2log == new).all(dim=1)
+        return bool(per_layer.all())
+
+    def _declare_unsafe(self, reason: str) -> None:
+        if not self.unsafe_reason:
+            self.unsafe_reason = reason
+            self.counters["unsafe"] = self.counters.get("unsafe", 0) + 1
+            log.critical("the instance is unsafe to serve: %s. Stop the engine and restart it "
+                         "from a known placement.", reason)
 
     def on_worker_left(self, rank: int, why: str, now: float) -> list[Output]:
         """A worker is gone: it leaves the group; an epoch in flight aborts (or fails if committed)."""
         if self.workers.pop(rank, None) is None:
             return []
         log.warning("rank %d left: %s", rank, why)
-        if not self.workers and self.agreement is None and self._pending is None:
-            # Everyone is gone (an engine restart): the next HELLO defines the group anew.
-            self.shape = self.world_size = self.placement = None
-            self._window.clear()
         if self.agreement is None:
             return []
         return self._broadcast(self.agreement.on_worker_left(rank, why, now), now)
@@ -180,6 +256,10 @@ class LeaderCore:
         if info is None:
             return []
         info.last_seen = now
+        if isinstance(msg, OutcomeQuery):
+            return self.on_outcome_query(msg)
+        if isinstance(msg, Done) and self._late is not None and msg.epoch == self._late.epoch:
+            return self._on_late_done(msg, now)
         if isinstance(msg, Heartbeat):
             self._progress(info, msg.step, now)
         elif isinstance(msg, Counts):
@@ -190,12 +270,46 @@ class LeaderCore:
             return self._broadcast(self.agreement.on_message(msg, now), now)
         return []
 
+    def on_outcome_query(self, query: OutcomeQuery) -> list[Output]:
+        """A promised worker asks what became of ``query.epoch``: the decision on record, or, for
+        an epoch this leader never decided and is not deciding now (its log was lost, or the
+        epoch is from before a restart that aborted it), an ABORT that is logged first, so it can
+        never be committed later. Nothing while the epoch is still being decided."""
+        epoch = query.epoch
+        decided = self.decided.get(epoch)
+        if decided is not None:
+            return [SendTo(query.rank, decided)]
+        agreement = self.agreement
+        if agreement is not None and agreement.epoch == epoch:
+            return []  # PLANNED or PREPARING: the outcome goes to everyone when decided
+        reason = (f"epoch {epoch} is not on the leader's record (a leader restart lost it); "
+                  "it was never committed")
+        self._next_epoch = max(self._next_epoch, epoch + 1)
+        abort = Abort(epoch=epoch, reason=reason)
+        self.decided[epoch] = abort
+        log.warning("epoch %d: rank %d asked for its outcome; none on record, so aborted",
+                    epoch, query.rank)
+        return [Persist(EpochDecided(epoch, commit=False, reason=reason)),
+                SendTo(query.rank, abort)]
+
     def _progress(self, info: WorkerInfo, step: int, now: float) -> None:
         info.step = max(info.step, step)
-        if info.rank == min(self.workers):
-            self._rate_samples.append((now, info.step))
+        if info.rank != min(self.workers):
+            return
+        samples = self._rate_samples
+        if samples and now - samples[-1][0] < RATE_SAMPLE_SPACING_S:
+            samples[-1] = (samples[-1][0], max(samples[-1][1], info.step))  # one burst, one sample
+        else:
+            samples.append((now, info.step))
+
+    def _clear_window(self) -> None:
+        self._window.clear()
+        self._window_sum = None
+        self._window_newest = 0
 
     def _on_counts(self, msg: Counts, info: WorkerInfo, now: float) -> None:
+        """Add one COUNTS frame to the window in O(frame): a running sum, oldest frames
+        subtracted as they fall out."""
         assert self.shape is not None
         if list(msg.counts.shape) != [self.shape[0], self.shape[1]]:
             log.warning("rank %d sent counts of shape %s, expected [%d, %d]; dropped", msg.rank,
@@ -203,18 +317,25 @@ class LeaderCore:
             self.counters["rejected_counts"] = self.counters.get("rejected_counts", 0) + 1
             return
         self._progress(info, msg.to_step, now)
+        counts = msg.counts.to(torch.int64)
+        if self._window_sum is None:
+            self._window_sum = torch.zeros_like(counts)
         self._window.append(msg)
-        newest = max(c.to_step for c in self._window)
-        while self._window and self._window[0].to_step <= newest - self.config.window_steps:
-            self._window.popleft()
+        self._window_sum += counts
+        self._window_newest = max(self._window_newest, msg.to_step)
+        while self._window and \
+                self._window[0].to_step <= self._window_newest - self.config.window_steps:
+            self._window_sum -= self._window.popleft().counts.to(torch.int64)
         self._observe_after_switch(msg)
 
     def steps_per_second(self) -> float:
-        """Decode rate measured from the lowest rank's progress reports."""
+        """Decode rate measured from the lowest rank's progress reports, over samples at least
+        :data:`RATE_SAMPLE_SPACING_S` apart spanning at least :data:`RATE_MIN_SPAN_S` (0 until
+        then: the margin then falls back to its minimum)."""
         if len(self._rate_samples) < 2:
             return 0.0
         (t0, s0), (t1, s1) = self._rate_samples[0], self._rate_samples[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        return (s1 - s0) / (t1 - t0) if t1 - t0 >= RATE_MIN_SPAN_S else 0.0
 
     def min_step(self) -> int:
         return min((w.step for w in self.workers.values()), default=0)
@@ -225,10 +346,9 @@ class LeaderCore:
     def window_load(self) -> torch.Tensor:
         """``[L, E]`` int64: counts of every rank over the window."""
         assert self.shape is not None
-        total = torch.zeros(self.shape[0], self.shape[1], dtype=torch.int64)
-        for c in self._window:
-            total += c.counts
-        return total
+        if self._window_sum is None:
+            return torch.zeros(self.shape[0], self.shape[1], dtype=torch.int64)
+        return self._window_sum.clone()
 
     # --- triggering and planning ----------------------------------------------------------------
 
@@ -310,13 +430,33 @@ class LeaderCore:
         self.counters["started"] += 1
         log.info("epoch %d: PLAN to %d workers (margin >= %d, retry %d)", epoch, len(self.workers),
                  self._margin, self._retries)
-        return [Broadcast(m) for m in self.agreement.start()]
+        return [Persist(EpochStarted(epoch)), *(Broadcast(m) for m in self.agreement.start())]
 
     def _broadcast(self, msgs: list[Message], now: float) -> list[Output]:
-        out: list[Output] = [Broadcast(m) for m in msgs]
+        """Broadcast the agreement's messages; a decision (COMMIT or ABORT) is put on record
+        first."""
+        out: list[Output] = []
+        for m in msgs:
+            if isinstance(m, (Commit, Abort)):
+                out.append(Persist(self._decision_record(m)))
+                self.decided[m.epoch] = m
+            out.append(Broadcast(m))
         if self.agreement is not None and self.agreement.finished:
             out += self._epoch_ended(now)
         return out
+
+    def _decision_record(self, m: Commit | Abort) -> EpochDecided:
+        if isinstance(m, Abort):
+            return EpochDecided(m.epoch, commit=False, reason=m.reason)
+        agreement = self.agreement
+        assert agreement is not None and self.placement is not None
+        self._committed_old = self.placement.clone()
+        return EpochDecided(m.epoch, commit=True, switch_step=m.step,
+                            old=self.placement.tolist(), new=agreement.plan.phys2log.tolist(),
+                            world_size=self.world_size or 0,
+                            num_experts=self.shape[1] if self.shape else 0,
+                            layers_per_chunk=agreement.plan.layers_per_chunk,
+                            bytes_per_chunk=agreement.plan.bytes_per_chunk)
 
     def _epoch_ended(self, now: float) -> list[Output]:
         agreement, record = self.agreement, self._current
@@ -330,25 +470,21 @@ class LeaderCore:
         record.max_hold_ms = max((d.hold_seconds for d in agreement.done.values()), default=0) * 1e3
         record.reason = agreement.reason
         if agreement.phase is Phase.SUCCEEDED:
-            assert self._plan_result is not None
-            self.placement = self._plan_result.phys2log.clone()
+            self._adopt(agreement)
             record.outcome = "committed"
             self.counters["committed"] += 1
-            self._after_switch = []
-            self._switch_end = self.max_step()
             log.info("epoch %d: committed at S=%s; placement adopted", agreement.epoch,
                      agreement.switch_step)
             self.history.append(record)
-            return []
+            return [Persist(EpochEnded(agreement.epoch, succeeded=True))]
         if agreement.phase is Phase.FAILED:
             record.outcome = "failed"
             self.counters["failed"] += 1
-            self.unsafe_reason = f"epoch {agreement.epoch}: {agreement.reason}"
-            log.critical("epoch %d FAILED after commit: %s. The instance is unsafe to serve; stop "
-                         "the engine and restart it from a known placement.", agreement.epoch,
-                         agreement.reason)
+            if agreement.failed_on_timeout:
+                self._late = agreement  # DONEs ok from every rank may still clear it
+            self._declare_unsafe(f"epoch {agreement.epoch}: {agreement.reason}")
             self.history.append(record)
-            return []
+            return [Persist(EpochEnded(agreement.epoch, succeeded=False, reason=agreement.reason))]
         record.outcome = "aborted"
         self.counters["aborted"] += 1
         self.history.append(record)
@@ -362,6 +498,107 @@ class LeaderCore:
                                 experts_moved=record.experts_moved, plan_ms=record.plan_ms)
             return self._start_epoch(retry, now)
         return []
+
+    def _adopt(self, agreement: EpochAgreement) -> None:
+        self.placement = agreement.plan.phys2log.clone()
+        self._committed_old = None
+        self._after_switch = []
+        self._switch_end = self.max_step()
+
+    def _on_late_done(self, msg: Done, now: float) -> list[Output]:
+        """A DONE of the epoch that failed on its deadline: every rank ok clears the failure."""
+        late = self._late
+        assert late is not None
+        if not late.on_late_done(msg, now):
+            if late.phase is Phase.FAILED and not late.failed_on_timeout:
+                self._late = None  # a DONE error: now failed on evidence, for good
+                self.unsafe_reason = f"epoch {late.epoch}: {late.reason}"
+            return []
+        self._late = None
+        self._adopt(late)
+        self.unsafe_reason = ""
+        self.counters["committed"] += 1
+        self.counters["failed"] -= 1
+        record = next((r for r in reversed(self.history) if r.epoch == late.epoch), None)
+        if record is not None:
+            record.outcome, record.reason = "committed", "every DONE came after the deadline"
+        log.warning("epoch %d: every rank reported DONE ok after the deadline; the failure is "
+                    "cleared and the placement adopted", late.epoch)
+        return [Persist(EpochEnded(late.epoch, succeeded=True))]
+
+    # --- restart --------------------------------------------------------------------------------
+
+    def restore(self, records: list[LogRecord], now: float) -> list[Output]:
+        """A restarted leader takes over from its decision log. Epoch numbers continue after the
+        highest on record; an epoch started and never decided is aborted (returned as a
+        :class:`Persist` and an ABORT broadcast; promised workers that missed it get it when they
+        ask); a committed epoch that never ended is resumed, waiting for every DONE. Membership
+        is not restored: it is rebuilt from the ranks that rejoin."""
+        started: set[int] = set()
+        ended: set[int] = set()
+        last_commit: EpochDecided | None = None
+        adopted: EpochDecided | None = None
+        for r in records:
+            self._next_epoch = max(self._next_epoch, r.epoch + 1)
+            if isinstance(r, EpochStarted):
+                started.add(r.epoch)
+            elif isinstance(r, EpochDecided):
+                self.decided[r.epoch] = (Commit(epoch=r.epoch, step=r.switch_step) if r.commit
+                                         else Abort(epoch=r.epoch, reason=r.reason))
+                if r.commit:
+                    last_commit = r
+            elif isinstance(r, EpochEnded):
+                ended.add(r.epoch)
+                if r.succeeded and last_commit is not None and last_commit.epoch == r.epoch:
+                    adopted = last_commit
+        out: list[Output] = []
+        for epoch in sorted(started - set(self.decided)):
+            reason = "the leader restarted before deciding this epoch"
+            abort = Abort(epoch=epoch, reason=reason)
+            self.decided[epoch] = abort
+            log.warning("epoch %d: never decided before the restart; aborted", epoch)
+            out += [Persist(EpochDecided(epoch, commit=False, reason=reason)), Broadcast(abort)]
+        resume = last_commit if last_commit is not None and last_commit.epoch not in ended else None
+        group = resume or adopted
+        if group is not None and group.old is not None and group.new is not None:
+            old, new = group.placements()
+            self.world_size = group.world_size
+            self.shape = (int(old.shape[0]), group.num_experts, int(old.shape[1]))
+            self.placement = old if resume is not None else new
+        if resume is not None and resume.new is not None:
+            old, new = resume.placements()
+            plan = Plan(epoch=resume.epoch, phys2log=new, plan_hash=placement_hash(new),
+                        layers_per_chunk=resume.layers_per_chunk,
+                        bytes_per_chunk=resume.bytes_per_chunk)
+            self.agreement = EpochAgreement.resume_committed(
+                plan, frozenset(range(resume.world_size)), resume.switch_step, now,
+                self.config.timeouts)
+            self._committed_old = old
+            self._current = EpochRecord(resume.epoch, "in_progress", "resumed after a restart",
+                                        switch_step=resume.switch_step)
+            log.warning("epoch %d: committed at S=%d before the restart and not finished; "
+                        "waiting for every rank's DONE", resume.epoch, resume.switch_step)
+        log.info("restored %d decision(s) from the log; next epoch %d", len(self.decided),
+                 self._next_epoch)
+        return out
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def shutdown(self, reason: str, now: float) -> list[Output]:
+        """The leader is stopping: ABORT an epoch that has not committed (on record first), so
+        promised workers stop holding; repeat the COMMIT of a committed one, in case the broadcast
+        that carried it was cut short (workers ignore a COMMIT they already have)."""
+        agreement = self.agreement
+        if agreement is None or agreement.finished:
+            return []
+        if agreement.phase in (Phase.PLANNED, Phase.PREPARING):
+            abort = Abort(epoch=agreement.epoch, reason=reason)
+            self.decided[agreement.epoch] = abort
+            self.agreement = None
+            return [Persist(EpochDecided(agreement.epoch, commit=False, reason=reason)),
+                    Broadcast(abort)]
+        assert agreement.switch_step is not None
+        return [Broadcast(Commit(epoch=agreement.epoch, step=agreement.switch_step))]
 
     def _observe_after_switch(self, msg: Counts) -> None:
         """Fill in the measured balancedness of the last committed epoch from counts taken

@@ -35,12 +35,14 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from eplb import __version__
 from eplb.coordinator.agreement import Phase
 from eplb.coordinator.health import HealthState, HttpEndpoints
-from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output
+from eplb.coordinator.decision_log import DecisionLog, DecisionLogError
+from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output,
+                                     Persist, SendTo)
 from eplb.coordinator.metrics import SHUTDOWN_REASON, SidecarMetrics
 from eplb.coordinator.planner import plan_rebalance
 from eplb.curve import CurveKeyError, CurveKeys, load_keys
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
-from eplb.proto import (Abort, Bye, Commit, ControlReply, ControlRequest, Hello, IdentityMismatch,
+from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch,
                         InvalidField, MalformedFrame, Message, NodeHeartbeat, NodeHello,
                         ProtocolError, Rejoin, Relay, Welcome, WorkerLeft, decode, encode)
 from eplb.sd_notify import Notifier
@@ -115,6 +117,7 @@ class Sidecar:
         self.stopping = False
         self.failed = False  # a loop died: the process should exit non-zero
         self._auth: AsyncioAuthenticator | None = None
+        self.decisions: DecisionLog | None = None
 
     # --- setup ----------------------------------------------------------------------------------
 
@@ -123,6 +126,11 @@ class Sidecar:
         keys = self._curve_keys()  # first: a bad key directory stops the start before any bind
         ensure_private_dir(cfg.run_dir, cfg.group_access)
         self._refuse_if_running()
+        if self.core is not None:
+            try:
+                self.decisions = DecisionLog(decision_log_path(cfg.run_dir))
+            except DecisionLogError as exc:
+                raise SystemExit(f"eplb-sidecar: {exc}") from None
         self.workers = self.ctx.socket(zmq.ROUTER)
         self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.workers.setsockopt(zmq.LINGER, 200)
@@ -243,6 +251,8 @@ class Sidecar:
                                                   incarnation=self.incarnation))])
         if cfg.is_leader:
             self._start_executor()
+            assert self.core is not None and self.decisions is not None
+            await self._execute(self.core.restore(self.decisions.records, time.monotonic()))
         self._refresh(time.monotonic(), balance=False)  # /readyz says why from the start
         tasks = [asyncio.ensure_future(c) for c in loops]
         stopper = asyncio.ensure_future(stop.wait())
@@ -272,9 +282,9 @@ class Sidecar:
         self.close()
 
     async def _settle_epoch_for_shutdown(self) -> None:
-        """Leader, stopping: ABORT an epoch that has not committed, so that promised workers stop
-        holding at S; repeat the COMMIT of a committed one, in case the broadcast that carried it
-        was cut short by the stop (workers ignore a COMMIT they already have)."""
+        """Leader, stopping: the core ABORTs an epoch that has not committed (on record first), so
+        that promised workers stop holding at S, and repeats the COMMIT of a committed one, in
+        case the broadcast that carried it was cut short by the stop."""
         if self.core is None or self.core.agreement is None:
             return
         agreement = self.core.agreement
@@ -283,19 +293,18 @@ class Sidecar:
         if agreement.phase in (Phase.PLANNED, Phase.PREPARING):
             log.warning("epoch %d: aborting it (%s, not committed): %s", agreement.epoch,
                         agreement.phase.value, SHUTDOWN_REASON, extra=fields)
-            await self._execute([Broadcast(Abort(epoch=agreement.epoch, reason=SHUTDOWN_REASON))])
             self.metrics.epochs_aborted.labels("shutdown").inc()
         elif agreement.phase is Phase.COMMITTED:
-            assert agreement.switch_step is not None
             log.warning("epoch %d: committed at S=%d, so it is not aborted; the workers finish "
-                        "their copies without this leader", agreement.epoch,
-                        agreement.switch_step, extra=fields)
-            await self._execute([Broadcast(Commit(epoch=agreement.epoch,
-                                                  step=agreement.switch_step))])
+                        "their copies, and a restarted leader resumes it from its decision log",
+                        agreement.epoch, agreement.switch_step, extra=fields)
+        await self._execute(self.core.shutdown(SHUTDOWN_REASON, time.monotonic()))
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.decisions is not None:
+            self.decisions.close()
         if self.http is not None:
             self.http.close()
         if self._auth is not None:
@@ -431,6 +440,8 @@ class Sidecar:
                     self.local.pop(msg.rank, None)
             await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,
                                                                  error=error)))
+            if not error:
+                await self._execute(self.core.on_joined(msg.rank))
             return
         if self.rank_node.get(msg.rank) != node:
             # Not joined through this node (the leader restarted since its HELLO): ask again.
@@ -461,8 +472,17 @@ class Sidecar:
                                              encode(Relay(node=0, ranks=(rank,))), frame])
 
     async def _execute(self, outputs: list[Output]) -> None:
+        """Carry out the core's outputs in order; a :class:`Persist` is on disk before anything
+        after it leaves."""
         for out in outputs:
-            if isinstance(out, Broadcast):
+            if isinstance(out, Persist):
+                assert self.decisions is not None
+                self.decisions.append(out.record)
+            elif isinstance(out, SendTo):
+                node = self.rank_node.get(out.rank)
+                if node is not None:
+                    await self._to_worker(node, out.rank, encode(out.msg))
+            elif isinstance(out, Broadcast):
                 frame = encode(out.msg)
                 header = encode(Relay(node=0, ranks=(BROADCAST,)))
                 await self._to_local(BROADCAST, frame)
@@ -601,9 +621,18 @@ class Sidecar:
         cfg = self.config
         next_beat = next_refresh = next_balance = next_watchdog = 0.0
         watchdog_every = self.notifier.watchdog_interval_s
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(cfg.tick_s)
             now = time.monotonic()
+            if self.core is not None and now - last_tick > cfg.node_timeout_s / 2:
+                # This process was paused (SIGSTOP, a stalled host): the followers' queued
+                # heartbeats are not read yet, so their silence is ours, not theirs.
+                log.warning("node %d: the event loop was paused for %.1fs; follower timeouts "
+                            "restart", cfg.node_rank, now - last_tick)
+                for follower in self.nodes.values():
+                    follower.seen = now
+            last_tick = now
             self.health.beat()
             if watchdog_every is not None and now >= next_watchdog:
                 next_watchdog = now + watchdog_every
@@ -746,6 +775,11 @@ class _Follower:
 
     identity: bytes
     seen: float
+
+
+def decision_log_path(run_dir: Path) -> Path:
+    """Where the leader keeps its decision log (it must survive a restart of the sidecar)."""
+    return Path(run_dir) / "decisions.jsonl"
 
 
 def set_planner_threads(threads: int) -> None:

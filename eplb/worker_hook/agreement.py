@@ -11,7 +11,12 @@ States::
                       │ PREPARE, step >= S: REFUSE     │ ABORT ─▶ IDLE   (copy error ─▶ FAILED)
 
 Once PROMISED, the decode loop may not run step S until the outcome is known: :meth:`action_at`
-returns :class:`Hold`. The hook waits for the outcome with a timeout (invariant I2).
+returns :class:`Hold`. The hook waits for the outcome with a timeout (invariant I2), and while
+PROMISED it keeps asking for the outcome (:meth:`outcome_query`): a sidecar or leader that
+restarted may have lost the COMMIT or ABORT, and the leader's decision log answers.
+
+A COMMIT of an epoch this rank already finished is answered with the same DONE again: a leader
+that restarted, or whose DONE was lost with a sidecar, asks that way.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch
 
 from eplb.placement import InvalidPlacement, placement_hash, validate_placement
 from eplb.worker_hook.copy_plan import changed_layers, chunk_layers, plan_copies
-from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
-                        Promise, Refuse)
+from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message,
+                        OutcomeQuery, Plan, PlanAck, Prepare, Promise, Refuse)
 
 
 class WorkerState(enum.Enum):
@@ -117,6 +122,8 @@ class WorkerAgreement:
         self._copy_seconds = 0.0
         self._hold_seconds = 0.0
         self.failure: str = ""
+        self.applied_epoch = 0  # the last epoch whose copies finished ok
+        self._last_done: Done | None = None
 
     # --- leader messages (socket thread) --------------------------------------------------------
 
@@ -177,6 +184,8 @@ class WorkerAgreement:
         return [Promise(rank=self.rank, epoch=msg.epoch)]
 
     def _on_commit(self, msg: Commit) -> list[Message]:
+        if self._last_done is not None and msg.epoch == self._last_done.epoch:
+            return [self._last_done]  # asked again: the first DONE may have been lost
         if self.state is WorkerState.PROMISED and msg.epoch == self.epoch and msg.step == self.switch_step:
             self.state = WorkerState.COPYING
             if not self._chunks:
@@ -186,6 +195,12 @@ class WorkerAgreement:
     def _on_abort(self, msg: Abort) -> None:
         if msg.epoch == self.epoch and self.state in (WorkerState.PLANNED, WorkerState.PROMISED):
             self._reset()
+
+    def outcome_query(self) -> OutcomeQuery | None:
+        """While PROMISED: the question to ask the leader again (the outcome may have been lost)."""
+        if self.state is WorkerState.PROMISED and self.epoch is not None:
+            return OutcomeQuery(rank=self.rank, epoch=self.epoch)
+        return None
 
     # --- decode thread --------------------------------------------------------------------------
 
@@ -235,9 +250,10 @@ class WorkerAgreement:
         """A copy failed: the maps may be mismatched; this rank must never serve again."""
         self.state = WorkerState.FAILED
         self.failure = f"epoch {chunk.epoch} chunk {chunk.index} (layers {list(chunk.layers)}): {error}"
-        return [Done(rank=self.rank, epoch=chunk.epoch, ok=False, error=self.failure[:2000],
-                     bytes_received=self._bytes_received, copy_seconds=self._copy_seconds,
-                     hold_seconds=self._hold_seconds)]
+        self._last_done = Done(rank=self.rank, epoch=chunk.epoch, ok=False,
+                               error=self.failure[:2000], bytes_received=self._bytes_received,
+                               copy_seconds=self._copy_seconds, hold_seconds=self._hold_seconds)
+        return [self._last_done]
 
     def _finish(self) -> Done:
         assert self._new is not None and self.epoch is not None
@@ -245,9 +261,11 @@ class WorkerAgreement:
         self.state = WorkerState.IDLE
         self._new = None
         self._chunks = []
-        return Done(rank=self.rank, epoch=self.epoch, ok=True, error="",
-                    bytes_received=self._bytes_received, copy_seconds=self._copy_seconds,
-                    hold_seconds=self._hold_seconds)
+        self.applied_epoch = self.epoch
+        self._last_done = Done(rank=self.rank, epoch=self.epoch, ok=True, error="",
+                               bytes_received=self._bytes_received,
+                               copy_seconds=self._copy_seconds, hold_seconds=self._hold_seconds)
+        return self._last_done
 
     def _reset(self) -> None:
         self.state = WorkerState.IDLE

@@ -353,6 +353,7 @@ class WorkerHook:
                 self._drain_outbox(sock)
                 if time.monotonic() >= next_beat:
                     self._send(sock, Heartbeat(rank=self.rank, step=self._step))
+                    self._ask_outcome(sock)
                     next_beat = time.monotonic() + self.heartbeat_s
             self._drain_outbox(sock)
             self._send(sock, Bye(rank=self.rank))
@@ -364,12 +365,22 @@ class WorkerHook:
     def _hello(self, sock: zmq.Socket) -> None:
         with self._lock:
             placement = self._agreement.phys2log.clone()
+            applied_epoch = self._agreement.applied_epoch
         self._hello_sent_at = time.monotonic()
         self._send(sock, Hello(rank=self.rank, node=self.node, world_size=self.world_size,
                                num_layers=self.num_layers, num_experts=self.num_experts,
                                num_physical=self.num_physical,
                                bytes_per_expert=self.bytes_per_expert, step=self._step,
-                               pid=os.getpid(), phys2log=placement))
+                               pid=os.getpid(), phys2log=placement,
+                               applied_epoch=applied_epoch))
+
+    def _ask_outcome(self, sock: zmq.Socket) -> None:
+        """While promised, ask for the outcome once a heartbeat: a COMMIT or ABORT lost with a
+        restarting sidecar or leader is sent again from the leader's decision log."""
+        with self._lock:
+            query = self._agreement.outcome_query()
+        if query is not None:
+            self._send(sock, query)
 
     def _receive_all(self, sock: zmq.Socket) -> None:
         while True:
@@ -390,6 +401,7 @@ class WorkerHook:
         if isinstance(msg, Welcome):
             if msg.ok:
                 self.joined.set()
+                self._ask_outcome(sock)  # rejoined while promised: the outcome may be lost
             else:
                 self.join_error = msg.error
                 log.error("rank %d: the leader refused this worker: %s", self.rank, msg.error)

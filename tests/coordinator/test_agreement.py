@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
-from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore
+from eplb.coordinator.decision_log import EpochDecided, EpochStarted
+from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist
 from eplb.coordinator.planner import PlanResult
 from eplb.placement import default_placement, placement_hash
 from eplb.proto import Abort, Commit, Counts, Done, Hello, Plan, PlanAck, Prepare, Promise, Refuse
@@ -295,16 +296,46 @@ def test_a_worker_leaving_before_commit_aborts_without_retry(phase):
     assert "rank 1" in ag.reason and "process died" in ag.reason
 
 
-def test_a_worker_leaving_after_commit_without_done_fails_without_abort():
+def test_a_worker_leaving_after_commit_is_not_evidence_its_late_done_succeeds():
     ag = make_agreement(ranks=(0, 1, 2))
     to_committed(ag)
     ag.on_message(done(0), 102.0)
-    out = ag.on_worker_left(2, "sidecar lost", 102.5)
-    assert out == []
-    assert ag.phase is Phase.FAILED
-    assert "rank 2" in ag.reason and "sidecar lost" in ag.reason
-    # Later DONEs change nothing.
-    assert ag.on_message(done(1), 103.0) == [] and ag.phase is Phase.FAILED
+    assert ag.on_worker_left(2, "sidecar lost", 102.5) == []
+    assert ag.phase is Phase.COMMITTED  # waiting, bounded by the DONE deadline
+    ag.on_message(done(1), 103.0)
+    ag.on_message(done(2), 103.5)  # its sidecar came back with the DONE
+    assert ag.phase is Phase.SUCCEEDED
+
+
+def test_silence_after_commit_fails_at_the_deadline_and_late_dones_ok_clear_it():
+    ag = make_agreement(ranks=(0, 1))
+    to_committed(ag)
+    ag.on_message(done(0), 102.0)
+    ag.on_tick(ag.deadline)
+    assert ag.phase is Phase.FAILED and ag.failed_on_timeout and "rank" in ag.reason
+    assert ag.on_late_done(done(1), ag.deadline + 1) is True
+    assert ag.phase is Phase.SUCCEEDED and ag.reason == ""
+
+
+def test_a_late_done_error_keeps_a_timed_out_epoch_failed():
+    ag = make_agreement(ranks=(0, 1))
+    to_committed(ag)
+    ag.on_tick(ag.deadline)
+    bad = Done(rank=1, epoch=EPOCH, ok=False, error="nccl", bytes_received=0, copy_seconds=0.0,
+               hold_seconds=0.0)
+    assert ag.on_late_done(bad, ag.deadline + 1) is False
+    assert ag.on_late_done(done(0), ag.deadline + 2) is False
+    assert ag.phase is Phase.FAILED and "nccl" in ag.reason
+
+
+def test_a_done_error_fails_the_epoch_at_once_and_late_dones_do_not_clear_it():
+    ag = make_agreement(ranks=(0, 1))
+    to_committed(ag)
+    bad = Done(rank=1, epoch=EPOCH, ok=False, error="nccl", bytes_received=0, copy_seconds=0.0,
+               hold_seconds=0.0)
+    ag.on_message(bad, 102.0)
+    assert ag.phase is Phase.FAILED and not ag.failed_on_timeout
+    assert ag.on_late_done(done(0), 103.0) is False and ag.phase is Phase.FAILED
 
 
 def test_a_worker_leaving_after_its_done_does_not_fail_the_epoch():
@@ -420,13 +451,25 @@ def leader_with_epoch(ranks=(0, 1), max_retries: int = 2, now: float = 10.0):
     assert isinstance(compute, ComputePlan)
     new = make_plan().phys2log
     out = core.on_plan_result(compute.request_id, PlanResult(new, 0.5, 0.9, 4, 0.01, ""), now)
-    assert [type(o.msg) for o in out] == [Plan]
-    return core, out[0].msg
+    assert out[0] == Persist(EpochStarted(out[1].msg.epoch)), "the epoch is on record before PLAN"
+    assert msgs(out) == [out[1].msg] and isinstance(out[1].msg, Plan)
+    return core, out[1].msg
 
 
 def msgs(outputs) -> list:
-    assert all(isinstance(o, Broadcast) for o in outputs)
-    return [o.msg for o in outputs]
+    """The broadcast messages of ``outputs``, after checking that every decision (COMMIT or
+    ABORT) is put on record right before it is sent."""
+    sent = []
+    for i, o in enumerate(outputs):
+        if isinstance(o, Persist):
+            continue
+        assert isinstance(o, Broadcast)
+        if isinstance(o.msg, (Commit, Abort)):
+            record = outputs[i - 1].record if i and isinstance(outputs[i - 1], Persist) else None
+            assert isinstance(record, EpochDecided) and record.epoch == o.msg.epoch \
+                and record.commit == isinstance(o.msg, Commit), f"{o.msg} sent without its record"
+        sent.append(o.msg)
+    return sent
 
 
 def test_leader_retries_a_refused_epoch_with_a_new_epoch_and_a_larger_margin():

@@ -13,7 +13,8 @@ import zmq
 
 from eplb.paths import workers_endpoint
 from eplb.placement import default_placement, placement_hash
-from eplb.proto import (Commit, Counts, Done, Hello, Heartbeat, Plan, PlanAck, Prepare, Promise,
+from eplb.proto import (Abort, Commit, Counts, Done, Hello, Heartbeat, OutcomeQuery, Plan, PlanAck,
+                        Prepare, Promise,
                         Welcome, decode, encode)
 from eplb.worker_hook import CopyFailed, HoldTimeout, WorkerHook
 
@@ -29,7 +30,7 @@ class ScriptedSidecar:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(workers_endpoint(run_dir))
 
-    def expect(self, kind: type, timeout_s: float = 10.0, skip=(Heartbeat, Counts)):
+    def expect(self, kind: type, timeout_s: float = 10.0, skip=(Heartbeat, Counts, OutcomeQuery)):
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -104,6 +105,48 @@ def test_hold_at_S_ends_with_the_commit_and_copies_then(side, tmp_path: Path) ->
         done = side.expect(Done)
         assert done.ok and done.epoch == 1 and done.hold_seconds >= 0.25
         assert torch.equal(hook.phys2log, new_placement())
+    finally:
+        hook.close()
+
+
+def test_a_promised_rank_keeps_asking_for_the_outcome_and_a_late_commit_releases_it(
+        side, tmp_path: Path) -> None:
+    """The COMMIT was lost (say with a restarting sidecar): the promised rank asks for the outcome
+    every heartbeat until the answer comes; a COMMIT it already finished is answered with the
+    same DONE again."""
+    calls = []
+    hook = join(side, tmp_path, copy_fn=lambda e, layers, old, new: calls.append((e, layers)))
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=2)
+        for _ in range(3):  # heartbeat_s is 0.05: three questions come well within the timeout
+            assert side.expect(OutcomeQuery, skip=(Heartbeat, Counts)) == OutcomeQuery(rank=0,
+                                                                                        epoch=1)
+        side.send(Commit(epoch=1, step=2))
+        hook.on_step(2)
+        assert calls == [(1, [1])]
+        first = side.expect(Done)
+        side.send(Commit(epoch=1, step=2))  # a restarted leader asks again
+        again = side.expect(Done)
+        assert again == first and first.ok
+        assert calls == [(1, [1])], "a repeated COMMIT must not copy again"
+    finally:
+        hook.close()
+
+
+def test_an_abort_answering_the_question_releases_the_hold_without_copies(
+        side, tmp_path: Path) -> None:
+    calls = []
+    hook = join(side, tmp_path, copy_fn=lambda e, layers, old, new: calls.append((e, layers)))
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=2)
+        side.expect(OutcomeQuery, skip=(Heartbeat, Counts))
+        side.send(Abort(epoch=1, reason="not on the leader's record"))
+        hook.on_step(2)
+        hook.on_step(3)
+        assert calls == [] and torch.equal(hook.phys2log, default_placement(L, E, P))
+        assert hook.state == "idle"
     finally:
         hook.close()
 
