@@ -184,12 +184,15 @@ class HttpEndpoints:
         assert task is not None
         self._connections[task] = writer
         self.metrics.open.set(len(self._connections))
+        # drain() returns only once the whole answer is with the kernel, so that the abort()
+        # below (which drops what the transport still buffers) never cuts an answer short
+        writer.transport.set_write_buffer_limits(high=0)
         reason = Closed.ERROR
         try:
             reason = await self._converse(reader, writer)
         except _Close as stop:  # from _send
             reason = stop.reason
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # close(): this task is the server's own, it ends here
             reason = Closed.SHUTDOWN
         except OSError as exc:  # the client reset the connection, or left mid-answer
             reason = Closed.PEER
