@@ -128,11 +128,13 @@ def route(method: bytes, target: bytes, state: HealthState,
 
 
 class _Close(Exception):
-    """Ends one connection; ``reason`` says why, ``answer`` is sent first when not None."""
+    """Ends one connection; ``reason`` says why, ``answer`` is sent first when not None (without
+    its body when ``head_only``: the answer to a HEAD)."""
 
-    def __init__(self, reason: Closed, answer: Answer | None = None) -> None:
+    def __init__(self, reason: Closed, answer: Answer | None = None,
+                 head_only: bool = False) -> None:
         super().__init__(reason.value)
-        self.reason, self.answer = reason, answer
+        self.reason, self.answer, self.head_only = reason, answer, head_only
 
 
 class HttpEndpoints:
@@ -215,7 +217,7 @@ class HttpEndpoints:
                 request = await self._read_head(conn, reader, idle_s)
             except _Close as stop:
                 if stop.answer is not None:
-                    await self._send(conn, writer, stop.answer, head_only=False)
+                    await self._send(conn, writer, stop.answer, stop.head_only)
                 return stop.reason
             if request is None:
                 return Closed.PEER
@@ -253,7 +255,7 @@ class HttpEndpoints:
                 # read is measured here
                 if _head_bytes(event) > self.limits.max_header_bytes:
                     raise _Close(Closed.TOO_LARGE, Answer(431, b"request head too large\n",
-                                                          close=True))
+                                                          close=True), event.method == b"HEAD")
                 return event
             if isinstance(event, h11.ConnectionClosed):
                 return None

@@ -124,11 +124,14 @@ def test_post_gets_405_malformed_gets_400_an_oversized_head_gets_431_each_then_c
             assert status(await exchange(port, garbage)) == 400, garbage
         big = get("/healthz", extra="X-Pad: " + "a" * 2000 + "\r\n")
         assert status(await exchange(port, big)) == 431
+        head = await exchange(port, big.replace(b"GET", b"HEAD", 1))
+        assert status(head) == 431 and head.endswith(b"\r\n\r\n")  # and no body
         # the 431 comes as soon as the head is over the cap, not when the request ends
         assert status(await exchange(port, big[:1500])) == 431
         assert server.open_connections == 0
         assert closed(server, "malformed") == 3
-        assert closed(server, "too_large") == 2
+        assert closed(server, "too_large") == 3
+        assert closed(server, "error") == 0
 
     assert serve(check) == []
 
