@@ -16,8 +16,8 @@ samples the sidecar's RSS and open fds (``/proc/PID``) after every batch, stops 
 ``--time-limit``, and prints a table. Exit status 1 when the sidecar died or an ``after`` probe
 failed.
 
-Only 127.0.0.1; it raises its own RLIMIT_NOFILE soft limit to the hard limit and holds at most one
-batch of connections at a time.
+Only 127.0.0.1; once the sidecar has started (with the limits this process had), it raises its own
+RLIMIT_NOFILE soft limit to the hard limit, and it holds at most one batch of connections at a time.
 """
 
 from __future__ import annotations
@@ -153,12 +153,18 @@ def server_counters(url: str) -> dict[str, float]:
     return found
 
 
-def open_batch(address: tuple[str, int], kinds: list[str], rng: random.Random,
-               result: Result) -> list[tuple[str, socket.socket]]:
+def open_batch(address: tuple[str, int], kinds: list[str], rng: random.Random, result: Result,
+               deadline: float) -> list[tuple[str, socket.socket]]:
+    """Connect one socket per kind and send its payload; stops at ``deadline`` (a server whose
+    accept queue is full makes every connect wait)."""
     batch = []
     for kind in kinds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            result.stopped_early = True
+            break
         try:
-            sock = socket.create_connection(address, timeout=3.0)
+            sock = socket.create_connection(address, timeout=min(3.0, left))
         except OSError:
             result.connect_failed[kind] += 1
             continue
@@ -173,32 +179,37 @@ def open_batch(address: tuple[str, int], kinds: list[str], rng: random.Random,
     return batch
 
 
+def usage(pid: int) -> tuple[int, int] | None:
+    """(RSS KiB, open fds) of process ``pid``; None once it is gone."""
+    try:
+        return rss_kib(pid), open_fds(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def flood(connections: int, seed: int, batch_size: int, time_limit_s: float) -> Result:
     rng = random.Random(seed)
     result = Result()
-    raise_fd_limit()
     started = time.monotonic()
+    deadline = started + time_limit_s
     with LocalCluster(1, sidecar_args=["--planner", "thread"]) as cluster:
-        cluster.start()
+        cluster.start()  # first: the sidecar keeps the limits it inherits (soft 1024, often)
+        raise_fd_limit()
         cluster.wait_ready()
         url = cluster.http_address(0)
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        pid = cluster.sidecars[0].pid
+        sidecar = cluster.sidecars[0]
         assert probe_until_ok(url, PROBE_RETRY_S) is not None, "sidecar not answering"
-        rss, fds = [rss_kib(pid)], [open_fds(pid)]
+        samples = [usage(sidecar.pid)]
         done = 0
-        while done < connections:
-            if time.monotonic() - started > time_limit_s:
-                result.stopped_early = True
-                break
+        while done < connections and sidecar.poll() is None and not result.stopped_early:
             kinds = [rng.choice(KINDS) for _ in range(min(batch_size, connections - done))]
             done += len(kinds)
-            batch = open_batch((host, int(port)), kinds, rng, result)
+            batch = open_batch((host, int(port)), kinds, rng, result, deadline)
             closed = {id(s) for s in closed_by_server([s for _, s in batch], len(batch), SETTLE_S)}
             for kind, sock in batch:
                 result.closed[kind] += id(sock) in closed
-            rss.append(rss_kib(pid))
-            fds.append(open_fds(pid))
+            samples.append(usage(sidecar.pid))
             result.under_load["ok" if probe(url, timeout_s=1.0) else "failed"] += 1
             for _, sock in batch:
                 sock.close()
@@ -208,20 +219,23 @@ def flood(connections: int, seed: int, batch_size: int, time_limit_s: float) -> 
             else:
                 result.after_worst_s = max(result.after_worst_s, took)
             result.batches += 1
-            if cluster.sidecars[0].poll() is not None:
-                break
-        result.alive = cluster.sidecars[0].poll() is None
+            result.stopped_early |= time.monotonic() > deadline and done < connections
+        samples.append(usage(sidecar.pid))
+        result.alive = sidecar.poll() is None
         if result.alive:
             result.server = server_counters(url)
-            result.rss_kib = [rss[0], max(rss), rss_kib(pid)]
-            result.fds = [fds[0], max(fds), open_fds(pid)]
+        seen = [s for s in samples if s is not None]
+        result.rss_kib = [seen[0][0], max(r for r, _ in seen), seen[-1][0]]
+        result.fds = [seen[0][1], max(f for _, f in seen), seen[-1][1]]
     result.wall_s = time.monotonic() - started
     return result
 
 
 def table(result: Result, connections: int, seed: int) -> str:
     rows = [f"http_flood: {connections} connections, seed {seed}, {result.batches} batches"
-            + (" (stopped early at the time limit)" if result.stopped_early else ""), "",
+            + (" (stopped early at the time limit)" if result.stopped_early else "")
+            + (f", {sum(result.opened.values()) + sum(result.connect_failed.values())} tried"
+               if result.stopped_early or not result.alive else ""), "",
             "| kind | opened | connect failed | closed by the server within 1 s |",
             "|---|---|---|---|"]
     for kind in KINDS:
@@ -237,7 +251,7 @@ def table(result: Result, connections: int, seed: int) -> str:
              f"| /healthz after each batch (10 s) | {result.after_failed} failed, worst "
              f"{result.after_worst_s:.2f} s |",
              f"| sidecar alive at the end | {'yes' if result.alive else 'NO'} |"]
-    if result.rss_kib:
+    if result.rss_kib:  # "after": the last sample while it lived
         rows.append("| sidecar RSS KiB before / max / after | "
                     + " / ".join(map(str, result.rss_kib)) + " |")
         rows.append("| sidecar fds before / max / after | "
