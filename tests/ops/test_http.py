@@ -21,7 +21,7 @@ from eplb.demo.cluster import http_get, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "chaos"))
 
-from http_flood import closed_by_server, open_fds  # noqa: E402
+from http_flood import closed_by_server, open_fds, probe  # noqa: E402
 
 SMALL = HttpLimits(max_connections=4, request_timeout_s=0.6, idle_timeout_s=0.4,
                    max_header_bytes=1024)
@@ -255,7 +255,7 @@ def test_a_real_sidecar_holds_its_cap_and_its_fds_stay_bounded(daemon_factory) -
         assert len(closed) == extra  # the ones over the cap, at once
         assert open_fds(daemon.proc.pid) <= fds_before + cap + 2
         # the held ones time out (5 s), and a fresh connection is served again
-        wait_until(lambda: _healthz(url) == 200, PATIENCE_S, "/healthz once the idle ones left")
+        wait_until(lambda: probe(url, timeout_s=1), PATIENCE_S, "/healthz once the idle ones left")
         assert len(closed_by_server(clients, expect=cap + extra, timeout_s=PATIENCE_S)) \
             == cap + extra
     finally:
@@ -267,10 +267,3 @@ def test_a_real_sidecar_holds_its_cap_and_its_fds_stay_bounded(daemon_factory) -
                    if s.name == "eplb_http_connections_refused_total")
     assert refused >= extra
     assert daemon.proc.poll() is None
-
-
-def _healthz(url: str) -> int | None:
-    try:
-        return http_get(url + "/healthz", timeout_s=1)[0]
-    except OSError:  # refused while the cap is full
-        return None
