@@ -1,7 +1,7 @@
 """The sidecar's Prometheus metrics, in a registry of its own.
 
-The event loop updates them (prometheus-client's metrics are thread-safe); the HTTP thread only
-renders them, so a scrape never reads the leader's state while the loop changes it. Epoch metrics
+The event loop updates them, and the HTTP server (on the same loop) renders them, so a scrape
+never reads the leader's state while the loop changes it. Epoch metrics
 come from the leader's history (:class:`~eplb.coordinator.leader.EpochRecord`) and are zero on
 followers; sum over sidecars, or select ``role="leader"`` through ``eplb_sidecar_info``.
 """
@@ -164,3 +164,23 @@ class SidecarMetrics:
         self.balancedness.set(float(per_layer.mean()))
         for layer, value in enumerate(per_layer.tolist()):
             self.layer_balancedness.labels(str(layer)).set(value)
+
+
+class HttpMetrics:
+    """The HTTP server's own metrics (:mod:`eplb.coordinator.health`), in the registry it serves.
+
+    Args:
+        registry: the sidecar's registry (:attr:`SidecarMetrics.registry`).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge("eplb_http_connections_open", "HTTP connections open now",
+                          registry=registry)
+        self.refused = Counter(
+            "eplb_http_connections_refused", "HTTP connections closed unread because the "
+            "server already held its most connections", registry=registry)
+        self.closed = Counter(
+            "eplb_http_connections_closed", "HTTP connections served and then closed, by why",
+            ["reason"], registry=registry)
+        self.answers = Counter("eplb_http_responses", "HTTP answers sent, by status code",
+                               ["code"], registry=registry)

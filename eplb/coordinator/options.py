@@ -14,8 +14,10 @@ from eplb.coordinator.planner import POLICIES, PlannerSpec
 from eplb.coordinator.sidecar import SidecarConfig
 from eplb.paths import default_run_dir
 
-#: Where /metrics, /healthz and /readyz listen unless told otherwise.
-DEFAULT_HTTP = "0.0.0.0:9750"
+#: Where /metrics, /healthz and /readyz listen unless told otherwise: loopback only. Another
+#: host's Prometheus (or a kubelet's probes, which come to the pod IP) needs an explicit opt-in,
+#: e.g. ``--http 0.0.0.0:9750`` or ``:9750``.
+DEFAULT_HTTP = "127.0.0.1:9750"
 
 
 def _tcp_address(value: str) -> str | None:
@@ -112,7 +114,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat", float, "seconds between sidecar heartbeats", TIMEOUTS,
            metavar="SECONDS", default=0.5,
            above=0),
-    Option("http", str, "where /metrics, /healthz and /readyz listen: HOST:PORT, :PORT, or off",
+    Option("http", str, "where /metrics, /healthz and /readyz listen: HOST:PORT, :PORT (all "
+           "interfaces: opt in for Prometheus on other hosts or Kubernetes probes), or off; at "
+           "most 64 connections, 5 s per request",
            OPS, default=DEFAULT_HTTP, check=_http, metavar="HOST:PORT",
            accepted_text="HOST:PORT, :PORT (all interfaces; port 0 picks a free one) or off"),
     Option("expected-workers", int, "workers of this node that must have joined before /readyz "

@@ -221,13 +221,13 @@ class Sidecar:
 
     # --- main loop ------------------------------------------------------------------------------
 
-    def _start_http(self) -> None:
+    async def _start_http(self) -> None:
         cfg = self.config
         if cfg.http is None:
             return
         self.http = HttpEndpoints(cfg.http[0], cfg.http[1], self.metrics.registry, self.health)
         try:
-            self.http_address = self.http.start()
+            self.http_address = await self.http.start()
         except OSError as exc:
             self.close()
             raise SystemExit(f"eplb-sidecar: cannot listen on --http {cfg.http[0]}:{cfg.http[1]}: "
@@ -238,7 +238,7 @@ class Sidecar:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set (or a loop fails), then shut down in order."""
         self._bind()
-        self._start_http()
+        await self._start_http()
         cfg = self.config
         role = "leader" if cfg.is_leader else "follower"
         log.info("node %d/%d: sidecar %s (%s) up; workers on %s, control on %s, leader %s",

@@ -117,6 +117,7 @@ def test_render_toml_quotes_strings_safely(tmp_path: Path) -> None:
 
 
 def test_parse_http() -> None:
+    assert config_from_argv(BASE, {}).http == ("127.0.0.1", 9750)  # loopback unless told
     assert parse_http("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_http(":9750") == ("0.0.0.0", 9750)
     assert parse_http("[::1]:80") == ("::1", 80)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from eplb.coordinator.cli import config_from_argv
+from eplb.coordinator.health import HttpLimits
 from eplb.coordinator.options import OPTIONS, markdown_table
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -69,6 +70,8 @@ def test_systemd_unit_has_what_the_daemon_relies_on() -> None:
     assert int(unit["WatchdogSec"]) > 0
     assert unit["RuntimeDirectory"] == "eplb" and unit["RuntimeDirectoryMode"] == "0770"
     assert unit["KillMode"] == "mixed"
+    # far above the HTTP cap plus ZeroMQ's sockets: libzmq aborts when it gets no fd
+    assert int(unit["LimitNOFILE"]) >= 4096 > HttpLimits().max_connections * 8
     grace = config_from_argv([], {"EPLB_CONFIG": str(DEPLOY / "systemd" / "sidecar.toml"),
                                   "EPLB_NODE_RANK": "0"}).grace_s
     assert grace < int(unit["TimeoutStopSec"])
