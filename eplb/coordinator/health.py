@@ -8,7 +8,10 @@
   else 503 with the reason.
 
 The server cannot be exhausted (issue 13): it holds at most ``max_connections`` connections (one
-file descriptor each; a connection over the cap is closed unread and counted), a request must be
+file descriptor each). At the cap a new connection evicts the one that has waited longest for a
+request (an idle or slow client), so a probe that sends its request at once is served through a
+flood of idle connections; only when every connection is busy answering is the newcomer closed
+unread. Both are counted. A request must be
 complete within ``request_timeout_s``, a kept-alive connection may idle ``idle_timeout_s`` between
 requests, and the request head is at most ``max_header_bytes``. Only GET and HEAD are served.
 :func:`route` decides every answer from the request alone; :class:`HttpEndpoints` only moves bytes
@@ -71,7 +74,8 @@ class HttpLimits:
     """What one client may hold of the server.
 
     Attributes:
-        max_connections: connections open at once; one over it is closed unread (and counted).
+        max_connections: connections open at once; one over it evicts the connection that has
+            waited longest for a request, or is closed unread when none waits (both counted).
         request_timeout_s: seconds from when the server starts waiting for a request (accept, or
             the request's first byte on a kept-alive connection) to its complete head, and the
             most an answer may take to leave.
@@ -98,6 +102,7 @@ class Closed(enum.Enum):
     TOO_LARGE = "too_large"              # request head over max_header_bytes: answered 431
     ERROR = "error"                      # a bug; logged with its traceback
     SHUTDOWN = "shutdown"                # the sidecar stopped
+    EVICTED = "evicted"                  # waited longest for a request when the cap was reached
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,8 @@ class HttpEndpoints:
             self.metrics.closed.labels(reason.value)
         self._server: asyncio.AbstractServer | None = None
         self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._waiting: dict[asyncio.Task, float] = {}  # connections waiting for a request: since
+        self._evicted: set[asyncio.Task] = set()
 
     async def start(self) -> tuple[str, int]:
         """Bind and serve on the running loop. Returns the bound (host, port)."""
@@ -177,8 +184,22 @@ class HttpEndpoints:
     def open_connections(self) -> int:
         return len(self._connections)
 
+    def _evict_longest_waiting(self) -> bool:
+        """At the cap: close the connection that has waited longest for a request. Returns
+        False when every connection is busy with a request (nothing to evict)."""
+        if not self._waiting:
+            return False
+        victim = min(self._waiting, key=self._waiting.__getitem__)
+        del self._waiting[victim]
+        self._evicted.add(victim)
+        self._connections.pop(victim).transport.abort()
+        victim.cancel()
+        self.metrics.closed.labels(Closed.EVICTED.value).inc()
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.limits.max_connections or self._server is None:
+        if self._server is None or (len(self._connections) >= self.limits.max_connections
+                                    and not self._evict_longest_waiting()):
             self.metrics.refused.inc()
             writer.transport.abort()
             return
@@ -194,7 +215,7 @@ class HttpEndpoints:
             reason = await self._converse(reader, writer)
         except _Close as stop:  # from _send
             reason = stop.reason
-        except asyncio.CancelledError:  # close(): this task is the server's own, it ends here
+        except asyncio.CancelledError:  # close() or an eviction: the server's own task ends here
             reason = Closed.SHUTDOWN
         except OSError as exc:  # the client reset the connection, or left mid-answer
             reason = Closed.PEER
@@ -203,9 +224,13 @@ class HttpEndpoints:
             log.exception("http: a connection failed")
         finally:
             writer.transport.abort()
-            del self._connections[task]
+            self._waiting.pop(task, None)
+            if task in self._evicted:  # already closed and counted by the eviction
+                self._evicted.discard(task)
+            else:
+                del self._connections[task]
+                self.metrics.closed.labels(reason.value).inc()
             self.metrics.open.set(len(self._connections))
-            self.metrics.closed.labels(reason.value).inc()
 
     async def _converse(self, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> Closed:
@@ -237,6 +262,17 @@ class HttpEndpoints:
         Raises:
             _Close: on a timeout, or a request h11 rejects (with the 400 or 431 answer to send).
         """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = loop.time()
+        try:
+            return await self._wait_for_head(conn, reader, idle_s)
+        finally:
+            self._waiting.pop(task, None)
+
+    async def _wait_for_head(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                             idle_s: float | None) -> h11.Request | None:
         loop = asyncio.get_running_loop()
         deadline: float | None = None  # request_timeout_s from the first byte
         if idle_s is None or conn.trailing_data[0]:

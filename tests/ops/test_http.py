@@ -136,23 +136,25 @@ def test_post_gets_405_malformed_gets_400_an_oversized_head_gets_431_each_then_c
     assert serve(check) == []
 
 
-def test_over_the_cap_a_connection_is_closed_unread_and_a_freed_slot_serves_again() -> None:
+def test_at_the_cap_a_newcomer_evicts_the_longest_waiting_and_a_probe_is_served() -> None:
     limits = HttpLimits(max_connections=4, request_timeout_s=PATIENCE_S * 2)
 
     async def check(server: HttpEndpoints, port: int) -> None:
-        held = [await connect(port) for _ in range(limits.max_connections)]
-        await asyncio.wait_for(_until(lambda: server.open_connections == 4), PATIENCE_S)
+        held = []
+        for _ in range(limits.max_connections):  # idle clients fill the cap, oldest first
+            held.append(await connect(port))
+            await asyncio.wait_for(_until(lambda: server.open_connections == len(held)), PATIENCE_S)
         extra = [await connect(port) for _ in range(3)]
-        for reader, writer in extra:
+        for reader, writer in held[:3]:  # the three that waited longest are closed, unanswered
             assert await until_closed(reader) == b""
             writer.close()
-        assert await exchange(port, get("/healthz")) == b""  # refused too: the cap is full
-        assert server.registry.get_sample_value("eplb_http_connections_refused_total") == 4
-        assert server.open_connections == 4
-        held.pop()[1].close()  # a client leaves: its slot frees at once
-        await asyncio.wait_for(_until(lambda: server.open_connections == 3), PATIENCE_S)
+        # a probe sends its request at once: served through a cap full of idle clients
         assert status(await exchange(port, get("/healthz"))) == 200
-        for _, writer in held:
+        sample = server.registry.get_sample_value
+        assert sample("eplb_http_connections_closed_total", {"reason": "evicted"}) == 4
+        assert sample("eplb_http_connections_refused_total") == 0
+        assert server.open_connections <= limits.max_connections
+        for _, writer in [held[3], *extra]:
             writer.close()
 
     assert serve(check, limits) == []
@@ -252,10 +254,10 @@ def test_a_real_sidecar_holds_its_cap_and_its_fds_stay_bounded(daemon_factory) -
                for _ in range(cap + extra)]
     try:
         closed = closed_by_server(clients, expect=extra, timeout_s=PATIENCE_S)
-        assert len(closed) == extra  # the ones over the cap, at once
+        assert len(closed) == extra  # the longest waiting were evicted, at once
         assert open_fds(daemon.proc.pid) <= fds_before + cap + 2
-        # the held ones time out (5 s), and a fresh connection is served again
-        wait_until(lambda: probe(url, timeout_s=1), PATIENCE_S, "/healthz once the idle ones left")
+        assert probe(url, timeout_s=PATIENCE_S), "/healthz refused while idle clients hold the cap"
+        # the held ones time out (5 s)
         assert len(closed_by_server(clients, expect=cap + extra, timeout_s=PATIENCE_S)) \
             == cap + extra
     finally:
@@ -263,7 +265,8 @@ def test_a_real_sidecar_holds_its_cap_and_its_fds_stay_bounded(daemon_factory) -
             client.close()
     wait_until(lambda: open_fds(daemon.proc.pid) <= fds_before, PATIENCE_S, "fds back")
     metrics = http_get(url + "/metrics")[1]
-    refused = next(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
-                   if s.name == "eplb_http_connections_refused_total")
-    assert refused >= extra
+    evicted = next(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                   if s.name == "eplb_http_connections_closed_total"
+                   and s.labels.get("reason") == "evicted")
+    assert evicted >= extra + 1  # the probe evicted one more
     assert daemon.proc.poll() is None
