@@ -36,6 +36,7 @@ def _status(args: argparse.Namespace) -> int:
         ("next rebalance at step", result["next_trigger_step"]),
         ("follower sidecars", result.get("nodes")),
         ("frames rejected", result.get("leader", {}).get("frames_rejected")),
+        ("peer link", result.get("leader", {}).get("peer_link")),
     ]
     if result["unsafe"]:
         rows.append(("UNSAFE", result["unsafe"]))
