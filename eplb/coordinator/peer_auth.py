@@ -193,8 +193,12 @@ class LinkMonitor:
         self._mon = sock.get_monitor_socket(_EVENTS)
 
     def status(self) -> dict[str, Any]:
-        return {"authenticated": self.authenticated, "handshake_failures": self.failures,
-                "last_failure": self.last_failure}
+        """Failed handshakes so far; a follower also says whether the leader is authenticated."""
+        status: dict[str, Any] = {"handshake_failures": self.failures,
+                                  "last_failure": self.last_failure}
+        if self.leader_address is not None:
+            status["authenticated"] = self.authenticated
+        return status
 
     async def run(self) -> None:
         try:
