@@ -17,13 +17,13 @@ import zmq
 import zmq.auth
 
 from eplb.control_client import ControlError, control_call
-from eplb.coordinator.peer_auth import MAX_PEER_BYTES, MAX_PEER_PARTS
+from eplb.coordinator.peer_auth import MAX_PEER_BYTES, MAX_PEER_PARTS, check_envelope
 from eplb.curve import CurveKeyError, load_keys
 from eplb.demo.cluster import LocalCluster, free_port, http_get, wait_until
 from eplb.paths import workers_endpoint
 from eplb.placement import default_placement
-from eplb.proto import (ControlRequest, Hello, NodeHeartbeat, NodeHello, Plan, Relay, WorkerLeft,
-                        decode, encode)
+from eplb.proto import (ControlRequest, FrameTooLarge, Hello, MalformedFrame, NodeHeartbeat,
+                        NodeHello, Plan, Relay, WorkerLeft, decode, encode)
 
 L, E, P = 2, 4, 8
 
@@ -353,3 +353,22 @@ def test_a_sidecar_with_unreadable_keys_stops_at_start_with_a_message(tmp_path: 
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "choose one" in proc.stderr, proc.stderr
 
+
+
+class Sized:
+    """A stand-in for a received part: only its length matters to the caps."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_peer_message_caps_are_exact() -> None:
+    check_envelope([Sized(1)] * MAX_PEER_PARTS)
+    with pytest.raises(MalformedFrame, match="parts"):
+        check_envelope([Sized(1)] * (MAX_PEER_PARTS + 1))
+    check_envelope([Sized(MAX_PEER_BYTES // 2)] * 2)
+    with pytest.raises(FrameTooLarge, match="bytes"):
+        check_envelope([Sized(MAX_PEER_BYTES // 2)] * 2 + [Sized(1)])
