@@ -36,6 +36,7 @@ def _status(args: argparse.Namespace) -> int:
         ("next rebalance at step", result["next_trigger_step"]),
         ("follower sidecars", result.get("nodes")),
         ("frames rejected", result.get("leader", {}).get("frames_rejected")),
+        ("peer link", result.get("leader", {}).get("peer_link")),
     ]
     if result["unsafe"]:
         rows.append(("UNSAFE", result["unsafe"]))
@@ -69,14 +70,16 @@ def _keys(args: argparse.Namespace) -> int:
     from eplb.curve import CurveKeyError, create_keys
 
     try:
-        files = create_keys(args.directory)
+        files = create_keys(args.directory, args.nodes)
     except CurveKeyError as exc:
         print(f"eplbctl keys: {exc}", file=sys.stderr)
         return 2
     for path in files:
         print(path)
-    print(f"give every sidecar this directory with --curve-keys {args.directory} (or "
-          "EPLB_CURVE_KEYS); the *.key_secret files are secret", file=sys.stderr)
+    print(f"the leader (node 0) needs leader.key_secret and every node-K.key; node K needs "
+          f"leader.key and node-K.key_secret. Copy them to each node's directory and pass it "
+          f"with --curve-keys (or EPLB_CURVE_KEYS); the *.key_secret files are secret",
+          file=sys.stderr)
     return 0
 
 
@@ -128,10 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of one expert, to report bytes moved")
     s.set_defaults(func=_plan)
     s = sub.add_parser("keys", help="make CURVE key pairs for the sidecars' TCP link",
-                       description="Write leader.key/leader.key_secret and node.key/node.key_secret "
-                                   "(ZeroMQ certificates) into DIRECTORY, for eplb-sidecar "
-                                   "--curve-keys. Existing keys are never overwritten.")
+                       description="Write the leader's key pair (leader.key, leader.key_secret) "
+                                   "and one pair per follower node K = 1..N-1 (node-K.key, "
+                                   "node-K.key_secret), ZeroMQ certificates, into DIRECTORY, for "
+                                   "eplb-sidecar --curve-keys. The leader needs leader.key_secret "
+                                   "and every node-K.key; node K needs leader.key and "
+                                   "node-K.key_secret. Existing keys are never overwritten.")
     s.add_argument("directory", type=Path, help="where to write the keys (created, mode 0700)")
+    s.add_argument("--nodes", type=int, required=True, metavar="N",
+                   help="number of nodes (sidecars), as --num-nodes; at least 2")
     s.set_defaults(func=_keys)
     s = sub.add_parser("demo", help="run a local 2-node x 2-worker cluster on synthetic load",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,33 +1,54 @@
-"""CURVE keys for the TCP link between sidecars (ZeroMQ's CurveZMQ: encryption, and the leader
-serves only followers whose public key it knows).
+"""CURVE keys for the TCP link between sidecars (ZeroMQ's CurveZMQ: encryption, and mutual
+authentication: the leader serves only followers whose public key it knows, and a follower
+completes the handshake only with a server that holds the leader's secret key).
 
 One directory holds ZeroMQ certificate files (the format of :mod:`zmq.auth`), made by
-``eplbctl keys DIR``:
+``eplbctl keys DIR --nodes N``:
 
-- ``leader.key_secret``: the leader's key pair; ``leader.key``: its public half, which followers
-  need to reach it.
-- ``node.key_secret``: the key pair followers present; ``node.key``: its public half.
+- ``leader.key_secret``: the leader's key pair; ``leader.key``: its public half, which every
+  follower needs to authenticate the leader.
+- ``node-K.key_secret`` for each follower node ``K`` in ``1 .. N-1``: node K's own key pair;
+  ``node-K.key``: its public half, which the leader needs.
 
-The leader serves a follower only when the follower's public key is in one of the public
-certificates (``*.key``) of the directory, so a node can also get a key pair of its own: add its
-``.key`` file to the leader's directory.
+What each node needs: the leader (node 0) ``leader.key_secret`` and every ``node-K.key``; node K
+``leader.key`` and ``node-K.key_secret``. The leader names each authenticated connection by the
+file its key came from (``node-K``) and accepts from it only frames that speak for node K.
+
+Legacy layout: one shared ``node.key_secret`` for every follower (``node.key`` on the leader).
+It still works, but any holder of it can pose as any node, so both sides warn at start.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
 LEADER = "leader"
-NODE = "node"
+#: The legacy shared follower key: its holder may speak for any node.
+SHARED = "node"
+_NODE_FILE = re.compile(r"node-(\d+)")
+
+HINT = "run `eplbctl keys DIR --nodes N` and pass --curve-keys DIR"
 
 
 class CurveKeyError(RuntimeError):
     """The keys are missing or unreadable; the message says how to make them."""
+
+
+def node_name(node: int) -> str:
+    """The certificate name and the ZAP User-Id of follower ``node``: ``node-K``."""
+    return f"node-{node}"
+
+
+def node_of(user_id: str) -> int | None:
+    """The node a User-Id names (``node-3`` -> 3); None for anything else (``node``: shared)."""
+    m = _NODE_FILE.fullmatch(user_id)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -35,67 +56,128 @@ class CurveKeys:
     """What one sidecar needs (z85-encoded keys, as pyzmq takes them).
 
     Attributes:
-        public, secret: this sidecar's key pair (the leader's, or the followers').
+        public, secret: this sidecar's key pair (the leader's, or this follower's).
         leader_public: the key followers expect the leader to hold.
-        authorized: leader only: the public keys of followers it serves.
+        authorized: leader only: follower public key -> User-Id (``node-K``, or ``node`` for the
+            legacy shared key, which may speak for any node).
+        shared: a legacy shared follower key is in use (any holder can pose as any node).
+        warnings: things to log at start (missing node keys, ignored files).
     """
 
     public: bytes
     secret: bytes
     leader_public: bytes
-    authorized: frozenset[bytes]
+    authorized: dict[bytes, str] = field(default_factory=dict)
+    shared: bool = False
+    warnings: tuple[str, ...] = ()
 
 
-def create_keys(directory: Path) -> list[Path]:
-    """Write a leader key pair and a follower key pair into ``directory`` (created 0700; secret
-    files 0600). Refuses to overwrite existing keys. Returns the files written."""
+def key_files(nodes: int) -> list[str]:
+    """The file names ``eplbctl keys --nodes N`` writes, in order."""
+    names = [LEADER] + [node_name(k) for k in range(1, nodes)]
+    return [f"{who}.{ext}" for who in names for ext in ("key", "key_secret")]
+
+
+def create_keys(directory: Path, nodes: int) -> list[Path]:
+    """Write the leader's key pair and one pair per follower (``node-1`` .. ``node-{nodes-1}``)
+    into ``directory`` (created 0700; secret files 0600). Refuses to overwrite existing keys.
+    Returns the files written."""
+    if nodes < 2:
+        raise CurveKeyError(f"--nodes {nodes}: a cluster with keys has at least 2 nodes (a single "
+                            "node uses no TCP link)")
     directory = Path(directory)
-    names = [directory / f"{who}.{ext}" for who in (LEADER, NODE) for ext in ("key", "key_secret")]
+    names = [directory / f for f in key_files(nodes)]
     existing = [str(p) for p in names if p.exists()]
     if existing:
         raise CurveKeyError(f"refusing to overwrite existing keys: {', '.join(existing)}; "
                             "remove them first or choose another directory")
     _require_curve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for who in (LEADER, NODE):
+    for who in [LEADER] + [node_name(k) for k in range(1, nodes)]:
         _, secret_file = zmq.auth.create_certificates(str(directory), who)
         os.chmod(secret_file, 0o600)
     return names
 
 
-def load_keys(directory: Path, leader: bool) -> CurveKeys:
-    """The keys of the leader (``leader=True``) or of a follower, from ``directory``.
+def load_keys(directory: Path, node: int, num_nodes: int) -> CurveKeys:
+    """The keys of the sidecar of ``node`` (0: the leader) from ``directory``.
 
     Raises:
-        CurveKeyError: a file is missing or not a certificate, or libzmq lacks CURVE.
+        CurveKeyError: a file is missing or not a certificate, two files hold one key, or libzmq
+            lacks CURVE.
     """
     _require_curve()
     directory = Path(directory)
-    own = LEADER if leader else NODE
-    public, secret = _load(directory / f"{own}.key_secret", secret=True)
-    leader_public = public if leader else _load(directory / f"{LEADER}.key", secret=False)[0]
-    authorized: frozenset[bytes] = frozenset()
-    if leader:
-        try:
-            certs = zmq.auth.load_certificates(str(directory))
-        except (OSError, ValueError) as exc:
-            raise CurveKeyError(f"cannot read the public certificates in {directory}: {exc}") from None
-        authorized = frozenset(k for k in certs if k != public)
-        if not authorized:
-            raise CurveKeyError(f"no follower public key (*.key besides leader.key) in {directory}; "
-                                "eplbctl keys writes node.key")
-    return CurveKeys(public, secret, leader_public, authorized)
+    if node == 0:
+        return _load_leader(directory, num_nodes)
+    own = directory / f"{node_name(node)}.key_secret"
+    shared = directory / f"{SHARED}.key_secret"
+    warnings: tuple[str, ...] = ()
+    if not own.exists() and shared.exists():
+        own = shared
+        warnings = (f"using the shared follower key {shared}: whoever holds it can pose as any "
+                    f"node; give each node its own key ({HINT}, then copy leader.key and "
+                    f"{node_name(node)}.key_secret to node {node})",)
+    elif not own.exists():
+        raise CurveKeyError(f"no {own.name} in {directory}: node {node} needs its own key pair "
+                            f"and leader.key; {HINT} on one machine and copy leader.key and "
+                            f"{own.name} to this node")
+    public, secret = _load(own, secret=True)
+    leader_public = _load(directory / f"{LEADER}.key", secret=False)[0]
+    if public == leader_public:
+        raise CurveKeyError(f"{own} holds the leader's key; {HINT}")
+    assert secret is not None
+    return CurveKeys(public, secret, leader_public, shared=own == shared, warnings=warnings)
+
+
+def _load_leader(directory: Path, num_nodes: int) -> CurveKeys:
+    public, secret = _load(directory / f"{LEADER}.key_secret", secret=True)
+    assert secret is not None
+    authorized: dict[bytes, str] = {}
+    warnings: list[str] = []
+    try:
+        certs = sorted(directory.glob("*.key"))
+    except OSError as exc:
+        raise CurveKeyError(f"cannot list the public certificates in {directory}: {exc}") from None
+    for path in certs:
+        who = path.name.removesuffix(".key")
+        if who == LEADER:
+            continue
+        k = node_of(who)
+        if who != SHARED and (k is None or not 0 < k < num_nodes):
+            warnings.append(f"ignoring {path}: only node-1.key .. node-{num_nodes - 1}.key (and "
+                            f"the legacy shared node.key) authorize followers (--num-nodes "
+                            f"{num_nodes})")
+            continue
+        key = _load(path, secret=False)[0]
+        if key == public:
+            raise CurveKeyError(f"{path} holds the leader's own public key; {HINT}")
+        if key in authorized:
+            raise CurveKeyError(f"{path} and {authorized[key]}.key hold the same public key, so "
+                                f"the leader could not tell those nodes apart; {HINT}")
+        authorized[key] = who
+    if not authorized:
+        raise CurveKeyError(f"no follower public key (node-K.key) in {directory}; {HINT}")
+    missing = [k for k in range(1, num_nodes) if node_name(k) not in authorized.values()]
+    shared = SHARED in authorized.values()
+    if missing and not shared:
+        warnings.append(f"no key for node(s) {missing} in {directory} (node-K.key): those nodes "
+                        "cannot join")
+    if shared:
+        warnings.append(f"{directory / (SHARED + '.key')} (the legacy shared follower key) is "
+                        "authorized: whoever holds node.key_secret can pose as any node; "
+                        f"{HINT} and remove node.key")
+    return CurveKeys(public, secret, public, authorized, shared=shared, warnings=tuple(warnings))
 
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
-    hint = "create the keys with `eplbctl keys DIR` and point --curve-keys at DIR"
     try:
         public, secret_key = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise CurveKeyError(f"cannot read CURVE certificate {path}: {exc}; {hint}") from None
+        raise CurveKeyError(f"cannot read CURVE certificate {path}: {exc}; {HINT}") from None
     if not _valid(public) or (secret and not _valid(secret_key)):
         raise CurveKeyError(f"{path} holds no valid CURVE {'key pair' if secret else 'public key'}"
-                            f"; {hint}")
+                            f"; {HINT}")
     return public, secret_key
 
 

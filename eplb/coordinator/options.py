@@ -65,9 +65,13 @@ OPTIONS: tuple[Option, ...] = (
            check=_tcp_address, metavar="tcp://HOST:PORT", accepted_text="tcp://HOST:PORT"),
     Option("run-dir", Path, "private directory for the ipc sockets the workers and eplbctl use",
            CLUSTER, default_text="$XDG_RUNTIME_DIR/eplb, else /tmp/eplb-UID", metavar="DIR"),
-    Option("curve-keys", Path, "directory of CURVE certificates from `eplbctl keys`: the leader "
-           "serves only followers whose public key (*.key) is in its directory, and the link is "
-           "encrypted; unset: plain TCP, for a trusted network only", CLUSTER, metavar="DIR"),
+    Option("curve-keys", Path, "directory of CURVE certificates from `eplbctl keys DIR --nodes "
+           "N`: the link is encrypted, the leader serves node K only with node K's key "
+           "(node-K.key) and followers accept only the holder of leader.key_secret; required "
+           "with more than one node unless --insecure-plain-tcp", CLUSTER, metavar="DIR"),
+    Option("insecure-plain-tcp", bool, "run the TCP link between sidecars without CURVE "
+           "(unencrypted, unauthenticated: anyone reaching the port can pose as any node); for "
+           "a trusted network only, logged as a warning at start", CLUSTER, default=False),
     Option("group-access", bool, "make the run directory 0770 instead of 0700 (workers in the "
            "same group)", CLUSTER, default=False),
     Option("interval", int, "decode steps between rebalance attempts", POLICY, default=1000,
@@ -164,7 +168,7 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         planner_threads=v["planner-threads"],
         group_access=v["group-access"], http=parse_http(v["http"]),
         expected_workers=v["expected-workers"], grace_s=v["grace-period"],
-        curve_keys=v.get("curve-keys"))
+        curve_keys=v.get("curve-keys"), insecure_plain_tcp=v["insecure-plain-tcp"])
 
 
 def markdown_table() -> str:

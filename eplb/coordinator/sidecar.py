@@ -30,7 +30,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.auth.asyncio import AsyncioAuthenticator
 
 from eplb import __version__
 from eplb.coordinator.agreement import Phase
@@ -39,8 +38,11 @@ from eplb.coordinator.decision_log import DecisionLog, DecisionLogError
 from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Output,
                                      Persist, SendTo)
 from eplb.coordinator.metrics import SHUTDOWN_REASON, SidecarMetrics
+from eplb.coordinator.peer_auth import (INSECURE_WARNING, PEER_MAXMSGSIZE, PEER_RCVHWM, PLAIN,
+                                        LinkMonitor, NodeAuthenticator, PeerKey, Unauthenticated,
+                                        check_claim, check_envelope, peer_of, plain_tcp_refusal)
 from eplb.coordinator.planner import plan_rebalance
-from eplb.curve import CurveKeyError, CurveKeys, load_keys
+from eplb.curve import CurveKeyError, CurveKeys, load_keys, node_name
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
 from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch,
                         InvalidField, MalformedFrame, Message, NodeHeartbeat, NodeHello,
@@ -79,6 +81,7 @@ class SidecarConfig:
     grace_s: float = 10.0  # a stop must finish within this (the CLI enforces it)
     stale_after_s: float = 5.0  # /healthz fails when the loop has not ticked for this long
     curve_keys: Path | None = None  # directory of CURVE certificates (eplb.curve); None: plain TCP
+    insecure_plain_tcp: bool = False  # the operator's opt-out of CURVE with several nodes
     refresh_s: float = 0.25  # metrics and readiness update period
     balancedness_every_s: float = 2.0  # window balancedness is recomputed this often
 
@@ -116,7 +119,9 @@ class Sidecar:
         self.http_address: tuple[str, int] | None = None
         self.stopping = False
         self.failed = False  # a loop died: the process should exit non-zero
-        self._auth: AsyncioAuthenticator | None = None
+        self._auth: NodeAuthenticator | None = None
+        self._link: LinkMonitor | None = None  # handshakes on the TCP link (peer_auth)
+        self._peer_link = "none (single node)"  # what local_status says about the TCP link
         self.decisions: DecisionLog | None = None
 
     # --- setup ----------------------------------------------------------------------------------
@@ -144,54 +149,86 @@ class Sidecar:
             self.peers = self.ctx.socket(zmq.ROUTER)
             self.peers.setsockopt(zmq.LINGER, 200)
             self.peers.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            self.peers.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 4096)
+            self.peers.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
+            self.peers.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
             if keys is not None:
                 self._serve_curve(self.peers, keys)
             address = cfg.bind_address or cfg.leader_address
-            try:
-                self.peers.bind(address)
-            except zmq.ZMQError as exc:
-                raise SystemExit(f"eplb-sidecar: cannot bind the leader address {address}: {exc}. "
-                                 "Is another sidecar running, or is the port taken?") from None
+            if keys is None and cfg.num_nodes == 1 and not cfg.insecure_plain_tcp:
+                log.info("node 0: a single node binds no TCP port (no followers, no keys)")
+            else:
+                try:
+                    self.peers.bind(address)
+                except zmq.ZMQError as exc:
+                    raise SystemExit(f"eplb-sidecar: cannot bind the leader address {address}: "
+                                     f"{exc}. Is another sidecar running, or is the port "
+                                     "taken?") from None
         else:
             self.up = self.ctx.socket(zmq.DEALER)
             self.up.setsockopt(zmq.IDENTITY, f"node-{cfg.node_rank}-{self.incarnation}".encode())
             self.up.setsockopt(zmq.LINGER, 200)
             self.up.setsockopt(zmq.SNDHWM, 100000)
+            self.up.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
             if keys is not None:
+                # CURVE client: the handshake completes only with a server that holds the
+                # leader's secret key; the monitor explains a failure instead of retrying mutely
                 self.up.curve_serverkey = keys.leader_public
                 self.up.curve_publickey = keys.public
                 self.up.curve_secretkey = keys.secret
+                self._watch_link(self.up, leader_address=cfg.leader_address,
+                                 own_key=node_name(cfg.node_rank))
             self.up.connect(cfg.leader_address)
 
     def _curve_keys(self) -> CurveKeys | None:
-        if self.config.curve_keys is None:
+        """The keys of --curve-keys; None for plain TCP, which a sidecar of several nodes
+        accepts only with the explicit opt-out (--insecure-plain-tcp), loudly."""
+        cfg = self.config
+        if cfg.curve_keys is None:
+            if cfg.num_nodes > 1 and not cfg.insecure_plain_tcp:
+                raise SystemExit(f"eplb-sidecar: {plain_tcp_refusal(cfg.num_nodes)}")
+            if cfg.insecure_plain_tcp:
+                log.warning("node %d: %s", cfg.node_rank, INSECURE_WARNING)
+                self._peer_link = "INSECURE plain TCP (--insecure-plain-tcp)"
             return None
+        if cfg.insecure_plain_tcp:
+            raise SystemExit(f"eplb-sidecar: both --curve-keys {cfg.curve_keys} and "
+                             "--insecure-plain-tcp are set; choose one (unset "
+                             "EPLB_INSECURE_PLAIN_TCP or EPLB_CURVE_KEYS)")
         try:
-            return load_keys(self.config.curve_keys, leader=self.config.is_leader)
+            keys = load_keys(cfg.curve_keys, cfg.node_rank, cfg.num_nodes)
         except CurveKeyError as exc:
             raise SystemExit(f"eplb-sidecar: --curve-keys: {exc}") from None
+        for text in keys.warnings:
+            log.warning("node %d: --curve-keys: %s", cfg.node_rank, text)
+        self._peer_link = ("CURVE, shared follower key (any holder can pose as any node)"
+                           if keys.shared else "CURVE, per-node keys")
+        return keys
 
     def _serve_curve(self, sock: zmq.asyncio.Socket, keys: CurveKeys) -> None:
-        """Leader: CURVE server; a ZAP handler admits only the followers' known public keys
-        (invariant I4: a refused handshake is counted and logged like a bad frame)."""
-        sidecar = self
+        """Leader: CURVE server; a ZAP handler admits only the followers' known public keys and
+        names each connection after its key (``node-K``, the frames' User-Id). A refused
+        handshake is counted and logged like a bad frame (invariant I4)."""
+        def refused(key: bytes) -> None:
+            self._reject("a peer's CURVE handshake", Unauthenticated(
+                f"public key {key.decode(errors='replace')} is not among the authorized keys "
+                f"(node-K.key) in {self.config.curve_keys}"))
 
-        class Gate:
-            def callback(self, domain: str, key: bytes) -> bool:
-                if key in keys.authorized:
-                    return True
-                sidecar._reject("a peer's CURVE handshake", Unauthenticated(
-                    f"public key {key.decode(errors='replace')} is not among the authorized "
-                    f"keys in {sidecar.config.curve_keys}"))
-                return False
-
-        self._auth = AsyncioAuthenticator(self.ctx)
+        self._auth = NodeAuthenticator(self.ctx, keys, refused)
         self._auth.start()
-        self._auth.configure_curve_callback("*", Gate())
         sock.curve_secretkey = keys.secret
         sock.curve_publickey = keys.public
         sock.curve_server = True
+        self._watch_link(sock)
+
+    def _watch_link(self, sock: zmq.asyncio.Socket, **kwargs: Any) -> None:
+        """Monitor ``sock``'s CURVE handshakes; a failure counts as an unauthenticated frame (the
+        monitor logs it, rate-limited by kind)."""
+        where = "the leader" if not self.config.is_leader else "a TCP peer"
+        self._link = LinkMonitor(sock, lambda text: self._reject(where, Unauthenticated(text),
+                                                                 log_it=False), **kwargs)
+        task = asyncio.ensure_future(self._link.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _bind_ipc(self, sock: zmq.Socket, endpoint: str) -> None:
         path = endpoint.removeprefix("ipc://")
@@ -327,11 +364,14 @@ class Sidecar:
         await asyncio.sleep(0)
         return await sock.recv_multipart(copy=True)
 
-    def _reject(self, where: str, exc: ProtocolError) -> None:
+    def _reject(self, where: str, exc: ProtocolError, log_it: bool = True) -> None:
         """Invariant I4: a bad frame is counted and logged, and changes nothing. Logging is capped
-        at one line per reason per second, so a flood cannot fill the disk."""
+        at one line per reason per second, so a flood cannot fill the disk. ``log_it`` False: the
+        caller logs it its own way."""
         self.rejected[exc.reason] += 1
         self.metrics.frames_rejected.labels(exc.reason).inc()
+        if not log_it:
+            return
         now = time.monotonic()
         last, suppressed = self._reject_logged.get(exc.reason, (0.0, 0))
         if now - last < 1.0:
@@ -520,27 +560,45 @@ class Sidecar:
         await self._execute(self.core.on_plan_result(req.request_id, result, time.monotonic()))
 
     async def _peer_loop(self) -> None:
-        """Leader: frames from follower sidecars."""
+        """Leader: frames from follower sidecars. Part count and size are capped before anything
+        is decoded; the sender is the node whose key its connection authenticated with."""
         assert self.core is not None
         while True:
-            parts = await self._recv(self.peers)
-            identity, frames = parts[0], parts[1:]
+            await asyncio.sleep(0)  # as in _recv: a busy socket must not starve the ticks
+            received = await self.peers.recv_multipart(copy=False)
+            identity = received[0].bytes
+            peer = peer_of(received[-1])
             try:
+                check_envelope(received)
+                frames = [f.bytes for f in received[1:]]
                 if not frames:
                     raise MalformedFrame("empty message")
                 header = decode(frames[0])
-                await self._on_peer(identity, header, frames[1:])
+                await self._on_peer(identity, header, frames[1:], peer)
             except ProtocolError as exc:
-                self._reject(f"peer {identity[:24]!r}", exc)
+                self._reject(f"peer {peer.user_id or identity[:24]!r}", exc)
 
-    async def _on_peer(self, identity: bytes, header: Message, rest: list[bytes]) -> None:
+    def _peer_may_control(self, identity: bytes, peer: PeerKey) -> bool:
+        """Control requests over TCP come from authenticated follower sidecars only (on plain
+        TCP, opted out: from a follower that has said NODE_HELLO)."""
+        if peer.authenticated:
+            return True
+        return any(f.identity == identity for f in self.nodes.values())
+
+    async def _on_peer(self, identity: bytes, header: Message, rest: list[bytes],
+                       peer: PeerKey = PLAIN) -> None:
         assert self.core is not None
         now = time.monotonic()
         if isinstance(header, ControlRequest):
+            if not self._peer_may_control(identity, peer):
+                raise Unauthenticated(f"control request {header.op!r} from a peer that is no "
+                                      "authenticated follower (not answered)")
             reply = await self._control(header)
             await self.peers.send_multipart([identity, encode(reply)])
             return
         node = getattr(header, "node", None)
+        if isinstance(header, (NodeHello, NodeHeartbeat, Relay, WorkerLeft)):
+            check_claim(peer, node, header.TYPE)  # a node's key speaks for that node only
         if isinstance(header, (NodeHello, NodeHeartbeat)):
             if not 0 < node < self.config.num_nodes:
                 raise InvalidField(f"node {node} outside [1, {self.config.num_nodes})")
@@ -760,13 +818,12 @@ class Sidecar:
             "ready": self.readiness(time.monotonic())[0],
             "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
                                    if self.leader_seen else None),
+            "peer_link": self._peer_link_status(),
         }
 
-
-class Unauthenticated(ProtocolError):
-    """A peer failed CURVE authentication."""
-
-    reason = "unauthenticated"
+    def _peer_link_status(self) -> dict[str, Any]:
+        """The TCP link's security, and (with CURVE) its handshakes as the monitor saw them."""
+        return {"security": self._peer_link, **(self._link.status() if self._link else {})}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eplb.control_client import ControlError, control_call
+from eplb.curve import create_keys
 
 
 def free_port() -> int:
@@ -57,6 +58,10 @@ class LocalCluster:
     Args:
         sidecar_args: extra ``eplb-sidecar`` flags for every sidecar.
         base_dir: where run directories and logs go (a new temporary directory by default).
+
+    With more than one node the TCP link is authenticated: per-node CURVE keys are made in a new
+    directory under ``base_dir`` (``keys_dir``) and every sidecar gets ``--curve-keys`` unless its
+    flags already say ``--curve-keys`` or ``--insecure-plain-tcp``.
     """
 
     num_nodes: int
@@ -72,6 +77,10 @@ class LocalCluster:
         self.leader = f"tcp://127.0.0.1:{free_port()}"
         self.log_dir = self.base_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.keys_dir: Path | None = None
+        if self.num_nodes > 1:
+            self.keys_dir = Path(tempfile.mkdtemp(prefix="keys-", dir=self.base_dir))
+            create_keys(self.keys_dir, self.num_nodes)
 
     def run_dir(self, node: int) -> Path:
         return self.base_dir / f"n{node}"
@@ -83,6 +92,8 @@ class LocalCluster:
                "--num-nodes", str(self.num_nodes), "--leader", self.leader,
                "--run-dir", str(self.run_dir(node)), "--http", "127.0.0.1:0",
                *self.sidecar_args, *(extra or [])]
+        if self.keys_dir is not None and not {"--curve-keys", "--insecure-plain-tcp"} & set(cmd):
+            cmd += ["--curve-keys", str(self.keys_dir)]
         log = open(self.log_dir / f"sidecar{node}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()

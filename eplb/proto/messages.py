@@ -60,6 +60,8 @@ PROTOCOL_VERSION = 2
 #: Frames above this size are rejected unread. A DeepSeek-V3 placement (58 x 288 int64) is 134 kB
 #: and its counts (58 x 256 int64) 119 kB, so 16 MiB leaves room for far larger models.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: Most worker frames one RELAY envelope carries.
+MAX_RELAY_RANKS = 4096
 
 _DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
@@ -480,7 +482,7 @@ class Relay(Message):
     TYPE = "RELAY"
     node: int
     ranks: tuple[int, ...]
-    _CHECKS = {"node": _rank, "ranks": lambda v, n: _int_list(v, n, 4096, low=-1)}
+    _CHECKS = {"node": _rank, "ranks": lambda v, n: _int_list(v, n, MAX_RELAY_RANKS, low=-1)}
 
     def _check_consistency(self) -> None:
         if not self.ranks:

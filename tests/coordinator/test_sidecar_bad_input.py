@@ -44,9 +44,10 @@ def hello(rank: int, phys2log: torch.Tensor, **over) -> bytes:
 def cluster(tmp_path: Path):
     base = Path("/tmp") / f"eplbb-{os.getpid()}"
     # greedy plans from scratch, so a forced rebalance always changes the placement; stable
-    # (the default) may rightly keep a placement that is already balanced.
+    # (the default) may rightly keep a placement that is already balanced. Plain TCP (opted out):
+    # the raw frames below must reach the leader's decoder (tests/ops/test_curve.py covers CURVE).
     with LocalCluster(2, ["--interval", "1000000", "--planner", "thread", "--window", "100000",
-                          "--policy", "greedy"], base_dir=base) as c:
+                          "--policy", "greedy", "--insecure-plain-tcp"], base_dir=base) as c:
         c.start()
         c.wait_ready(60.0)
         yield c
