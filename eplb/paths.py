@@ -46,7 +46,8 @@ def control_endpoint(run_dir: Path) -> str:
 
 
 def ensure_private_dir(run_dir: Path, group_access: bool = False) -> Path:
-    """Create ``run_dir`` (mode 0700, or 0770 with ``group_access``) or check an existing one.
+    """Create ``run_dir`` (mode 0700, or 0770 with ``group_access``, whatever the umask) or
+    check an existing one (with ``group_access`` its set-group-ID bit is kept).
 
     Refuses a directory owned by another user or open to others, since anyone who can reach the
     sockets can steer the rebalancing of the engine.
@@ -64,6 +65,8 @@ def ensure_private_dir(run_dir: Path, group_access: bool = False) -> Path:
     if info.st_uid != os.getuid():
         raise RunDirError(f"run directory {run_dir} belongs to uid {info.st_uid}, not to this user "
                           f"({os.getuid()}); use a directory of your own")
+    if group_access:
+        mode |= info.st_mode & stat.S_ISGID  # kept: the sockets take the directory's group
     if stat.S_IMODE(info.st_mode) != mode:  # mkdir's mode went through the umask
         try:
             os.chmod(run_dir, mode)
@@ -99,7 +102,7 @@ def check_run_dir(run_dir: Path, group_access: bool = False) -> None:
                 return  # the sidecar has not bound yet; its directory was checked
             raise RunDirMissing(f"run directory {run_dir} does not exist: start eplb-sidecar with "
                               f"--run-dir {run_dir} first") from None
-        mode = stat.S_IMODE(info.st_mode)
+        mode = info.st_mode & 0o777
         if kind == "run directory" and not stat.S_ISDIR(info.st_mode):
             raise RunDirError(f"{run_dir} is not a directory (a symlink or file is refused)")
         if kind == "socket" and not stat.S_ISSOCK(info.st_mode):

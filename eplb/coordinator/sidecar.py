@@ -399,10 +399,13 @@ class Sidecar:
                 await self._send_worker(identity, rank, encode(Welcome(
                     rank=rank, ok=False, error=decision.error, retry=True)))
                 return False
-            if decision.displaced is not None:
+            old = decision.displaced
+            if old is not None:
                 log.warning("node %d: rank %d: pid %d takes over from pid %d, which is gone or "
-                            "silent", node, rank, msg.pid, decision.displaced.pid,
-                            extra={"rank": rank})
+                            "silent", node, rank, msg.pid, old.pid, extra={"rank": rank})
+                if old.live:  # not declared gone yet: its epoch must not wait for it
+                    await self._worker_left(rank, f"its process {old.pid} is gone; pid "
+                                                  f"{msg.pid} takes its place")
             if msg.node != node:
                 log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
                             rank, msg.node, node)
@@ -495,6 +498,8 @@ class Sidecar:
                 error, retry = self.core.on_hello(msg, now), False
                 if not error:
                     self.rank_node[msg.rank] = node
+                    if node != 0:  # its node's heartbeats list it from now on (same socket)
+                        self.node_ranks[node] = self.node_ranks.get(node, frozenset()) | {msg.rank}
                 else:
                     log.error("rank %d refused: %s", msg.rank, error, extra={"rank": msg.rank})
             await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,

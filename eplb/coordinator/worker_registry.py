@@ -30,7 +30,8 @@ class Impostor(ProtocolError):
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user counts)."""
+    """Whether a process ``pid`` runs on this host (one of another user counts; a zombie, dead
+    but not yet reaped by its parent, does not)."""
     if pid <= 0:
         return False
     try:
@@ -38,8 +39,12 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check is all there is
 
 
 def rank_of_identity(identity: bytes) -> int | None:

@@ -117,3 +117,14 @@ def test_the_leader_refuses_a_second_node_claiming_a_listed_rank() -> None:
     assert relayed_hello_conflict(3, 2, rank_node, {0: set()}) is None  # node 1 is lost
     assert relayed_hello_conflict(4, 2, rank_node, {1: {3}}) is None  # nobody holds rank 4
     assert relayed_hello_conflict(3, 0, rank_node, {1: {3}})  # the leader's own workers too
+
+
+def test_a_zombie_holder_counts_as_gone() -> None:
+    """A worker that died but was not reaped yet (its parent is slow) must not keep its rank."""
+    pid = os.posix_spawn("/bin/true", ["true"], os.environ)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, left unreaped
+    try:
+        assert not pid_alive(pid)
+    finally:
+        os.waitpid(pid, 0)
+    assert not pid_alive(pid)
