@@ -78,7 +78,7 @@ def ensure_private_dir(run_dir: Path, group_access: bool = False) -> Path:
 
 
 def group_access_from_env() -> bool:
-    """``$EPLB_GROUP_ACCESS`` set to 1, true, yes or on: the run directory is shared with a group."""
+    """``$EPLB_GROUP_ACCESS`` is 1, true, yes or on: the run directory is shared with a group."""
     return os.environ.get("EPLB_GROUP_ACCESS", "").strip().lower() in ("1", "true", "yes", "on")
 
 

@@ -1,7 +1,8 @@
 """The sidecar daemon: the I/O around :class:`~eplb.coordinator.leader.LeaderCore`.
 
 Every node runs one. It binds a ROUTER on ``ipc://<run_dir>/workers.sock`` for the node's
-workers (identity = global rank) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
+workers (each rank bound at HELLO to its connection and pid; see
+:mod:`~eplb.coordinator.worker_registry`) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
 ``eplbctl``. Node 0 is the leader: it binds a ROUTER on the TCP ``--leader`` address and runs the
 leader logic; the other nodes connect a DEALER to it and relay their workers' frames as
 ``[Relay header, worker frames...]``, a burst at a time. All decisions live in the sans-IO core; this module only moves

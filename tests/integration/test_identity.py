@@ -123,27 +123,21 @@ def rejected(cluster: LocalCluster, node: int) -> Counter[str]:
     return Counter(local.get("leader", local)["frames_rejected"])
 
 
-def commit_once(cluster: LocalCluster) -> dict:
-    """Force rebalances until one commits (a plan equal to the placement is skipped)."""
-    for _ in range(5):
-        before = cluster.status()
-        control_call("rebalance", {"force": True}, cluster.run_dir(0))
-        status = cluster.wait_for(lambda s: len(s["history"]) > len(before["history"])
-                                  and s["epoch_in_flight"] is None, 30, "epoch finished")
-        if status["history"][-1]["outcome"] == "committed":
-            return status
-        assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
-    raise AssertionError(f"no rebalance committed: {status['history']}")
-
-
-def test_an_impostor_is_refused_and_counted_while_the_real_ranks_keep_working(
-        cluster, decode_loop) -> None:
-    copies: list[tuple[int, int]] = []
+def joined_hooks(cluster: LocalCluster, copies: list[tuple[int, int]],
+                 **kwargs) -> list[WorkerHook]:
+    """In-process hooks for ranks 0 and 1 (node = rank), joined; copies note (rank, epoch)."""
     hooks = [WorkerHook(r, WORLD, L, E, P, node=r, run_dir=cluster.run_dir(r), flush_every=2,
-                        copy_fn=lambda e, layers, old, new, r=r: copies.append((r, e)))
+                        copy_fn=lambda e, layers, old, new, r=r: copies.append((r, e)), **kwargs)
              for r in range(WORLD)]
     for h in hooks:
         h.wait_joined(30)
+    return hooks
+
+
+def test_an_impostor_is_refused_and_counted_while_the_real_ranks_keep_working(
+        cluster, decode_loop, commit_once) -> None:
+    copies: list[tuple[int, int]] = []
+    hooks = joined_hooks(cluster, copies)
     loop = decode_loop(hooks, hot=lambda step: (step // 50) % E)
     joined = cluster.status()["counters"]["joined"]
     before = {node: rejected(cluster, node) for node in (0, 1)}
@@ -181,7 +175,7 @@ def test_an_impostor_is_refused_and_counted_while_the_real_ranks_keep_working(
         sock.close()
 
 
-def test_a_restarted_worker_process_rejoins_at_once(cluster, decode_loop) -> None:
+def test_a_restarted_worker_process_rejoins_at_once(cluster, decode_loop, commit_once) -> None:
     hook = WorkerHook(0, WORLD, L, E, P, node=0, run_dir=cluster.run_dir(0), flush_every=2,
                       copy_fn=lambda *a: None)
     hook.wait_joined(30)
@@ -201,7 +195,7 @@ def test_a_restarted_worker_process_rejoins_at_once(cluster, decode_loop) -> Non
 
 
 def test_a_rank_displaced_while_silent_comes_back_once_the_newcomer_is_gone(
-        quick_cluster, decode_loop) -> None:
+        quick_cluster, decode_loop, commit_once) -> None:
     cluster = quick_cluster
     hook = WorkerHook(0, WORLD, L, E, P, node=0, run_dir=cluster.run_dir(0), flush_every=2,
                       copy_fn=lambda *a: None)
@@ -230,15 +224,10 @@ def test_a_rank_displaced_while_silent_comes_back_once_the_newcomer_is_gone(
             newcomer.kill()
 
 
-def test_a_paused_follower_keeps_its_workers(quick_cluster, decode_loop) -> None:
+def test_a_paused_follower_keeps_its_workers(quick_cluster, decode_loop, commit_once) -> None:
     cluster = quick_cluster
     copies: list[tuple[int, int]] = []
-    hooks = [WorkerHook(r, WORLD, L, E, P, node=r, run_dir=cluster.run_dir(r), flush_every=2,
-                        heartbeat_s=0.2,
-                        copy_fn=lambda e, layers, old, new, r=r: copies.append((r, e)))
-             for r in range(WORLD)]
-    for h in hooks:
-        h.wait_joined(30)
+    hooks = joined_hooks(cluster, copies, heartbeat_s=0.2)
     loop = decode_loop(hooks, hot=lambda step: (step // 50) % E)
     joined = cluster.status()["counters"]["joined"]
     follower = cluster.sidecars[1]
