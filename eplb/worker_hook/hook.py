@@ -153,6 +153,7 @@ class WorkerHook:
         self.retry_error = ""  # the last refusal for now (the rank is held by another process)
         self._retry_at: float | None = None  # when to say HELLO again after such a refusal
         self._gave_up = False  # wait_joined timed out: stop asking
+        self._dir_refused = False  # the run directory failed check_run_dir
         self.max_on_step_seconds = 0.0
         self.frames_rejected = 0
 
@@ -380,7 +381,8 @@ class WorkerHook:
                 if time.monotonic() >= next_beat:
                     self._send(sock, Heartbeat(rank=self.rank, step=self._step))
                     next_beat = time.monotonic() + self.heartbeat_s
-                if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                if (self._retry_at is not None and time.monotonic() >= self._retry_at
+                        and not self._gave_up):
                     self._retry_at = None
                     self._hello(sock)
             self._drain_outbox(sock)
@@ -401,6 +403,7 @@ class WorkerHook:
                 if self._stop.wait(0.1):
                     return False
             except RunDirError as exc:
+                self._dir_refused = True
                 self.join_error = f"will not connect: {exc}"
                 log.error("rank %d: %s", self.rank, self.join_error)
                 self._answered.set()
@@ -494,12 +497,18 @@ class WorkerHook:
 
     def wait_joined(self, timeout: float) -> None:
         """Block until the leader accepted this worker; raise with the reason otherwise."""
+        if self._gave_up and self.retry_error and not self.joined.is_set():
+            self._gave_up = False  # waiting again: ask again
+            self._retry_at = time.monotonic()
         self._answered.wait(timeout)
         if not self.joined.is_set():
             self._gave_up = True
-            why = self.join_error or (
-                f"refused for {timeout:g}s, retrying each second: {self.retry_error}"
-                if self.retry_error else f"no answer from {self.endpoint} within {timeout:g}s")
+            if self._dir_refused:  # the message says what to do
+                raise HookError(f"rank {self.rank} could not join: {self.join_error}")
+            if self.retry_error and not self.join_error:
+                raise HookError(f"rank {self.rank} could not join: refused for {timeout:g}s, "
+                                f"asking each second: {self.retry_error}")
+            why = self.join_error or f"no answer from {self.endpoint} within {timeout:g}s"
             raise HookError(f"rank {self.rank} could not join: {why}. Is eplb-sidecar running "
                             "with the same --run-dir?")
 

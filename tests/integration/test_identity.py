@@ -25,7 +25,7 @@ from eplb.demo.cluster import LocalCluster
 from eplb.paths import workers_endpoint
 from eplb.placement import default_placement
 from eplb.proto import Commit, Heartbeat, Hello, Plan, Prepare, Welcome, decode, encode
-from eplb.worker_hook import WorkerHook
+from eplb.worker_hook import HookError, WorkerHook
 
 L, E, P, WORLD = 2, 4, 6, 2
 WORKER = str(Path(__file__).with_name("worker_proc.py"))
@@ -242,3 +242,23 @@ def test_a_paused_follower_keeps_its_workers(quick_cluster, decode_loop, commit_
     assert status["counters"]["joined"] == joined, "rank 1 was dropped and had to join again"
     log = (cluster.log_dir / "sidecar1.log").read_text()
     assert "did not run for" in log and "rank 1 left" not in log
+
+
+def test_a_second_hook_for_a_live_rank_waits_until_the_first_says_bye(cluster) -> None:
+    first = WorkerHook(1, WORLD, L, E, P, node=1, run_dir=cluster.run_dir(1),
+                       copy_fn=lambda *a: None)
+    open_hooks = [first]
+    try:
+        first.wait_joined(30)
+        second = WorkerHook(1, WORLD, L, E, P, node=1, run_dir=cluster.run_dir(1),
+                            copy_fn=lambda *a: None)
+        open_hooks.append(second)
+        with pytest.raises(HookError, match="asking each second: rank 1 is held by another live"):
+            second.wait_joined(2.5)
+        assert rejected(cluster, 1)["impostor"] >= 2  # it did ask again
+        open_hooks.remove(first)
+        first.close()  # BYE: the rank is free
+        second.wait_joined(10)
+    finally:
+        for hook in open_hooks:
+            hook.close()
