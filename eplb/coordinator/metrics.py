@@ -23,7 +23,7 @@ log = logging.getLogger("eplb.sidecar")
 ABORT_REASONS = ("refused", "timeout", "worker_left", "node_lost", "shutdown", "other")
 #: The values of the ``reason`` label of ``eplb_frames_rejected_total`` (ProtocolError.reason).
 FRAME_REASONS = ("protocol", "too_large", "malformed", "version", "unknown_type", "invalid_field",
-                 "identity_mismatch", "unauthenticated")
+                 "identity_mismatch", "unauthenticated", "impostor")
 SHUTDOWN_REASON = "sidecar shutting down"
 
 

@@ -1,7 +1,8 @@
 """The sidecar daemon: the I/O around :class:`~eplb.coordinator.leader.LeaderCore`.
 
 Every node runs one. It binds a ROUTER on ``ipc://<run_dir>/workers.sock`` for the node's
-workers (identity = global rank) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
+workers (each rank bound at HELLO to its connection and pid; see
+:mod:`~eplb.coordinator.worker_registry`) and a ROUTER on ``ipc://<run_dir>/control.sock`` for
 ``eplbctl``. Node 0 is the leader: it binds a ROUTER on the TCP ``--leader`` address and runs the
 leader logic; the other nodes connect a DEALER to it and relay their workers' frames as
 ``[Relay header, worker frames...]``, a burst at a time. All decisions live in the sans-IO core; this module only moves
@@ -24,8 +25,10 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import zmq
@@ -42,6 +45,8 @@ from eplb.coordinator.peer_auth import (INSECURE_WARNING, PEER_MAXMSGSIZE, PEER_
                                         LinkMonitor, NodeAuthenticator, PeerKey, Unauthenticated,
                                         check_claim, check_envelope, peer_of, plain_tcp_refusal)
 from eplb.coordinator.planner import plan_rebalance
+from eplb.coordinator.worker_registry import (Admit, Impostor, Verdict, WorkerRegistry,
+                                              rank_of_identity, relayed_hello_conflict)
 from eplb.curve import CurveKeyError, CurveKeys, load_keys, node_name
 from eplb.paths import control_endpoint, ensure_private_dir, workers_endpoint
 from eplb.proto import (Bye, ControlReply, ControlRequest, Hello, IdentityMismatch,
@@ -98,7 +103,9 @@ class Sidecar:
         self.incarnation = uuid.uuid4().hex[:12]
         self.ctx = zmq.asyncio.Context()
         self.core = LeaderCore(config.leader) if config.is_leader else None
-        self.local: dict[int, float] = {}  # local rank -> last seen (monotonic)
+        # local ranks bound to their connections; ``self.local`` is its view of the joined ones
+        self.registry = WorkerRegistry(config.worker_timeout_s)
+        self._local_rejoin_asked: dict[bytes, float] = {}
         self.rejected: Counter[str] = Counter()
         self._reject_logged: dict[str, tuple[float, int]] = {}
         self._rejoin_asked: dict[int, float] = {}
@@ -106,6 +113,7 @@ class Sidecar:
         # leader: the follower sidecars by node, and the node each joined rank came through
         self.nodes: dict[int, _Follower] = {}
         self.rank_node: dict[int, int] = {}
+        self.node_ranks: dict[int, frozenset[int]] = {}  # the ranks each follower last listed
         # follower: pending control requests forwarded to the leader
         self.pending_control: dict[str, tuple[bytes, float]] = {}
         self.leader_seen = 0.0
@@ -124,6 +132,11 @@ class Sidecar:
         self._peer_link = "none (single node)"  # what local_status says about the TCP link
         self.decisions: DecisionLog | None = None
 
+    @property
+    def local(self) -> Mapping[int, float]:
+        """The joined local ranks -> last heard (monotonic), read-only: the registry owns it."""
+        return MappingProxyType(self.registry.live)
+
     # --- setup ----------------------------------------------------------------------------------
 
     def _bind(self) -> None:
@@ -136,8 +149,7 @@ class Sidecar:
                 self.decisions = DecisionLog(decision_log_path(cfg.run_dir))
             except DecisionLogError as exc:
                 raise SystemExit(f"eplb-sidecar: {exc}") from None
-        self.workers = self.ctx.socket(zmq.ROUTER)
-        self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.workers = self.ctx.socket(zmq.ROUTER)  # no handover: a rank's holder is never cut off
         self.workers.setsockopt(zmq.LINGER, 200)
         self.workers.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 4096)
         self._bind_ipc(self.workers, workers_endpoint(cfg.run_dir))
@@ -235,6 +247,7 @@ class Sidecar:
         if os.path.exists(path):
             os.unlink(path)  # left by a dead sidecar; _refuse_if_running checked none is alive
         sock.bind(endpoint)
+        os.chmod(path, 0o660 if self.config.group_access else 0o600)  # ZeroMQ used the umask
 
     def _refuse_if_running(self) -> None:
         """Stop if a live sidecar already answers on this run directory's control socket."""
@@ -405,46 +418,87 @@ class Sidecar:
                 await self._send_up([encode(Relay(node=self.config.node_rank, ranks=tuple(ranks))),
                                      *frames])
 
-    def _check_worker_frame(self, parts: list[bytes]) -> tuple[int, Message, bytes] | None:
-        """Decode a local worker's message; ``(rank, msg, frame)``, or None if rejected."""
+    def _check_worker_frame(self, parts: list[bytes]) -> tuple[int, Message, bytes, bytes] | None:
+        """Decode a local worker's message; ``(rank, msg, frame, identity)``, or None if rejected.
+        The routing identity must name the message's rank (``<rank>`` or ``<rank>.<pid>...``)."""
         if len(parts) != 2:
             self._reject("a local worker", MalformedFrame(f"expected 2 parts, got {len(parts)}"))
             return None
         identity, frame = parts
         try:
             msg = decode(frame)
-            rank = int(identity.decode()) if identity.isdigit() else None
+            rank = rank_of_identity(identity)
             if rank is None or getattr(msg, "rank", None) != rank:
-                raise IdentityMismatch(f"socket identity {identity[:16]!r} does not match the "
+                raise IdentityMismatch(f"socket identity {identity[:24]!r} does not match the "
                                        f"message's rank {getattr(msg, 'rank', None)}")
         except ProtocolError as exc:
-            self._reject(f"worker identity {identity[:16]!r}", exc)
+            self._reject(f"worker identity {identity[:24]!r}", exc)
             return None
-        return rank, msg, frame
+        return rank, msg, frame, identity
 
-    async def _on_local_worker(self, rank: int, msg: Message, frame: bytes) -> bool:
+    async def _on_local_worker(self, rank: int, msg: Message, frame: bytes,
+                               identity: bytes) -> bool:
         """Handle one local worker message. Returns True when a follower must relay it."""
         now = time.monotonic()
-        if isinstance(msg, Bye):
-            self.local.pop(rank, None)
-            await self._worker_left(rank, "said goodbye")
-            return False
+        node = self.config.node_rank
         if isinstance(msg, Hello):
-            if msg.node != self.config.node_rank:
+            decision = self.registry.hello(rank, identity, msg.pid, now)
+            if not isinstance(decision, Admit):
+                self._reject(f"worker identity {identity[:24]!r} (pid {msg.pid})",
+                             Impostor(decision.error))
+                await self._send_worker(identity, rank, encode(Welcome(
+                    rank=rank, ok=False, error=decision.error, retry=True)))
+                return False
+            old = decision.displaced
+            if old is not None:
+                log.warning("node %d: rank %d: pid %d takes over from pid %d, which is gone or "
+                            "silent", node, rank, msg.pid, old.pid, extra={"rank": rank})
+                if old.live:  # not declared gone yet: its epoch must not wait for it
+                    await self._worker_left(rank, f"its process {old.pid} is gone; pid "
+                                                  f"{msg.pid} takes its place")
+            if msg.node != node:
                 log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
-                            rank, msg.node, self.config.node_rank)
-            log.info("node %d: rank %d joined at step %d", self.config.node_rank, rank, msg.step,
+                            rank, msg.node, node)
+            log.info("node %d: rank %d joined at step %d", node, rank, msg.step,
                      extra={"rank": rank, "step": msg.step})
-        elif rank not in self.local:
-            # No HELLO since this sidecar started (or the rank was declared gone): ask for one.
-            await self._ask_rejoin(None, rank,
-                                   f"node {self.config.node_rank}'s sidecar does not know rank {rank}")
-            return False
-        self.local[rank] = now
+        else:
+            verdict = self.registry.check(rank, identity, now)
+            if verdict in (Verdict.MISMATCH, Verdict.RECLAIM):
+                self._reject(f"worker identity {identity[:24]!r}", IdentityMismatch(
+                    f"{msg.TYPE} for rank {rank} from a connection that does not hold it"))
+                if verdict is Verdict.RECLAIM:  # its holder is gone: the sender may take it back
+                    await self._ask_local_rejoin(identity, rank, f"rank {rank}'s holder is gone")
+                return False
+            if isinstance(msg, Bye):
+                if verdict is not Verdict.UNBOUND:
+                    self.registry.unbind(rank)
+                if verdict is Verdict.OK:
+                    await self._worker_left(rank, "said goodbye")
+                return False
+            if verdict is not Verdict.OK:
+                # No HELLO since this sidecar started, or the rank was declared gone: ask for one.
+                await self._ask_local_rejoin(identity, rank,
+                                             f"node {node}'s sidecar does not know rank {rank}")
+                return False
+            self.registry.heard(rank, now)
         if self.core is None:
             return True
         await self._leader_receive(0, msg, now)
         return False
+
+    async def _ask_local_rejoin(self, identity: bytes, rank: int, why: str) -> None:
+        """Tell the local connection ``identity`` to say HELLO for ``rank``, at most once a
+        second per connection."""
+        now = time.monotonic()
+        if now - self._local_rejoin_asked.get(identity, 0.0) < 1.0:
+            return
+        if len(self._local_rejoin_asked) > 4096:
+            self._local_rejoin_asked = {i: t for i, t in self._local_rejoin_asked.items()
+                                        if now - t < 1.0}
+        self._local_rejoin_asked[identity] = now
+        log.info("node %d: asking rank %d to join again: %s", self.config.node_rank, rank, why,
+                 extra={"rank": rank})
+        await self._send_worker(identity, rank, encode(Rejoin(rank=rank, reason=why)))
 
     async def _worker_left(self, rank: int, why: str) -> None:
         log.warning("node %d: rank %d left: %s", self.config.node_rank, rank, why,
@@ -456,30 +510,52 @@ class Sidecar:
             await self._execute(self.core.on_worker_left(rank, f"{why} (node 0)", time.monotonic()))
 
     async def _to_local(self, rank: int, frame: bytes) -> None:
-        targets = list(self.local) if rank == BROADCAST else [rank]
-        for target in targets:
-            try:
-                await self.workers.send_multipart([str(target).encode(), frame])
-            except zmq.ZMQError as exc:
-                log.warning("node %d: cannot reach rank %d: %s", self.config.node_rank, target, exc)
+        """To the connection bound to ``rank``, or to every bound one (silent ones too: a
+        worker dropped after a pause must still see the COMMIT of an epoch it promised)."""
+        if rank == BROADCAST:
+            targets = self.registry.identities()
+        else:
+            identity = self.registry.identity_of(rank)
+            if identity is None:
+                log.debug("node %d: rank %d is not bound; dropped a frame for it",
+                          self.config.node_rank, rank)
+                return
+            targets = [(rank, identity)]
+        for target, identity in targets:
+            await self._send_worker(identity, target, frame)
+
+    async def _send_worker(self, identity: bytes, rank: int, frame: bytes) -> None:
+        try:
+            await self.workers.send_multipart([identity, frame])
+        except zmq.ZMQError as exc:
+            log.warning("node %d: cannot reach rank %d: %s", self.config.node_rank, rank, exc)
 
     # --- leader side ----------------------------------------------------------------------------
 
     async def _leader_receive(self, node: int, msg: Message, now: float) -> None:
         assert self.core is not None
         if isinstance(msg, Hello):
-            if node != 0 and self.rank_node.get(msg.rank, node) != node:
-                log.warning("rank %d moved from node %d to node %d", msg.rank,
-                            self.rank_node[msg.rank], node)
-            error = self.core.on_hello(msg, now)
-            if not error:
-                self.rank_node[msg.rank] = node
+            listed = {n: self.node_ranks.get(n, frozenset()) for n in self.nodes}
+            listed[0] = frozenset(self.local)
+            conflict = relayed_hello_conflict(msg.rank, node, self.rank_node, listed)
+            if conflict:  # a second claim to a rank that a live node holds: it stays there
+                self._reject(f"node {node}, rank {msg.rank} (pid {msg.pid})", Impostor(conflict))
+                error, retry = conflict, True
             else:
-                log.error("rank %d refused: %s", msg.rank, error, extra={"rank": msg.rank})
-                if node == 0:
-                    self.local.pop(msg.rank, None)
+                if node != 0 and self.rank_node.get(msg.rank, node) != node:
+                    log.warning("rank %d moved from node %d to node %d", msg.rank,
+                                self.rank_node[msg.rank], node)
+                error, retry = self.core.on_hello(msg, now), False
+                if not error:
+                    self.rank_node[msg.rank] = node
+                    if node != 0:  # its node's heartbeats list it from now on (same socket)
+                        self.node_ranks[node] = self.node_ranks.get(node, frozenset()) | {msg.rank}
+                else:
+                    log.error("rank %d refused: %s", msg.rank, error, extra={"rank": msg.rank})
             await self._to_worker(node, msg.rank, encode(Welcome(rank=msg.rank, ok=not error,
-                                                                 error=error)))
+                                                                 error=error, retry=retry)))
+            if error and node == 0:
+                self.registry.unbind(msg.rank)  # after the WELCOME: it goes to the binding
             if not error:
                 await self._execute(self.core.on_joined(msg.rank))
             return
@@ -608,6 +684,7 @@ class Sidecar:
                     await self._node_lost(node, "its sidecar restarted")
                 log.info("node %d: sidecar joined", node)
             self.nodes[node] = _Follower(identity, now)
+            self.node_ranks[node] = frozenset(getattr(header, "ranks", ()))
             return
         if node not in self.nodes or self.nodes[node].identity != identity:
             raise InvalidField(f"{header.TYPE} from node {node}, which has not said NODE_HELLO")
@@ -663,7 +740,7 @@ class Sidecar:
                         inner = decode(frame)  # never pass on what a worker would have to drop
                         await self._to_local(rank, frame)
                         if isinstance(inner, Welcome) and not inner.ok:
-                            self.local.pop(inner.rank, None)  # refused: not one of our workers
+                            self.registry.unbind(inner.rank)  # refused: not one of our workers
                 elif isinstance(header, ControlReply):
                     client = self.pending_control.pop(header.request_id, None)
                     if client is not None:
@@ -695,11 +772,10 @@ class Sidecar:
             if watchdog_every is not None and now >= next_watchdog:
                 next_watchdog = now + watchdog_every
                 self.notifier.watchdog()
-            for rank, seen in list(self.local.items()):
-                if now - seen > cfg.worker_timeout_s:
-                    del self.local[rank]
-                    await self._worker_left(rank, f"no heartbeat for {now - seen:.1f}s "
-                                                  f"(limit {cfg.worker_timeout_s:g}s)")
+            # silent ones stay bound (broadcasts reach them); after a pause, none is silent
+            for rank, silent in self.registry.tick(now):
+                await self._worker_left(rank, f"no heartbeat for {silent:.1f}s "
+                                              f"(limit {cfg.worker_timeout_s:g}s)")
             if self.core is not None:
                 for node, follower in list(self.nodes.items()):
                     if now - follower.seen > cfg.node_timeout_s:

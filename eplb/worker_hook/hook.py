@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from typing import Callable, NoReturn
 import torch
 import zmq
 
-from eplb.paths import default_run_dir, workers_endpoint
+from eplb.paths import (RunDirError, RunDirMissing, check_run_dir, default_run_dir,
+                        group_access_from_env, workers_endpoint)
 from eplb.placement import default_placement, validate_placement
 from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
                         ProtocolError, Rejoin, Welcome, decode, encode)
@@ -51,6 +53,8 @@ CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
 
 #: Longest time a counts snapshot waits in the outbox before the socket thread sends it.
 OUTBOX_POLL_S = 0.05
+#: After a refusal for now (``Welcome(retry=True)``), say HELLO again after this long.
+HELLO_RETRY_S = 1.0
 
 
 class HookError(RuntimeError):
@@ -91,6 +95,12 @@ class WorkerHook:
         heartbeat_s: seconds between heartbeats to the sidecar.
         hold_timeout_s: longest wait at S for the outcome of a promised epoch.
         on_event: called from the background thread with each protocol message received.
+        group_access: accept a run directory of another user whose group is one of this
+            process's (the sidecar's ``--group-access``); default ``$EPLB_GROUP_ACCESS``.
+
+    Raises:
+        HookError: the run directory belongs to someone else (see
+            :func:`eplb.paths.check_run_dir`); the message says what to do.
     """
 
     def __init__(self, rank: int, world_size: int, num_layers: int, num_experts: int,
@@ -99,7 +109,8 @@ class WorkerHook:
                  node: int = 0, run_dir: str | Path | None = None, bytes_per_expert: int = 0,
                  flush_every: int = 64, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
                  on_event: Callable[[Message], None] | None = None,
-                 zmq_context: zmq.Context | None = None) -> None:
+                 zmq_context: zmq.Context | None = None,
+                 group_access: bool | None = None) -> None:
         if phys2log is None:
             phys2log = default_placement(num_layers, num_experts, num_physical)
         validate_placement(phys2log.cpu(), num_experts, num_physical, world_size, num_layers)
@@ -119,7 +130,15 @@ class WorkerHook:
         self.hold_timeout_s = hold_timeout_s
         self.on_event = on_event
         self.bytes_per_expert = bytes_per_expert
-        self.endpoint = workers_endpoint(Path(run_dir) if run_dir else default_run_dir())
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir()
+        self.endpoint = workers_endpoint(self.run_dir)
+        self.group_access = group_access_from_env() if group_access is None else group_access
+        try:
+            check_run_dir(self.run_dir, self.group_access)
+        except RunDirMissing:
+            pass  # the socket thread waits for the sidecar to make it, and checks it then
+        except RunDirError as exc:
+            raise HookError(f"rank {rank}: will not connect: {exc}") from None
 
         self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu(),
                                           bytes_per_expert, can_copy=copy_fn is not None)
@@ -131,6 +150,10 @@ class WorkerHook:
         self._hello_sent_at = 0.0
         self._answered = threading.Event()
         self.join_error = ""
+        self.retry_error = ""  # the last refusal for now (the rank is held by another process)
+        self._retry_at: float | None = None  # when to say HELLO again after such a refusal
+        self._gave_up = False  # wait_joined timed out: stop asking
+        self._dir_refused = False  # the run directory failed check_run_dir
         self.max_on_step_seconds = 0.0
         self.frames_rejected = 0
 
@@ -328,8 +351,12 @@ class WorkerHook:
     # --- background thread: the socket ----------------------------------------------------------
 
     def _run(self) -> None:
+        if not self._run_dir_checked():
+            return
         sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, str(self.rank).encode())
+        # Unique per connection: the sidecar binds the rank to it (and the pid) at HELLO.
+        identity = f"{self.rank}.{os.getpid()}.{secrets.token_hex(8)}"
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.connect(self.endpoint)
@@ -355,12 +382,33 @@ class WorkerHook:
                     self._send(sock, Heartbeat(rank=self.rank, step=self._step))
                     self._ask_outcome(sock)
                     next_beat = time.monotonic() + self.heartbeat_s
+                if (self._retry_at is not None and time.monotonic() >= self._retry_at
+                        and not self._gave_up):
+                    self._retry_at = None
+                    self._hello(sock)
             self._drain_outbox(sock)
             self._send(sock, Bye(rank=self.rank))
         except Exception:  # keep the engine informed rather than dying silently
             log.exception("rank %d: hook thread crashed", self.rank)
         finally:
             sock.close()
+
+    def _run_dir_checked(self) -> bool:
+        """Wait for the run directory, then check who owns it (before any connect: a stranger's
+        directory made after this hook started must not be joined). False: refused, or closed."""
+        while True:
+            try:
+                check_run_dir(self.run_dir, self.group_access)
+                return True
+            except RunDirMissing:
+                if self._stop.wait(0.1):
+                    return False
+            except RunDirError as exc:
+                self._dir_refused = True
+                self.join_error = f"will not connect: {exc}"
+                log.error("rank %d: %s", self.rank, self.join_error)
+                self._answered.set()
+                return False
 
     def _hello(self, sock: zmq.Socket) -> None:
         with self._lock:
@@ -400,12 +448,20 @@ class WorkerHook:
     def _on_message(self, sock: zmq.Socket, msg: Message) -> None:
         if isinstance(msg, Welcome):
             if msg.ok:
+                self.retry_error = ""
                 self.joined.set()
+                self._answered.set()
                 self._ask_outcome(sock)  # rejoined while promised: the outcome may be lost
+            elif msg.retry:  # refused for now: another live connection holds this rank
+                self.retry_error = msg.error
+                if not self._gave_up:
+                    log.warning("rank %d: refused for now, saying HELLO again in %gs: %s",
+                                self.rank, HELLO_RETRY_S, msg.error)
+                    self._retry_at = time.monotonic() + HELLO_RETRY_S
             else:
                 self.join_error = msg.error
                 log.error("rank %d: the leader refused this worker: %s", self.rank, msg.error)
-            self._answered.set()
+                self._answered.set()
         elif isinstance(msg, Rejoin):
             # A sidecar restarted and lost our HELLO. A refused worker stays out: its
             # configuration must change first, so asking again would only repeat the refusal.
@@ -453,8 +509,17 @@ class WorkerHook:
 
     def wait_joined(self, timeout: float) -> None:
         """Block until the leader accepted this worker; raise with the reason otherwise."""
+        if self._gave_up and self.retry_error and not self.joined.is_set():
+            self._gave_up = False  # waiting again: ask again
+            self._retry_at = time.monotonic()
         self._answered.wait(timeout)
         if not self.joined.is_set():
+            self._gave_up = True
+            if self._dir_refused:  # the message says what to do
+                raise HookError(f"rank {self.rank} could not join: {self.join_error}")
+            if self.retry_error and not self.join_error:
+                raise HookError(f"rank {self.rank} could not join: refused for {timeout:g}s, "
+                                f"asking each second: {self.retry_error}")
             why = self.join_error or f"no answer from {self.endpoint} within {timeout:g}s"
             raise HookError(f"rank {self.rank} could not join: {why}. Is eplb-sidecar running "
                             "with the same --run-dir?")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from eplb.control_client import control_call
 from eplb.demo.cluster import LocalCluster
 from eplb.worker_hook import WorkerHook
 
@@ -34,21 +33,8 @@ def restart(cluster: LocalCluster, node: int) -> None:
     cluster.start_sidecar(node)
 
 
-def commit_once(cluster: LocalCluster, copies: list) -> dict:
-    """Force rebalances until one commits (a plan equal to the placement is skipped)."""
-    for _ in range(5):
-        before = cluster.status()
-        control_call("rebalance", {"force": True}, cluster.run_dir(0))
-        status = cluster.wait_for(lambda s: len(s["history"]) > len(before["history"])
-                                  and s["epoch_in_flight"] is None, 30, "epoch finished")
-        if status["history"][-1]["outcome"] == "committed":
-            assert copies and copies[-1][0] == status["history"][-1]["epoch"]
-            return status
-        assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
-    raise AssertionError(f"no rebalance committed: {status['history']}")
-
-
-def test_workers_rejoin_after_a_follower_and_then_the_leader_restart(cluster, decode_loop) -> None:
+def test_workers_rejoin_after_a_follower_and_then_the_leader_restart(cluster, decode_loop,
+                                                                     commit_once) -> None:
     copies: list = []
     hooks = [WorkerHook(r, WORLD, L, E, P, node=r, run_dir=cluster.run_dir(r), flush_every=2,
                         copy_fn=lambda e, layers, old, new: copies.append((e, layers)))
@@ -56,14 +42,20 @@ def test_workers_rejoin_after_a_follower_and_then_the_leader_restart(cluster, de
     for h in hooks:
         h.wait_joined(30)
     loop = decode_loop(hooks, hot=lambda step: (step // 50) % E)
-    first = commit_once(cluster, copies)
+
+    def commit() -> dict:
+        status = commit_once(cluster)
+        assert copies and copies[-1][0] == status["history"][-1]["epoch"]
+        return status
+
+    first = commit()
 
     joined = first["counters"]["joined"]
     restart(cluster, 1)  # the follower: rank 1's sidecar
     status = cluster.wait_for(lambda s: s["workers"] == [0, 1] and s["counters"]["joined"] > joined,
                               30, "rank 1 joined again")
     assert status["placement_hash"] == first["placement_hash"]  # nothing changed meanwhile
-    commit_once(cluster, copies)
+    commit()
 
     restart(cluster, 0)  # the leader: every rank must join again, with its current placement
     cluster.wait_ready(30)
@@ -71,5 +63,5 @@ def test_workers_rejoin_after_a_follower_and_then_the_leader_restart(cluster, de
     from eplb.placement import placement_hash
 
     assert status["placement_hash"] == placement_hash(hooks[0].phys2log)
-    commit_once(cluster, copies)
+    commit()
     assert not loop.errors

@@ -3,6 +3,8 @@ hold at S until the outcome, the hold's time-out, copies at S, and a failing cop
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from eplb.placement import default_placement, placement_hash
 from eplb.proto import (Abort, Commit, Counts, Done, Hello, Heartbeat, OutcomeQuery, Plan, PlanAck,
                         Prepare, Promise,
                         Welcome, decode, encode)
-from eplb.worker_hook import CopyFailed, HoldTimeout, WorkerHook
+from eplb.worker_hook import CopyFailed, HoldTimeout, HookError, WorkerHook
 
 L, E, P = 3, 4, 8
 
@@ -326,5 +328,29 @@ def test_a_failed_start_marks_the_rank_unsafe_and_reports_done_error(side, tmp_p
         assert not done.ok and "NCCL is gone" in done.error
         with pytest.raises(CopyFailed):
             hook.on_step(4)
+    finally:
+        hook.close()
+
+
+def test_a_refusal_for_now_is_followed_by_a_hello_about_each_second(side, tmp_path: Path) -> None:
+    hook = WorkerHook(0, 2, L, E, P, run_dir=tmp_path, heartbeat_s=0.05)
+    try:
+        first = side.expect(Hello)
+        identity = side.identity
+        assert identity.startswith(b"0.%d." % os.getpid()) and len(identity) > 8  # rank.pid.nonce
+        held = "rank 0 is held by another live connection (pid 1)"
+        side.send(Welcome(rank=0, ok=False, error=held, retry=True))
+        refused_at = time.monotonic()
+        second = side.expect(Hello, timeout_s=5)
+        assert 0.8 <= time.monotonic() - refused_at < 3 and second.pid == first.pid
+        assert side.identity == identity  # the same connection asks again
+        side.send(Welcome(rank=0, ok=False, error=held, retry=True))
+        with pytest.raises(HookError, match=r"refused for 0.5s, asking each second: rank 0 is held"):
+            hook.wait_joined(0.5)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(hook.wait_joined, 10)
+            side.expect(Hello, timeout_s=5)  # waiting again asks again
+            side.send(Welcome(rank=0, ok=True, error=""))
+            waiting.result(10)
     finally:
         hook.close()
