@@ -2,7 +2,8 @@
 and classify what became of the engine instance from the evidence the processes leave.
 
     PYTHONPATH=. .venv/bin/python bench/chaos/fault_trials.py --trials 60 --seed 1 --json out.json
-    PYTHONPATH=. .venv/bin/python bench/chaos/fault_trials.py --trial-seed 1007   # replay one trial
+    PYTHONPATH=. .venv/bin/python bench/chaos/fault_trials.py --trials 25 --balanced --seed 2
+    PYTHONPATH=. .venv/bin/python bench/chaos/fault_trials.py --trial-seed 1007:follower:kill:commit
 
 Each trial starts a fresh cluster: 2 sidecars (node 0 leads) x 2 demo workers
 (``eplb.demo.worker``: gloo, real P2P weight copies, weights checked after every layer switch,
@@ -19,8 +20,9 @@ epochs come often and every timeout fits a trial:
   trial measures when the restarted sidecar answers again (``back_s``) and a trial where it came
   back later than the hold timeout is counted apart (``late``), outside the goal.
 
-A trial picks, from its own seed (``--seed`` x 1000 + trial index, printed, replayable with
-``--trial-seed``): the role (leader sidecar, follower sidecar, worker), the fault (sidecars:
+A trial picks, from its own seed (``--seed`` x 1000 + trial index; the summary prints each
+failed trial as ``SEED:ROLE:FAULT:TARGET``, which ``--trial-seed`` replays; ``--balanced`` cycles
+role x fault and target instead of drawing them): the role (leader sidecar, follower sidecar, worker), the fault (sidecars:
 SIGKILL then a restart with the same command after 0.2-1.0 s, the script acting as the supervisor
 as systemd would; or SIGSTOP then SIGCONT after 0.5-4 s; workers: SIGKILL, no restart) and the
 target phase:
@@ -114,11 +116,15 @@ class Choice:
     delay_s: float  # kill: restart delay; stop: pause length
 
     @classmethod
-    def draw(cls, seed: int, roles: tuple[str, ...], phases: tuple[str, ...]) -> "Choice":
+    def draw(cls, seed: int, roles: tuple[str, ...], phases: tuple[str, ...],
+             fixed: tuple[str, str, str] | None = None) -> "Choice":
+        """From ``seed``; ``fixed`` = (role, fault, target) overrides those three draws."""
         rng = random.Random(seed)
         role = rng.choice(roles)
         fault = rng.choice(faults_for(role))
         target = rng.choice(phases)
+        if fixed is not None:
+            role, fault, target = fixed
         victim = rng.randrange(WORLD) if role == "worker" else None
         delay = rng.uniform(0.2, 1.0) if fault == "kill" else rng.uniform(0.5, 4.0)
         if role == "worker":
@@ -189,7 +195,13 @@ class Trial:
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["choice"] = dict(self.choice.__dict__)
+        d["replay"] = self.replay
         return d
+
+    @property
+    def replay(self) -> str:
+        c = self.choice
+        return f"--trial-seed {c.seed}:{c.role}:{c.fault}:{c.target}"
 
 
 def _status(cluster: LocalCluster, node: int = 0, timeout_s: float = 1.5) -> dict | None:
@@ -344,7 +356,8 @@ def inject(cluster: LocalCluster, trial: Trial) -> None:
             trial.back_s = round(time.monotonic() - t0, 3)
             break
         time.sleep(0.05)
-    trial.late = trial.back_s is None or trial.back_s >= HOLD_TIMEOUT_S
+    # back_s None: the sidecar never answered again (a failed restart): that stays in the goal
+    trial.late = trial.back_s is not None and trial.back_s >= HOLD_TIMEOUT_S
 
 
 def run_on(cluster: LocalCluster, trial: Trial, watcher: EventWatcher) -> None:
@@ -448,8 +461,11 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
                              for e in watcher.events[r])
             copy_at = [cs["step"] for cs in res.get("copy_steps", []) if cs["step"] >= s_step
                        and "start" in cs["kinds"]]
-            if copy_at and copy_at[0] == s_step and got_commit:
-                started.append(r)
+            failed_copy = (res.get("error_type") == "CopyFailed" and got_commit
+                           and res.get("last_step", -1) >= s_step)
+            if (copy_at and copy_at[0] == s_step and got_commit) or (
+                    failed_copy and not copy_at and res.get("last_step") == s_step):
+                started.append(r)  # a copy that failed as it started at S still started at S
             elif res.get("last_step", -1) >= s_step:
                 (elsewhere if copy_at and got_commit and copy_at[0] <= s_step + 1 + WORLD
                  else not_started).append(r)
@@ -482,8 +498,9 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
                             or exit_codes[r] is None)
 
 
-def run_trial(index: int, seed: int, roles, phases, keep: bool, log) -> Trial:
-    choice = Choice.draw(seed, roles, phases)
+def run_trial(index: int, seed: int, roles, phases, keep: bool, log,
+              fixed: tuple[str, str, str] | None = None) -> Trial:
+    choice = Choice.draw(seed, roles, phases, fixed)
     trial = Trial(choice, index)
     rng = random.Random(seed * 7 + 3)
     started = time.monotonic()
@@ -510,19 +527,17 @@ def run_trial(index: int, seed: int, roles, phases, keep: bool, log) -> Trial:
         if cluster is not None:
             cluster.stop(timeout_s=5.0)
         trial.wall_s = round(time.monotonic() - started, 2)
-        failed = trial.partial or trial.diverged or trial.hang or trial.unclean or (
-            trial.lost and choice.role != "worker" and not trial.late) or trial.setup_error
-        if keep or failed:
-            pass  # logs kept for a look
-        else:
+        notable = (trial.partial or trial.diverged or trial.hang or trial.unclean or trial.unsafe
+                   or (trial.lost and choice.role != "worker") or trial.setup_error)
+        if not (keep or notable):  # the logs of notable trials stay for a look
             shutil.rmtree(base, ignore_errors=True)
         log(trial)
 
 
 # --- reporting ----------------------------------------------------------------------------------
 
-COLUMNS = ("trials", "partial", "diverged", "hang", "lost(sc)", "late", "lost(wk)", "unclean",
-           "unsafe", "wall s")
+COLUMNS = ("trials", "partial", "diverged", "hang", "lost(sc)", "rkerr(sc)", "late", "lost(wk)",
+           "unclean", "unsafe", "wall s")
 
 
 def summarize(trials: list[Trial]) -> dict[str, Any]:
@@ -540,6 +555,7 @@ def summarize(trials: list[Trial]) -> dict[str, Any]:
             "diverged": sum(t.diverged > 0 for t in ts),
             "hang": sum(t.hang > 0 for t in ts),
             "lost(sc)": sum(t.lost for t in sidecar if not t.late),
+            "rkerr(sc)": sum(t.errors > 0 for t in sidecar if not t.late),
             "late": sum(t.late for t in sidecar),
             "lost(wk)": sum(t.lost for t in ts if t.choice.role == "worker"),
             "unclean": sum(t.unclean for t in ts),
@@ -554,14 +570,17 @@ def summarize(trials: list[Trial]) -> dict[str, Any]:
     ok = [t for t in trials if not t.setup_error]
     total = {"role": "total", "fault": "", "phase": "", **row(ok)}
     total["wall s (sum)"] = round(sum(t.wall_s for t in trials), 1)
+    def tag(t: Trial) -> str:
+        return t.replay.removeprefix("--trial-seed ")
+
     violated = {
-        "partial_applies": [t.choice.seed for t in ok if t.partial],
-        "silent_divergence": [t.choice.seed for t in ok if t.diverged],
-        "hangs": [t.choice.seed for t in ok if t.hang],
-        "lost_after_sidecar_fault_back_in_time": [t.choice.seed for t in ok
+        "partial_applies": [tag(t) for t in ok if t.partial],
+        "silent_divergence": [tag(t) for t in ok if t.diverged],
+        "hangs": [tag(t) for t in ok if t.hang],
+        "lost_after_sidecar_fault_back_in_time": [tag(t) for t in ok
                                                   if t.choice.role != "worker" and t.lost
                                                   and not t.late],
-        "unclean_after_worker_kill": [t.choice.seed for t in ok if t.unclean],
+        "unclean_after_worker_kill": [tag(t) for t in ok if t.unclean],
     }
     targeting: dict[str, dict[str, int]] = {}
     for t in ok:
@@ -584,7 +603,9 @@ def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
     print(f"columns: trials; trials with a partial apply among surviving ranks (I1); with silent "
           f"divergence; with a hang past the timeouts; lost(sc): instances lost (a rank error or "
           f"the leader unsafe) after a sidecar fault that came back within the hold timeout "
-          f"({HOLD_TIMEOUT_S:g}s; goal 0); late: sidecar back after it; lost(wk): instances lost "
+          f"({HOLD_TIMEOUT_S:g}s; goal 0); rkerr(sc): those of them where a rank raised an error "
+          f"(the rest: only the leader declared the instance unsafe); late: sidecar back after "
+          f"the hold timeout (not in the goal); lost(wk): instances lost "
           f"after a worker kill (expected); unclean: surviving ranks that did not end in a clean "
           f"error after a worker kill (goal 0); unsafe: leader declared the instance unsafe; "
           f"mean wall time per trial", file=out)
@@ -594,8 +615,9 @@ def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
         print(f"trials that did not start (not counted): {summary['setup_errors']}", file=out)
     print(f"total wall time of the trials: {summary['total']['wall s (sum)']} s", file=out)
     for goal, seeds in summary["violated"].items():
-        print(f"goal {goal}: {'ok' if not seeds else f'FAILED in trials (seeds) {seeds}'}",
-              file=out)
+        print(f"goal {goal}: {'ok' if not seeds else f'FAILED in {len(seeds)} trial(s): '}"
+              + " ".join(seeds), file=out)
+    print("(replay one: fault_trials.py --trial-seed SEED:ROLE:FAULT:TARGET)", file=out)
 
 
 def _trial_line(t: Trial) -> str:
@@ -617,10 +639,14 @@ def _trial_line(t: Trial) -> str:
         flags.append("unsafe")
     errs = ",".join(f"{r['rank']}:{r['error_type'] or 'ok'}" for r in t.ranks if not r["killed"])
     who = c.role + (f"#{c.victim_rank}" if c.victim_rank is not None else "")
-    return (f"trial {t.index:>3} seed {c.seed}: {who:<9} {c.fault:<4} {c.delay_s:>5.2f}s "
+    return (f"trial {t.index:>3} {c.seed}: {who:<9} {c.fault:<4} {c.delay_s:>5.2f}s "
             f"target {c.target:<8} observed {t.observed:<8} back {t.back_s}  ranks {errs}  "
             f"[{' '.join(flags) or 'ok'}]  {t.wall_s:.1f}s"
             + (f"  (kept {t.base_dir})" if Path(t.base_dir).exists() else ""))
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,34 +654,64 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--trial-seed", type=int, action="append", default=[],
-                   help="run the trial of this seed (repeatable); replaces --trials/--seed")
+    p.add_argument("--trial-seed", action="append", default=[],
+                   help="SEED or SEED:ROLE:FAULT:TARGET (as the summary prints them): run that "
+                        "trial (repeatable); replaces --trials/--seed")
+    p.add_argument("--balanced", action="store_true",
+                   help="trial i takes role x fault i mod 5 (leader kill, leader stop, follower "
+                        "kill, follower stop, worker kill) and target phase i / 5 mod 5, instead "
+                        "of drawing them from its seed")
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--max-wall", type=float, default=0.0,
                    help="stop starting trials after this many seconds (default: 60 s a trial)")
+    p.add_argument("--hold-timeout", type=float, default=HOLD_TIMEOUT_S,
+                   help="the workers' hold timeout (s); keep it well above a sidecar's restart "
+                        "time on this machine")
     p.add_argument("--json", default=None, help="write every trial and the summary here")
     p.add_argument("--keep", action="store_true", help="keep every trial's logs (default: only "
                    "those of trials that violated a goal)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up the cluster on SIGTERM too
+    globals()["HOLD_TIMEOUT_S"] = args.hold_timeout  # read by the trial functions
     roles = tuple(args.roles.split(","))
     phases = tuple(args.phases.split(","))
     if not set(roles) <= set(ROLES) or not set(phases) <= set(PHASES) or args.trials < 0:
         print(f"roles must be among {ROLES}, phases among {PHASES}", file=sys.stderr)
         return 2
-    seeds = args.trial_seed or [args.seed * 1000 + i for i in range(args.trials)]
+    plan: list[tuple[int, tuple[str, str, str] | None]] = []
+    try:
+        for spec in args.trial_seed:
+            seed, *rest = spec.split(":")
+            fixed = tuple(rest) if rest else None
+            if fixed is not None and (len(fixed) != 3 or fixed[0] not in ROLES or fixed[1]
+                                      not in faults_for(fixed[0]) or fixed[2] not in PHASES):
+                raise ValueError(spec)
+            plan.append((int(seed), fixed))
+    except ValueError as exc:
+        print(f"bad --trial-seed {exc}: SEED or SEED:ROLE:FAULT:TARGET", file=sys.stderr)
+        return 2
+    if not plan:
+        combos = [(r, f) for r in roles for f in faults_for(r)]
+        for i in range(args.trials):
+            fixed = None
+            if args.balanced:
+                role, fault = combos[i % len(combos)]
+                fixed = (role, fault, phases[(i // len(combos)) % len(phases)])
+            plan.append((args.seed * 1000 + i, fixed))
+    seeds = [seed for seed, _ in plan]
     budget = args.max_wall or 60.0 * len(seeds)
     started = time.monotonic()
     trials: list[Trial] = []
     print(f"fault trials: {len(seeds)} trial(s), {NODES} sidecars x {PER_NODE} workers, hold "
           f"timeout {HOLD_TIMEOUT_S:g}s, done timeout {DONE_TIMEOUT_S:g}s, budget {budget:g}s",
           flush=True)
-    for i, seed in enumerate(seeds):
+    for i, (seed, fixed) in enumerate(plan):
         if time.monotonic() - started > budget:
             print(f"stopping: {budget:g}s spent after {i} trial(s)", flush=True)
             break
         trials.append(run_trial(i, seed, roles, phases, args.keep,
-                                lambda t: print(_trial_line(t), flush=True)))
+                                lambda t: print(_trial_line(t), flush=True), fixed))
     summary = summarize(trials)
     print()
     print_table(summary)

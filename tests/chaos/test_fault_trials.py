@@ -1,0 +1,69 @@
+"""A small seeded run of bench/chaos/fault_trials.py, with its goals as tests.
+
+8 trials, ``--balanced --seed 1``: leader kill, leader pause, follower kill, follower pause and
+worker kill, each at least once, at the phases idle, plan (the first five) and prepare (the last
+three). A trial takes 15-40 s on 2 cores (a fresh cluster of 2 sidecars x 2 workers each time), so
+the run is bounded to 240 s of trials. The script runs once for the module; each goal is a test,
+so a failure names the goal and the trials to replay (``--trial-seed SEED:ROLE:FAULT:TARGET``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRIALS = 8
+
+pytestmark = pytest.mark.timeout(480)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fault") / "trials.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench/chaos/fault_trials.py"),
+                           "--trials", str(TRIALS), "--balanced", "--seed", "1",
+                           "--max-wall", "240", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=460)
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    data["stdout"] = proc.stdout
+    return data
+
+
+def _violated(report: dict, goal: str) -> list[str]:
+    return report["summary"]["violated"][goal]
+
+
+def test_trials_ran(report: dict) -> None:
+    started = [t for t in report["trials"] if not t["setup_error"]]
+    assert len(started) >= 5, report["summary"]["setup_errors"]
+    roles = {t["choice"]["role"] for t in started}
+    assert roles == {"leader", "follower", "worker"}, roles
+
+
+def test_no_partial_apply_among_surviving_ranks(report: dict) -> None:
+    assert not _violated(report, "partial_applies"), report["stdout"][-4000:]
+
+
+def test_no_silent_divergence(report: dict) -> None:
+    assert not _violated(report, "silent_divergence"), report["stdout"][-4000:]
+
+
+def test_no_hang_past_the_timeouts(report: dict) -> None:
+    assert not _violated(report, "hangs"), report["stdout"][-4000:]
+
+
+def test_no_instance_lost_when_a_sidecar_came_back_within_the_hold_timeout(report: dict) -> None:
+    assert not _violated(report, "lost_after_sidecar_fault_back_in_time"), report["stdout"][-4000:]
+
+
+def test_a_worker_kill_ends_every_surviving_rank_in_a_clean_error(report: dict) -> None:
+    assert not _violated(report, "unclean_after_worker_kill"), report["stdout"][-4000:]

@@ -1,0 +1,53 @@
+"""A seeded run of bench/chaos/fuzz.py (20,000 frames over every socket of a 2 x 2 cluster, at
+most 2,500 a second), with its goals as tests. The script runs once for the module (about a
+minute on 2 cores, most of it starting the cluster and the final forced rebalance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fuzz") / "fuzz.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench/chaos/fuzz.py"), "--frames", "20000",
+                           "--seed", "1", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    data["stdout"] = proc.stdout
+    return data
+
+
+def test_every_message_type_was_fuzzed(report: dict) -> None:
+    from eplb.proto.messages import MESSAGE_TYPES
+
+    assert not report["types_not_built"]
+    assert set(report["message_types"]) == set(MESSAGE_TYPES)
+    sockets = {key.split("|")[0] for key in report["sent"]}
+    assert {"workers.sock n0", "workers.sock n1", "control.sock n0", "control.sock n1",
+            "tcp-plain"} <= sockets
+    assert sum(report["sent"].values()) >= 19000
+
+
+@pytest.mark.parametrize("goal", ["no crashes", "workers kept stepping", "forced rebalance committed",
+                                  "rejected counters grew"])
+def test_goal(report: dict, goal: str) -> None:
+    assert report["goals"][goal], report["stdout"][-4000:]
+
+
+def test_rss_growth_is_bounded(report: dict) -> None:
+    goal = next(g for g in report["goals"] if g.startswith("RSS growth"))
+    assert report["goals"][goal], report["rss_kib"]
