@@ -299,7 +299,7 @@ def observed_phase(watcher: EventWatcher, results: list[dict | None], t_fault: f
         return "idle"
     if "COMMIT" in seen:
         s_step = next(e["step"] for evs in watcher.events for e in evs
-                      if e.get("epoch") == latest and e["type"] == "COMMIT")
+                      if e.get("epoch") == latest and e["type"] == "COMMIT" and e["t"] <= t_fault)
         started = finished = 0
         for res in results:
             if not res:
@@ -310,7 +310,7 @@ def observed_phase(watcher: EventWatcher, results: list[dict | None], t_fault: f
                 run = [c for i, c in enumerate(steps) if c["step"] == s_step + i]
                 if run and run[-1]["t"] <= t_fault and run[-1]["kinds"] == ["land"]:
                     finished += 1
-        if started and finished == WORLD:
+        if started and finished == sum(1 for res in results if res):  # a killed rank has none
             return "idle"
         return "copying" if started else "commit"
     if "PREPARE" in seen:
@@ -446,18 +446,16 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
         trial.ranks.append(info)
     survivors = [r for r in range(WORLD) if r != victim]
     # I1 per epoch: the COMMITs the workers got name S; who started copies at S?
-    commits: dict[int, int] = {}
-    for evs in watcher.events:
-        for e in evs:
-            if e["type"] == "COMMIT":
-                commits.setdefault(e["epoch"], e["step"])
-    for epoch, s_step in sorted(commits.items()):
+    # Keyed by (epoch, S): a restarted leader numbers its epochs from 1 again.
+    commits = sorted({(e["epoch"], e["step"]) for evs in watcher.events for e in evs
+                      if e["type"] == "COMMIT"}, key=lambda k: k[1])
+    for epoch, s_step in commits:
         started, not_started, elsewhere = [], [], []
         for r in survivors:
             res = results[r]
             if res is None:
                 continue
-            got_commit = any(e["type"] == "COMMIT" and e["epoch"] == epoch
+            got_commit = any(e["type"] == "COMMIT" and e["epoch"] == epoch and e["step"] == s_step
                              for e in watcher.events[r])
             copy_at = [cs["step"] for cs in res.get("copy_steps", []) if cs["step"] >= s_step
                        and "start" in cs["kinds"]]
@@ -469,7 +467,7 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
             elif res.get("last_step", -1) >= s_step:
                 (elsewhere if copy_at and got_commit and copy_at[0] <= s_step + 1 + WORLD
                  else not_started).append(r)
-        trial.epochs[str(epoch)] = {"S": s_step, "started": started, "not_started": not_started,
+        trial.epochs[f"{epoch}@{s_step}"] = {"S": s_step, "started": started, "not_started": not_started,
                                     "other_step": elsewhere}
         if started and (not_started or elsewhere):
             trial.partial += 1
