@@ -52,8 +52,11 @@ Figures per trial (and summed per role x fault x observed phase):
   started its copies at S and another rank that ran step S did not, or started at another step.
 - ``diverged``: silent divergence: ranks that ended without an error serve different placements,
   or one of them saw mismatched weights.
-- ``hang``: a worker alive but not exiting within hold timeout + 3 s of SIGTERM, or a sidecar
-  alive but not answering its control socket within 2 x 3 s at the end.
+- ``hang``: a worker still in its decode loop (no result written) and not exiting within hold
+  timeout + 3 s of SIGTERM, or a sidecar alive but not answering its control socket within
+  2 x 3 s at the end. A worker that finished its loop and wrote its result but whose process had
+  not exited by then (the demo worker's teardown) is counted apart (``exitstk``), and its stacks
+  are dumped to its log (SIGUSR1) before it is killed.
 - ``lost``: the engine instance was lost: a rank ended with an error (HoldTimeout, CopyFailed,
   another, e.g. a collective that failed because a peer died) or the leader declared the instance
   unsafe (its status' ``unsafe``). Reported for sidecar faults that came back within the hold
@@ -183,6 +186,9 @@ class Trial:
     diverged_detail: list[str] = field(default_factory=list)
     hang: int = 0
     hang_detail: list[str] = field(default_factory=list)
+    unexited: list[int] = field(default_factory=list)  # ranks killed after the SIGTERM bound
+    silent_sidecars: list[int] = field(default_factory=list)
+    stuck_exit: int = 0  # ranks that finished (result written) but whose process did not exit
     errors: int = 0
     unsafe: str = ""
     lost: int = 0
@@ -401,8 +407,7 @@ def stop_and_collect(cluster: LocalCluster, trial: Trial) -> list[dict | None]:
             trial.sidecar_crashed.append(node)
             continue
         if _local_status(cluster, node) is None and _local_status(cluster, node) is None:
-            trial.hang += 1
-            trial.hang_detail.append(f"sidecar {node} alive but silent on its control socket")
+            trial.silent_sidecars.append(node)
     for rank, w in enumerate(cluster.workers):
         if rank != victim and _alive(w):
             w.send_signal(signal.SIGTERM)
@@ -411,9 +416,12 @@ def stop_and_collect(cluster: LocalCluster, trial: Trial) -> list[dict | None]:
         try:
             w.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            trial.hang += 1
-            trial.hang_detail.append(f"rank {rank} did not exit within "
-                                     f"{HOLD_TIMEOUT_S + 3:g}s of SIGTERM")
+            trial.unexited.append(rank)
+            try:  # the demo worker dumps its threads' stacks to its log on SIGUSR1
+                w.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)
+            except ProcessLookupError:
+                pass
             w.kill()
             w.wait(5)
     cluster.stop(timeout_s=5.0)
@@ -435,7 +443,8 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
     trial.observed = observed_phase(watcher, results, trial.fault_at or 0.0)
     for rank in range(WORLD):
         res = results[rank]
-        info: dict[str, Any] = {"rank": rank, "killed": rank == victim, "exit": exit_codes[rank]}
+        info: dict[str, Any] = {"rank": rank, "killed": rank == victim, "exit": exit_codes[rank],
+                                "result": res is not None}
         if res is None:
             info.update(error="no result file" if rank != victim else "", error_type="none")
         else:
@@ -485,15 +494,30 @@ def classify(trial: Trial, watcher: EventWatcher, results: list[dict | None],
     if bad:
         trial.diverged += 1
         trial.diverged_detail.append(f"ranks {bad} saw mismatched weights without an error")
-    errored = [r for r in survivors if results[r] is None or results[r].get("error")
-               or exit_codes[r] not in (0, None)]
+    finalize(trial)
+
+
+def finalize(trial: Trial) -> None:
+    """Hang, lost and unclean from the trial's record (also for --summarize on a saved run)."""
+    ranks = {info["rank"]: info for info in trial.ranks}
+    survivors = [r for r, info in ranks.items() if not info["killed"]]
+    trial.hang_detail = [f"sidecar {n} alive but silent on its control socket"
+                         for n in trial.silent_sidecars]
+    trial.hang_detail += [f"rank {r} did not exit within hold timeout + 3 s of SIGTERM and wrote "
+                          "no result: stuck in its loop" for r in trial.unexited
+                          if not ranks[r]["result"]]
+    trial.hang = len(trial.hang_detail)
+    # Finished its loop and wrote its result, but the process did not exit in time (the demo
+    # worker's teardown): reported, not a protocol hang.
+    trial.stuck_exit = sum(1 for r in trial.unexited if ranks[r]["result"])
+    errored = [r for r in survivors if not ranks[r]["result"] or ranks[r]["error"]]
     trial.errors = len(errored)
     trial.lost = 1 if errored or trial.unsafe else 0
-    if c.role == "worker":
-        # every surviving rank must end in a recorded error, its process exited
-        trial.unclean = sum(1 for r in survivors
-                            if results[r] is None or not results[r].get("error")
-                            or exit_codes[r] is None)
+    trial.unclean = 0
+    if trial.choice.role == "worker":
+        # every surviving rank must end in a recorded error, not stuck in its loop
+        trial.unclean = sum(1 for r in survivors if not ranks[r]["result"]
+                            or not ranks[r]["error"])
 
 
 def run_trial(index: int, seed: int, roles, phases, keep: bool, log,
@@ -535,7 +559,7 @@ def run_trial(index: int, seed: int, roles, phases, keep: bool, log,
 # --- reporting ----------------------------------------------------------------------------------
 
 COLUMNS = ("trials", "partial", "diverged", "hang", "lost(sc)", "rkerr(sc)", "late", "lost(wk)",
-           "unclean", "unsafe", "wall s")
+           "unclean", "unsafe", "exitstk", "wall s")
 
 
 def summarize(trials: list[Trial]) -> dict[str, Any]:
@@ -558,6 +582,7 @@ def summarize(trials: list[Trial]) -> dict[str, Any]:
             "lost(wk)": sum(t.lost for t in ts if t.choice.role == "worker"),
             "unclean": sum(t.unclean for t in ts),
             "unsafe": sum(bool(t.unsafe) for t in ts),
+            "exitstk": sum(t.stuck_exit > 0 for t in ts),
             "wall s": round(statistics.mean(t.wall_s for t in ts), 1) if ts else 0.0,
         }
 
@@ -606,7 +631,9 @@ def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
           f"the hold timeout (not in the goal); lost(wk): instances lost "
           f"after a worker kill (expected); unclean: surviving ranks that did not end in a clean "
           f"error after a worker kill (goal 0); unsafe: leader declared the instance unsafe; "
-          f"mean wall time per trial", file=out)
+          f"exitstk: a worker wrote its result but its process had not exited "
+          f"{HOLD_TIMEOUT_S + 3:g}s after SIGTERM (teardown, not counted as a hang); mean wall "
+          f"time per trial", file=out)
     print(f"targeting (target -> observed phase: trials): {summary['targeting']}", file=out)
     print(f"sidecar restart, kill -> answering again: {summary['restart_back_s']}", file=out)
     if summary["setup_errors"]:
@@ -616,6 +643,28 @@ def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
         print(f"goal {goal}: {'ok' if not seeds else f'FAILED in {len(seeds)} trial(s): '}"
               + " ".join(seeds), file=out)
     print("(replay one: fault_trials.py --trial-seed SEED:ROLE:FAULT:TARGET)", file=out)
+
+
+def load_trials(path: Path) -> list[Trial]:
+    """The trials of a saved run, classified again with :func:`finalize`."""
+    trials = []
+    for d in json.loads(path.read_text())["trials"]:
+        d = dict(d)
+        d.pop("replay", None)
+        choice = Choice(**d.pop("choice"))
+        for info in d.get("ranks", []):  # runs saved before "result" was recorded
+            info.setdefault("result", "last_step" in info)
+        if "unexited" not in d:  # ... and before unexited / silent_sidecars were
+            d["unexited"] = [int(h.split()[1]) for h in d.get("hang_detail", [])
+                             if h.startswith("rank ")]
+            d["silent_sidecars"] = [int(h.split()[1]) for h in d.get("hang_detail", [])
+                                    if h.startswith("sidecar ")]
+        known = {f for f in Trial.__dataclass_fields__}
+        trial = Trial(choice=choice, **{k: v for k, v in d.items() if k in known and k != "choice"})
+        if not trial.setup_error:
+            finalize(trial)
+        trials.append(trial)
+    return trials
 
 
 def _trial_line(t: Trial) -> str:
@@ -667,9 +716,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the workers' hold timeout (s); keep it well above a sidecar's restart "
                         "time on this machine")
     p.add_argument("--json", default=None, help="write every trial and the summary here")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="print the tables of a saved run (its --json) again and exit")
     p.add_argument("--keep", action="store_true", help="keep every trial's logs (default: only "
                    "those of trials that violated a goal)")
     args = p.parse_args(argv)
+    if args.summarize:
+        trials = load_trials(Path(args.summarize))
+        summary = summarize(trials)
+        print_table(summary)
+        return 1 if any(summary["violated"].values()) else 0
     signal.signal(signal.SIGTERM, _interrupt)  # clean up the cluster on SIGTERM too
     globals()["HOLD_TIMEOUT_S"] = args.hold_timeout  # read by the trial functions
     roles = tuple(args.roles.split(","))

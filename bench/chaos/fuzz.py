@@ -17,7 +17,8 @@ Frame kinds: ``random`` bytes; ``flip`` (bytes of a valid frame flipped), ``trun
 frame cut short); ``field`` (a valid message re-packed with a changed version, type, missing,
 extra or ill-typed field, bad tensor dtype/shape/data); ``huge`` (msgpack headers that claim
 4 GiB strings, arrays or maps, deep nesting, tensors that claim huge shapes, frames of 256 KiB -
-0.9 MiB); ``parts`` (wrong multipart counts); ``valid`` (a well-formed message of every type,
+0.9 MiB); ``oversize`` (one message every 5,000: a frame 1 KiB above the socket's
+``ZMQ_MAXMSGSIZE``, on a connection of its own); ``parts`` (wrong multipart counts); ``valid`` (a well-formed message of every type,
 which that socket must not take from this peer). Valid frames are built with
 :func:`eplb.proto.encode` for every type of :data:`eplb.proto.messages.MESSAGE_TYPES`. A frame that
 decodes into something a peer may legitimately do there (a NODE_HELLO / NODE_HEARTBEAT naming a
@@ -63,8 +64,10 @@ from eplb.proto import ControlRequest, NodeHeartbeat, NodeHello, ProtocolError, 
 from eplb.proto.messages import MESSAGE_TYPES, PROTOCOL_VERSION
 
 L, E, P, WORLD, PER_NODE, NODES = 4, 16, 24, 4, 2, 2
-KINDS = ("random", "flip", "trunc", "field", "huge", "parts", "valid")
-KIND_WEIGHTS = (15, 20, 15, 25, 5, 8, 12)
+KINDS = ("random", "flip", "trunc", "field", "huge", "parts", "valid", "oversize")
+KIND_WEIGHTS = (15, 20, 15, 25, 5, 8, 12, 0)  # oversize: one every 5,000 messages, see run()
+#: The sidecars' ZMQ_MAXMSGSIZE per socket kind: a larger frame makes libzmq drop the connection.
+MAX_MSG = {"workers": 16 * 1024 * 1024 + 4096, "control": 1024 * 1024, "tcp": 16 * 1024 * 1024 + 4096}
 
 
 # --- frames -------------------------------------------------------------------------------------
@@ -365,7 +368,6 @@ class Monitor(threading.Thread):
         self.steps: list[tuple[float, int]] = []
         self.status_failures = 0
         self.rss_peak = [0] * NODES
-        self.rss_first = [rss_kib(p.pid) for p in cluster.sidecars]
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -511,6 +513,16 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
                     time.sleep(ahead)
             if i % 5000 == 4999:  # connection churn: a new peer identity now and then
                 rng.choice(targets).reconnect()
+                # a frame above the socket's size cap, on a connection of its own (libzmq drops
+                # that connection; the sidecar never sees the frame)
+                victim = rng.choice([t for t in targets if t.curve is None])
+                limit = MAX_MSG[victim.name.split(".")[0].split("-")[0]]
+                big = Target(victim.name, victim.endpoint, ctx, rng)
+                if big.send([b"\x00" * (limit + 1024)]):
+                    sent[victim.name, "oversize"] += 1
+                assert big.sock is not None
+                big.sock.close(linger=2000)  # libzmq goes on sending it in the background
+                big.sock = None
                 if stranger_keys is not None:  # a CURVE client the leader does not know
                     stranger = Target("tcp-stranger", leader_tcp, ctx, rng, curve=stranger_keys)
                     stranger.send([factory.valid()])
@@ -612,7 +624,8 @@ def print_report(r: dict[str, Any], out=sys.stdout) -> None:
     print(f"{'all':<18}" + "".join(f"{v:>9}" for v in cols) + f"{sum(cols):>10}"
           f"{sum(r['not_sent_hwm'].values()):>10}", file=out)
     print(f"(replaced {r['replaced_legit']} frames that a peer may legitimately send there; "
-          f"{r['stranger_curve_clients']} CURVE clients with unknown keys)", file=out)
+          f"{r['stranger_curve_clients']} CURVE clients with unknown keys; oversize frames go on "
+          "a connection of their own, which libzmq drops, so no sidecar counts them)", file=out)
     print(file=out)
     print(f"{'sidecar':<9}{'rejected':>10}{'predicted':>11}  by reason (delta)", file=out)
     for n in range(NODES):

@@ -10,6 +10,7 @@ engine's token dispatch does.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fault injection for tests: hold back the first PREPARE until this rank's "
                         "decode loop has stalled at or passed the switch step, forcing a REFUSE")
     args = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # stacks to the log, for a worker that seems stuck
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank={args.rank} %(name)s: %(message)s")
 

@@ -9,15 +9,14 @@ so a failure names the goal and the trials to replay (``--trial-seed SEED:ROLE:F
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from chaos import run_chaos_script  # noqa: E402
 TRIALS = 8
 
 pytestmark = pytest.mark.timeout(480)
@@ -25,17 +24,8 @@ pytestmark = pytest.mark.timeout(480)
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("fault") / "trials.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "bench/chaos/fault_trials.py"),
-                           "--trials", str(TRIALS), "--balanced", "--seed", "1",
-                           "--max-wall", "240", "--json", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=460)
-    print(proc.stdout[-6000:], proc.stderr[-3000:])
-    assert proc.returncode in (0, 1), proc.stderr[-3000:]
-    data = json.loads(out.read_text())
-    data["stdout"] = proc.stdout
-    return data
+    out = tmp_path_factory.mktemp("fault") / "report.json"
+    return run_chaos_script("fault_trials.py", ["--trials", str(TRIALS), "--balanced", "--seed", "1", "--max-wall", "240"], out, timeout_s=460)
 
 
 def _violated(report: dict, goal: str) -> list[str]:
