@@ -368,13 +368,17 @@ class Monitor(threading.Thread):
         self.steps: list[tuple[float, int]] = []
         self.status_failures = 0
         self.rss_peak = [0] * NODES
+        self.rss_series: list[tuple[float, list[int]]] = []  # (time, VmRSS KiB per sidecar)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            now_rss = []
             for node, proc in enumerate(self.cluster.sidecars):
                 r = rss_kib(proc.pid)
                 if r:
                     self.rss_peak[node] = max(self.rss_peak[node], r[0])
+                now_rss.append(r[0] if r else 0)
+            self.rss_series.append((time.monotonic(), now_rss))
             try:
                 s = control_call("status", {}, self.cluster.run_dir(0), timeout_s=2.0)
                 self.steps.append((time.monotonic(), s["min_step"]))
@@ -390,6 +394,18 @@ class Monitor(threading.Thread):
                 since, last = t, step
             worst = max(worst, t - since)
         return worst
+
+
+def rss_quarters(series: list[tuple[float, list[int]]], start: float, end: float) -> list[list[int]]:
+    """VmRSS (KiB) per sidecar at the samples nearest 0, 25, 50, 75 and 100 % of the fuzzing:
+    a leak climbs steadily, allocator growth levels off."""
+    if not series:
+        return []
+    out = []
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        t = start + q * (end - start)
+        out.append(min(series, key=lambda s: abs(s[0] - t))[1])
+    return out
 
 
 def local_status(cluster: LocalCluster, node: int) -> dict[str, Any]:
@@ -532,6 +548,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
             if i % 20000 == 19999:
                 print(f"  {i + 1} frames, {time.monotonic() - t0:.0f}s", file=out, flush=True)
         fuzz_s = time.monotonic() - t0
+        fuzz_end = time.monotonic()
         settle_until = time.monotonic() + 15.0  # let the sidecars drain their queues
         last: list = []
         while time.monotonic() < settle_until:
@@ -572,7 +589,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
             "rss_kib": {"before": [r[0] if r else None for r in rss_before],
                         "after": [r[0] if r else None for r in rss_after],
                         "peak_sampled": monitor.rss_peak,
-                        "hwm_after": [r[1] if r else None for r in rss_after]},
+                        "hwm_after": [r[1] if r else None for r in rss_after],
+                        "quarters": rss_quarters(monitor.rss_series, t0, fuzz_end)},
             "worker_steps": [steps[0][1], steps[-1][1]] if steps else None,
             "max_stall_s": round(monitor.max_stall(), 2), "status_failures": monitor.status_failures,
             "forced_rebalance": [committed, commit_text],
@@ -649,6 +667,10 @@ def print_report(r: dict[str, Any], out=sys.stdout) -> None:
             continue
         print(f"{'n%d' % n:<9}{b / 1024:>12.1f}{a / 1024:>10.1f}{p / 1024:>10.1f}"
               f"{(a - b) / 1024:>10.1f}", file=out)
+    if rss.get("quarters"):
+        print("RSS (MiB) at 0/25/50/75/100 % of the fuzzing: " + "; ".join(
+            f"n{n} " + " ".join(f"{q[n] / 1024:.1f}" for q in rss["quarters"]) for n in range(NODES)),
+            file=out)
     print(file=out)
     print(f"crashes: {r['crashed'] or 0}; workers' lowest step {r['worker_steps']}, longest "
           f"stall {r['max_stall_s']} s, status calls that failed {r['status_failures']}; forced "
