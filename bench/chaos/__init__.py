@@ -16,12 +16,23 @@ def run_chaos_script(script: str, args: list[str], out: Path, timeout_s: float) 
     with its output under ``stdout``. Exit status 1 (a goal violated) is an answer; any other
     failure raises."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos" / script), *args,
-                           "--json", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "chaos" / script), *args,
+                             "--json", str(out)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except BaseException:  # timeout or interrupt: SIGTERM lets the script stop its cluster
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    print(stdout[-6000:], stderr[-3000:])
     if proc.returncode not in (0, 1):
-        raise RuntimeError(f"{script} exited with {proc.returncode}: {proc.stderr[-3000:]}")
+        raise RuntimeError(f"{script} exited with {proc.returncode}: {stderr[-3000:]}")
     data = json.loads(out.read_text())
-    data["stdout"] = proc.stdout
+    data["stdout"] = stdout
     return data

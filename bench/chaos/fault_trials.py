@@ -226,6 +226,15 @@ def _local_status(cluster: LocalCluster, node: int, timeout_s: float = 3.0) -> d
 
 def start_cluster(base: Path, seed: int) -> LocalCluster:
     cluster = LocalCluster(NODES, list(SIDECAR_FLAGS), base_dir=base)
+    try:
+        _start(cluster, base, seed)
+    except BaseException:  # a failed start or an interrupt: leave nothing running
+        cluster.stop(timeout_s=5.0)
+        raise
+    return cluster
+
+
+def _start(cluster: LocalCluster, base: Path, seed: int) -> None:
     cluster.start()
     cluster.wait_ready(SETUP_TIMEOUT_S)
     dist_init = f"tcp://127.0.0.1:{free_port()}"
@@ -239,7 +248,6 @@ def start_cluster(base: Path, seed: int) -> LocalCluster:
             "--events", str(base / f"events{rank}.jsonl")], f"worker{rank}.log")
     cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, SETUP_TIMEOUT_S,
                      "all workers joined and stepping")
-    return cluster
 
 
 def _force(cluster: LocalCluster) -> None:
