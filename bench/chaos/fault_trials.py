@@ -713,9 +713,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="SEED or SEED:ROLE:FAULT:TARGET (as the summary prints them): run that "
                         "trial (repeatable); replaces --trials/--seed")
     p.add_argument("--balanced", action="store_true",
-                   help="trial i takes role x fault i mod 5 (leader kill, leader stop, follower "
-                        "kill, follower stop, worker kill) and target phase i / 5 mod 5, instead "
-                        "of drawing them from its seed")
+                   help="trial i takes target phase i mod 5 and role x fault (i + i / 5) mod 5 "
+                        "(leader kill, leader stop, follower kill, follower stop, worker kill) "
+                        "instead of drawing them from its seed: any 5 trials in a row cover every "
+                        "phase and every role x fault, 25 every pair")
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--max-wall", type=float, default=0.0,
@@ -757,9 +758,9 @@ def main(argv: list[str] | None = None) -> int:
         combos = [(r, f) for r in roles for f in faults_for(r)]
         for i in range(args.trials):
             fixed = None
-            if args.balanced:
-                role, fault = combos[i % len(combos)]
-                fixed = (role, fault, phases[(i // len(combos)) % len(phases)])
+            if args.balanced:  # a Latin square: 25 trials meet every combination once
+                role, fault = combos[(i + i // len(phases)) % len(combos)]
+                fixed = (role, fault, phases[i % len(phases)])
             plan.append((args.seed * 1000 + i, fixed))
     seeds = [seed for seed, _ in plan]
     budget = args.max_wall or 60.0 * len(seeds)

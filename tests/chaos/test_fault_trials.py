@@ -1,9 +1,12 @@
 """A small seeded run of bench/chaos/fault_trials.py, with its goals as tests.
 
-8 trials, ``--balanced --seed 1``: leader kill, leader pause, follower kill, follower pause and
-worker kill, each at least once, at the phases idle, plan (the first five) and prepare (the last
-three). A trial takes 15-40 s on 2 cores (a fresh cluster of 2 sidecars x 2 workers each time), so
-the run is bounded to 240 s of trials. The script runs once for the module; each goal is a test,
+8 trials, ``--balanced --seed 1``: leader kill at idle, leader pause at plan, follower kill at
+prepare, follower pause at commit, worker kill while copying, leader pause at idle, follower kill
+at plan, follower pause at prepare. A trial takes 12-25 s on 2 quiet cores and up to 60 s on busy
+ones (a fresh cluster of 2 sidecars x 2 workers each time), so the run stops starting trials after
+240 s. On the code of this commit (before the leader's decision log and the workers' outcome
+queries) the follower kill at prepare and the pauses at commit and prepare are expected to fail
+the partial-apply and lost-instance goals. The script runs once for the module; each goal is a test,
 so a failure names the goal and the trials to replay (``--trial-seed SEED:ROLE:FAULT:TARGET``).
 """
 
