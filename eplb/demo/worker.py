@@ -10,6 +10,7 @@ engine's token dispatch does.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.demo.workload import popularity, route
-from eplb.placement import default_placement, gpu_loads
+from eplb.placement import default_placement, gpu_loads, placement_hash
 from eplb.worker_hook import HookError, WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
 
@@ -65,6 +66,7 @@ class EventLog:
         step = self.hook.current_step if self.hook else -1
         if self.path:
             entry = {"type": msg.TYPE, "epoch": getattr(msg, "epoch", None), "at_step": step,
+                     "t": time.time(),
                      "step": getattr(msg, "step", None), "reason": getattr(msg, "reason", None)}
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=2.0)
     p.add_argument("--drift-every", type=int, default=400)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hold-timeout", type=float, default=30.0,
+                   help="longest wait at a promised switch step S for the epoch's outcome "
+                        "(WorkerHook hold_timeout_s)")
     p.add_argument("--result", required=True, help="JSON file to write the worker's numbers to")
     p.add_argument("--events", default=None,
                    help="append each protocol message this worker receives to this JSON-lines file")
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fault injection for tests: hold back the first PREPARE until this rank's "
                         "decode loop has stalled at or passed the switch step, forcing a REFUSE")
     args = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # stacks to the log, for a worker that seems stuck
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank={args.rank} %(name)s: %(message)s")
 
@@ -147,17 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     events = EventLog(args.events, args.delay_first_prepare)
     hook = WorkerHook(rank, world, args.layers, args.experts, args.physical, phys2log,
                       copy_fn=copier, node=rank // args.ranks_per_node, run_dir=args.run_dir,
-                      bytes_per_expert=args.width * 4, flush_every=8, on_event=events)
+                      bytes_per_expert=args.width * 4, flush_every=8, on_event=events,
+                      hold_timeout_s=args.hold_timeout)
     events.hook = hook
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     result: dict = {"rank": rank, "ok": False}
+    # Kept outside the try: the result file reports them however the loop ends (the chaos
+    # scripts in bench/chaos read a failed rank's last step, copies and placement).
+    hook_us, step_ms, moe_ms, mismatches, checks, copy_steps = [], [], [], 0, 0, []
+    served = hook.phys2log.clone()
+    switches: list[dict] = []  # every step at which a chunk switched, with the placement after it
+    step = -1
     try:
         hook.wait_joined(30.0)
         dist.barrier()
-        hook_us, step_ms, moe_ms, mismatches, checks, copy_steps = [], [], [], 0, 0, []
-        served = hook.phys2log.clone()
-        step = -1
         while args.steps == 0 or step + 1 < args.steps:
             step += 1
             started = time.perf_counter()
@@ -166,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             in_hook = time.perf_counter() - started
             if not torch.equal(served, hook.phys2log):  # a chunk switched: check the weights
                 served = hook.phys2log.clone()
-                mismatches += verify_weights(weights, served, rank, world)
+                bad = verify_weights(weights, served, rank, world)
+                mismatches += bad
                 checks += 1
+                switches.append({"step": step, "placement_hash": placement_hash(served),
+                                 "mismatches": bad, "t": time.time()})
             if len(copier.work) > work_before:  # transfers started or landed in this step
                 copy_steps.append({"step": step, "ms": in_hook * 1e3,
-                                   "kinds": copier.work[work_before:]})
+                                   "kinds": copier.work[work_before:], "t": time.time()})
             else:
                 hook_us.append(in_hook * 1e6)
             probs = popularity(args.layers, args.experts, step, args.seed, drift_every=args.drift_every)
@@ -215,7 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         })
     except HookError as exc:
         result["error"] = str(exc)
+        result["error_type"] = type(exc).__name__
+    except Exception as exc:  # a failed collective (a peer died), ...: say so in the result
+        logging.getLogger("eplb.demo.worker").exception("rank %d: the decode loop failed", rank)
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result["error_type"] = type(exc).__name__
     finally:
+        result.setdefault("steps", step + 1)
+        result.setdefault("weight_checks", checks)
+        result.setdefault("weight_mismatches", mismatches)
+        result.setdefault("copy_steps", copy_steps)
+        result.setdefault("placement", served.tolist())
+        result["last_step"] = step
+        result["switches"] = switches
+        result["placement_hash"] = placement_hash(served)
         with open(args.result, "w") as f:
             json.dump(result, f)
         hook.close()
