@@ -4,9 +4,9 @@
 prepare, follower pause at commit, worker kill while copying, leader pause at idle, follower kill
 at plan, follower pause at prepare. A trial takes 12-25 s on 2 quiet cores and up to 60 s on busy
 ones (a fresh cluster of 2 sidecars x 2 workers each time), so the run stops starting trials after
-240 s. On the code of this commit (before the leader's decision log and the workers' outcome
-queries) the follower kill at prepare and the pauses at commit and prepare are expected to fail
-the partial-apply and lost-instance goals. The script runs once for the module; each goal is a test,
+240 s. Before the leader's decision log, the workers' outcome queries and "unsafe only on evidence",
+the follower kill at prepare and the pauses at commit and prepare failed the partial-apply and
+lost-instance goals here (seeds 1001, 1002, 1003, 1007). The script runs once for the module; each goal is a test,
 so a failure names the goal and the trials to replay (``--trial-seed SEED:ROLE:FAULT:TARGET``).
 """
 
