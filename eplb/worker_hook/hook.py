@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, Literal, NoReturn
 
 import torch
 import zmq
@@ -51,6 +51,8 @@ log = logging.getLogger("eplb.worker")
 CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
 
 
+#: Host buffers for counts snapshots in flight to the socket thread.
+_SNAPSHOT_BUFFERS = 4
 #: Longest time a counts snapshot waits in the outbox before the socket thread sends it.
 OUTBOX_POLL_S = 0.05
 #: After a refusal for now (``Welcome(retry=True)``), say HELLO again after this long.
@@ -73,8 +75,9 @@ class CopyFailed(HookError):
 class _CountsSnapshot:
     from_step: int
     to_step: int
-    buffer: torch.Tensor  # [L, E] int64 on the host (pinned when the device is CUDA)
+    buffer: torch.Tensor  # [L, ids + 1] int64 on the host (pinned when the device is CUDA)
     ready: object | None  # torch.cuda.Event, or None when the copy was synchronous
+    placement: torch.Tensor  # [L, P] the placement served while these were counted
 
 
 class WorkerHook:
@@ -88,6 +91,10 @@ class WorkerHook:
         copy_fn: the engine's copy callback (see :data:`CopyFn`). Without one the rank cannot
             take part in an epoch that moves its layers, so it is required in production.
         device: where the counters live (the engine's device).
+        count_ids: the ids :meth:`record` and :meth:`add_counts` take: ``"logical"`` experts in
+            ``[0, E)``, or ``"physical"`` slots in ``[0, P)`` as engines pass them after routing
+            (counted per slot, turned into logical counts with the placement served while they
+            were counted).
         node: this rank's node index (reported only; the sidecar knows its own).
         run_dir: the sidecar's run directory (default: :func:`eplb.paths.default_run_dir`).
         bytes_per_expert: size of one expert's weights, for reporting.
@@ -110,12 +117,15 @@ class WorkerHook:
                  flush_every: int = 64, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
                  on_event: Callable[[Message], None] | None = None,
                  zmq_context: zmq.Context | None = None,
-                 group_access: bool | None = None) -> None:
+                 group_access: bool | None = None,
+                 count_ids: Literal["logical", "physical"] = "logical") -> None:
         if phys2log is None:
             phys2log = default_placement(num_layers, num_experts, num_physical)
         validate_placement(phys2log.cpu(), num_experts, num_physical, world_size, num_layers)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must lie in [0, {world_size})")
+        if count_ids not in ("logical", "physical"):
+            raise ValueError(f"count_ids must be 'logical' or 'physical', not {count_ids!r}")
         self.rank, self.world_size, self.node = rank, world_size, node
         self.num_layers, self.num_experts, self.num_physical = num_layers, num_experts, num_physical
         self.device = torch.device(device)
@@ -157,16 +167,24 @@ class WorkerHook:
         self.max_on_step_seconds = 0.0
         self.frames_rejected = 0
 
-        # Counters: cumulative int64 on the device; snapshots go to the host without a sync.
-        self._counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)
-        self._count_rows = list(self._counts.unbind(0))  # [E] views, one per layer
-        self._ones = torch.ones(1024, dtype=torch.int64, device=self.device)
-        self._ones_of_size: dict[int, torch.Tensor] = {}
-        pin = self.device.type == "cuda"
+        # Counters: cumulative int64 on the device, one column per id (E logical or P physical
+        # ids) plus a last column that takes the ids not to count (-1 padding, out of range,
+        # rows past num_valid). Allocated here once and never replaced: CUDA graphs captured
+        # with record() inside hold their pointers. Snapshots go to the host without a sync.
+        self.count_ids = count_ids
+        self._id_count = num_physical if count_ids == "physical" else num_experts
+        width = self._id_count + 1
+        self._counts = torch.zeros(num_layers, width, dtype=torch.int64, device=self.device)
+        self._count_rows = list(self._counts.unbind(0))  # [width] views, one per layer
+        self._one = torch.ones(1, dtype=torch.int64, device=self.device)  # expanded, never copied
+        self._pin = self.device.type == "cuda"
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-        for _ in range(4):
-            self._free.put(torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=pin))
-        self._last_snapshot = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        for _ in range(_SNAPSHOT_BUFFERS):
+            self._free.put(self._new_snapshot_buffer())
+        self._last_snapshot = torch.zeros(num_layers, width, dtype=torch.int64)
+        # Physical counts: the placement they were counted under ([L, P] on the host; replaced,
+        # never changed, when layers switch, so a snapshot may keep a reference).
+        self._counted_under = self._agreement.phys2log.clone()
         self._flushed_at = 0
 
         self._out: queue.SimpleQueue[Message | _CountsSnapshot] = queue.SimpleQueue()
@@ -180,25 +198,34 @@ class WorkerHook:
 
     # --- decode thread: the per-step path -------------------------------------------------------
 
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Count the experts chosen in ``layer`` this step. ``topk_ids``: ``[T, K]`` ids in [0, E)
-        on the engine's device. No host sync."""
-        ids = topk_ids.reshape(-1)
-        n = ids.numel()
-        ones = self._ones_of_size.get(n)
-        if ones is None:  # views are cached: slicing on every call costs a microsecond or two
-            if n > self._ones.numel():
-                self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int64,
-                                        device=self.device)
-                self._ones_of_size.clear()
-            if len(self._ones_of_size) > 4096:
-                self._ones_of_size.clear()
-            ones = self._ones_of_size[n] = self._ones[:n]
-        self._count_rows[layer].index_add_(0, ids, ones)
+    def record(self, layer: int, topk_ids: torch.Tensor,
+               num_valid: torch.Tensor | None = None) -> None:
+        """Count the experts chosen in ``layer`` this step, on the engine's device, no host sync.
+
+        Safe inside a captured CUDA graph, and to call eagerly between replays with any number
+        of ids: it reads and writes no buffer that is ever replaced.
+
+        Args:
+            layer: MoE layer index in ``[0, L)``.
+            topk_ids: ``[T, K]`` (or ``[T]``) integer ids, logical or physical as the hook's
+                ``count_ids``; ids below 0 (padding) or past the last id are not counted.
+            num_valid: optional 0-d integer tensor on the same device: only rows ``t <
+                num_valid`` count (graph padding rows past it do not).
+        """
+        skip = self._id_count
+        # clamp + remainder send every id < 0 or >= skip to column ``skip`` (not counted).
+        slots = topk_ids.clamp(-1, skip).remainder_(skip + 1)
+        if num_valid is not None:
+            rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
+            valid = (rows < num_valid).view(-1, *([1] * (topk_ids.dim() - 1)))
+            slots = slots.masked_fill_(~valid, skip)
+        slots = slots.reshape(-1)
+        self._count_rows[layer].index_add_(0, slots, self._one.expand(slots.numel()))
 
     def add_counts(self, counts: torch.Tensor) -> None:
-        """Add an engine's own per-step counts, ``[L, E]`` integer, on the engine's device."""
-        self._counts.add_(counts)
+        """Add an engine's own per-step counts: ``[L, E]`` (logical) or ``[L, P]`` (physical,
+        as the hook's ``count_ids``) integer, on the engine's device."""
+        self._counts[:, :self._id_count].add_(counts)
 
     def on_step(self, step: int) -> None:
         """Call at the start of decode step ``step`` (steps only go up). Usually returns at once;
@@ -216,6 +243,9 @@ class WorkerHook:
             if isinstance(action, Hold):
                 action = self._hold(action, started)
         if isinstance(action, CopyChunk):
+            lands = self._start is None or (action.epoch, action.index) == self._started
+            if lands and self.count_ids == "physical":
+                self._snapshot_counts(step, force=True)  # counted under the maps of before
             if self._start is None:
                 self._copy(action)
             elif (action.epoch, action.index) != self._started:
@@ -281,6 +311,7 @@ class WorkerHook:
         received = int(getattr(stats, "bytes_received", 0) or 0)
         with self._lock:
             replies = self._agreement.chunk_copied(chunk, received, seconds)
+            self._counted_under = self._agreement.phys2log.clone()
         log.debug("rank %d epoch %d: chunk %d/%d (layers %s) copied in %.2f ms", self.rank,
                   chunk.epoch, chunk.index + 1, chunk.num_chunks, list(chunk.layers), seconds * 1e3)
         self._send_from_decode_thread(replies)
@@ -321,11 +352,19 @@ class WorkerHook:
                         "prepared at its step", self.rank, chunk.epoch, chunk.index,
                         type(exc).__name__, exc)
 
-    def _snapshot_counts(self, step: int) -> None:
+    def _new_snapshot_buffer(self) -> torch.Tensor:
+        return torch.zeros(self.num_layers, self._id_count + 1, dtype=torch.int64,
+                           pin_memory=self._pin)
+
+    def _snapshot_counts(self, step: int, force: bool = False) -> None:
+        """Queue a copy of the counters for the socket thread. ``force``: even when every
+        buffer is in flight (physical counts must be cut where layers switch)."""
         try:
             buffer = self._free.get_nowait()
         except queue.Empty:
-            return  # the sender is behind; keep counting, the next snapshot covers these steps
+            if not force:
+                return  # the sender is behind; keep counting, the next snapshot covers these
+            buffer = self._new_snapshot_buffer()
         ready = None
         if self.device.type == "cuda":
             buffer.copy_(self._counts, non_blocking=True)
@@ -335,8 +374,9 @@ class WorkerHook:
             buffer.copy_(self._counts)
         # No wake-up: the socket thread collects snapshots within OUTBOX_POLL_S. Waking it here
         # would hand it the GIL in the middle of the decode step (measured: ~40 us on_step).
-        self._send_from_decode_thread([_CountsSnapshot(self._flushed_at, step, buffer, ready)],
-                                      wake=False)
+        self._send_from_decode_thread(
+            [_CountsSnapshot(self._flushed_at, step, buffer, ready, self._counted_under)],
+            wake=False)
         self._flushed_at = step
 
     def _send_from_decode_thread(self, items: list, wake: bool = True) -> None:
@@ -492,9 +532,13 @@ class WorkerHook:
             if isinstance(item, _CountsSnapshot):
                 if item.ready is not None:
                     item.ready.synchronize()  # this thread waits for the copy, not the engine
-                delta = item.buffer - self._last_snapshot
+                delta = (item.buffer - self._last_snapshot)[:, :self._id_count]
                 self._last_snapshot.copy_(item.buffer)
-                self._free.put(item.buffer)
+                if self._free.qsize() < _SNAPSHOT_BUFFERS:
+                    self._free.put(item.buffer)
+                if self.count_ids == "physical":  # [L, P] per slot -> [L, E] per expert
+                    delta = torch.zeros(self.num_layers, self.num_experts,
+                                        dtype=torch.int64).scatter_add_(1, item.placement, delta)
                 item = Counts(rank=self.rank, from_step=item.from_step, to_step=item.to_step,
                               counts=delta)
             self._send(sock, item)

@@ -210,6 +210,36 @@ def test_counts_reach_the_sidecar_as_deltas_over_step_ranges(side, tmp_path: Pat
         hook.close()
 
 
+def test_physical_counts_become_logical_under_the_placement_served_when_counted(
+        side, tmp_path: Path) -> None:
+    """Slot ids are turned into experts with the map of the steps they were counted in: the
+    counts of the steps before a layer switches are cut off at that step and use the old map."""
+    hook = join(side, tmp_path, flush_every=1000, count_ids="physical",
+                copy_fn=lambda e, layers, old, new: None)
+    old, new = default_placement(L, E, P), new_placement()
+    slot = 3  # layer 1: expert old[1, 3] before the switch, new[1, 3] after it
+    assert old[1, slot] != new[1, slot]
+    try:
+        hook.on_step(1)
+        promise_at(side, hook, switch=3)
+        side.send(Commit(epoch=1, step=3))
+        hook.record(1, torch.tensor([[slot, -1], [slot, P]]))  # -1 and P: not counted
+        hook.on_step(2)
+        hook.record(1, torch.tensor([[slot]]))
+        hook.on_step(3)  # layer 1 switches here: a snapshot of [0, 3) under the old map first
+        before = side.expect(Counts, skip=(Heartbeat, OutcomeQuery))
+        hook.record(1, torch.tensor([[slot, slot]]))
+        for step in range(4, 1004):
+            hook.on_step(step)
+        after = side.expect(Counts, skip=(Heartbeat, OutcomeQuery, Done))
+        assert (before.from_step, before.to_step) == (0, 3)
+        assert before.counts.sum() == 3 and before.counts[1, old[1, slot]] == 3
+        assert (after.from_step, after.to_step) == (3, 1003)
+        assert after.counts.sum() == 2 and after.counts[1, new[1, slot]] == 2
+    finally:
+        hook.close()
+
+
 class RecordingCopier:
     """A copy_fn with ``prefetch``: records the order of the calls the hook makes."""
 
