@@ -10,7 +10,8 @@ have nothing to do with EPLB, are replaced before the first import:
   and HF-transformers patches; every model's HF config class): the packages are made without
   running them, their submodules load from the real files;
 - third-party modules imported at the top of ``sglang.srt.utils.common`` for GPU kernels, images
-  and HTTP: ``triton``, ``PIL``, ``starlette``, ``requests`` (empty stand-ins);
+  and HTTP: ``triton``, ``PIL``, ``starlette``, ``requests`` (do-nothing stand-ins, only where
+  they are not installed);
 - ``sglang.srt.model_executor.forward_batch_info`` (the batch class of the model executor; the
   recorder only names ``ForwardBatch``/``ForwardMode``), ``sglang.srt.observability
   .metrics_collector`` (Prometheus collectors) and ``sglang.srt.model_loader`` (the model
@@ -38,7 +39,8 @@ _THIRD_PARTY_STUBS = ("triton", "PIL", "starlette", "requests")
 
 
 class _EmptyModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Answers imports of the names in ``_THIRD_PARTY_STUBS`` with do-anything modules."""
+    """Answers imports of the names in ``_THIRD_PARTY_STUBS`` with do-anything modules (last
+    on ``sys.meta_path``: only when no installed module answers)."""
 
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in _THIRD_PARTY_STUBS:
@@ -95,7 +97,7 @@ def _install_stubs() -> None:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("sglang is not installed (see requirements-sglang.txt)")
     root = Path(list(spec.submodule_search_locations)[0])
-    sys.meta_path.insert(0, _EmptyModules())
+    sys.meta_path.append(_EmptyModules())  # last: an installed module of that name wins
     _package_without_init("sglang", root)
     _package_without_init("sglang.srt.configs", root / "srt" / "configs")
 
@@ -152,7 +154,7 @@ def import_sglang() -> None:
 
 
 def publish_runtime(ep_rank: int, ep_size: int, nnodes: int, num_redundant: int,
-                    dispatch: str = "static") -> None:
+                    dispatch: str | None = "static") -> None:
     """Publish SGLang's process config for EP rank ``ep_rank`` of ``ep_size``, as a server
     started with ``--tp-size ep_size --ep-size ep_size --nnodes nnodes
     --ep-num-redundant-experts num_redundant --ep-dispatch-algorithm dispatch

@@ -187,3 +187,100 @@ def test_plugin_is_off_unless_asked_and_registers_sglangs_hooks(monkeypatch) -> 
                   for target, hooks in HookRegistry._hooks.items()}
     assert registered == {target: [(HookType[kind], fn)]
                           for target, (kind, fn) in HOOK_TARGETS.items()}
+
+
+def test_sglangs_plugin_loader_finds_the_entry_point_declared_in_pyproject(
+        tmp_path: Path, monkeypatch) -> None:
+    """The entry point as pyproject.toml declares it (written as setuptools writes it) is what
+    SGLang's load_plugins() runs; the hooks are registered, not applied (applying patches
+    SGLang's ModelRunner, which needs the whole server stack)."""
+    import tomllib
+
+    import sglang.srt.plugins as plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["sglang.srt.plugins"]
+    assert declared == {"eplb": "eplb.engines.sglang:plugin"}
+    info = tmp_path / "eplb_entry_probe-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eplb-entry-probe\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text(
+        "[sglang.srt.plugins]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
+    monkeypatch.setattr(HookRegistry, "apply_hooks", classmethod(lambda cls: None))
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.setenv("EPLB_SGLANG", "1")
+    plugins.load_plugins()
+    assert set(HookRegistry._hooks) == set(HOOK_TARGETS)
+
+
+class _Manager:
+    """Stands in for SGLang's EPLBManager (``--enable-eplb``)."""
+
+    def __init__(self) -> None:
+        self.disabled: list[str] = []
+
+    def disable_rebalance(self, reason: str) -> None:
+        self.disabled.append(reason)
+
+
+def _model_runner(rank: int):
+    import types
+    per_gpu = 3
+    weights = {layer: [torch.zeros(per_gpu, 4), torch.zeros(per_gpu, 2, 2)] for layer in (2, 3, 4)}
+    return types.SimpleNamespace(
+        is_draft_worker=False, model=types.SimpleNamespace(routed_experts_weights_of_layer=weights),
+        model_config=sglang_env.TinyModelConfig(), eplb_manager=_Manager(), forward_pass_id=41)
+
+
+def test_install_on_a_model_runner_wraps_the_recorder_stops_sglangs_rebalancer_and_steps(
+        tmp_path: Path, monkeypatch) -> None:
+    import types
+
+    from sglang.srt.eplb.expert_distribution import (ExpertDistributionRecorder,
+                                                     get_global_expert_distribution_recorder,
+                                                     set_global_expert_distribution_recorder)
+    from sglang.srt.eplb.expert_location import set_global_expert_location_metadata
+    from sglang.srt.runtime_context import get_parallel
+
+    from eplb.engines import sglang as adapter_module
+    from eplb.worker_hook.hook import WorkerHook
+    live = _metadata(rank=1)
+    set_global_expert_location_metadata(live, allow_overwrite=True)
+    get_parallel().override_permanently(moe_ep_group=types.SimpleNamespace(device_group=None))
+    sglangs = ExpertDistributionRecorder.init_new(live, 1)
+    set_global_expert_distribution_recorder(sglangs)
+    monkeypatch.setattr(WorkerHook, "wait_joined", lambda self, timeout: None)  # no sidecar here
+    runner = _model_runner(rank=1)
+    adapter = adapter_module.install(runner, run_dir=tmp_path / "run", join_timeout_s=1)
+    try:
+        assert runner._eplb_adapter is adapter and adapter.moe_layer_ids == [2, 3, 4]
+        assert adapter.hook.count_ids == "physical" and adapter.hook.num_layers == 3
+        assert torch.equal(adapter.hook.phys2log, live.physical_to_logical_map_cpu[2:])
+        assert runner.eplb_manager.disabled  # SGLang's own rebalancer is off
+        recorder = get_global_expert_distribution_recorder()
+        assert isinstance(recorder, CountingRecorder) and recorder.inner is sglangs
+        steps: list[int] = []
+        monkeypatch.setattr(adapter.hook, "on_step", steps.append)
+        adapter_module.before_forward(runner)
+        assert steps == [42]  # the number ModelRunner.forward gives the pass
+        replaced = ExpertDistributionRecorder.init_new(live, 1)
+        set_global_expert_distribution_recorder(replaced)  # as SGLang does on some events
+        adapter_module.before_forward(runner)
+        assert get_global_expert_distribution_recorder().inner is replaced
+        assert adapter_module.install(types.SimpleNamespace(is_draft_worker=True)) is None
+    finally:
+        adapter.close()
+        set_global_expert_distribution_recorder(sglangs)
+
+
+def test_install_refuses_a_server_without_a_logical_to_physical_map() -> None:
+    from eplb.engines.sglang import SGLangAdapterError, install
+    sglang_env.publish_runtime(0, WORLD, nnodes=2, num_redundant=4, dispatch=None)
+    try:
+        with pytest.raises(SGLangAdapterError, match="--ep-dispatch-algorithm dynamic"):
+            install(_model_runner(rank=0))
+    finally:
+        sglang_env.publish_runtime(0, WORLD, nnodes=2, num_redundant=4)
