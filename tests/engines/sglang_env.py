@@ -158,17 +158,18 @@ def publish_runtime(ep_rank: int, ep_size: int, nnodes: int, num_redundant: int,
     """Publish SGLang's process config for EP rank ``ep_rank`` of ``ep_size``, as a server
     started with ``--tp-size ep_size --ep-size ep_size --nnodes nnodes
     --ep-num-redundant-experts num_redundant --ep-dispatch-algorithm dispatch
-    --moe-a2a-backend deepep --deepep-mode normal --expert-distribution-recorder-mode stat
-    --device cpu`` would (without the server's resolution pass, which loads the model's HF
-    config)."""
+    --expert-distribution-recorder-mode stat --device cpu`` would, plus ``--moe-a2a-backend
+    deepep --deepep-mode normal`` for ``static`` dispatch (SGLang allows static only with an a2a
+    backend) and no a2a backend otherwise; without the server's resolution pass, which loads the
+    model's HF config."""
     import_sglang()
     from sglang.srt.runtime_context import get_context, get_parallel
     from sglang.srt.server_args import ServerArgs
 
+    a2a = {"moe_a2a_backend": "deepep", "deepep_mode": "normal"} if dispatch == "static" else {}
     args = ServerArgs(model_path="tiny-moe", device="cpu", tp_size=ep_size, ep_size=ep_size,
                       nnodes=nnodes, ep_num_redundant_experts=num_redundant,
-                      ep_dispatch_algorithm=dispatch, moe_a2a_backend="deepep",
-                      deepep_mode="normal", expert_distribution_recorder_mode="stat",
-                      expert_distribution_recorder_buffer_size=-1)
+                      ep_dispatch_algorithm=dispatch, expert_distribution_recorder_mode="stat",
+                      expert_distribution_recorder_buffer_size=-1, **a2a)
     get_context().set_server_args(args)
     get_parallel().override_permanently(tp_rank=ep_rank, moe_ep_rank=ep_rank)

@@ -71,6 +71,7 @@ def main() -> int:
     p.add_argument("--dist-init", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--counting", default="select_experts")
+    p.add_argument("--dispatch", default="static", choices=["static", "dynamic"])
     p.add_argument("--count-steps", type=int, default=12)
     p.add_argument("--max-seconds", type=float, default=90.0)
     args = p.parse_args()
@@ -92,7 +93,8 @@ def main() -> int:
 def run(args, rank: int, world: int, rpn: int) -> dict:
     torch.set_num_threads(1)
     sglang_env.publish_runtime(rank, world, nnodes=world // rpn,
-                               num_redundant=NUM_PHYSICAL - ModelShape.num_logical_experts)
+                               num_redundant=NUM_PHYSICAL - ModelShape.num_logical_experts,
+                               dispatch=args.dispatch)
     from sglang.srt.eplb.expert_distribution import (ExpertDistributionRecorder,
                                                      get_global_expert_distribution_recorder,
                                                      set_global_expert_distribution_recorder)
@@ -247,10 +249,12 @@ def run(args, rank: int, world: int, rpn: int) -> dict:
     dispatch_errors = []
     for layer in moe_layers:
         fresh = ExpertLocationDispatchInfo.init_new(layer)
-        dynamic = dataclasses.replace(infos[layer], ep_dispatch_algorithm="dynamic",
-                                      rank_invariant=True)
-        for how, info in (("static, info from start", infos[layer]),
-                          ("static, new info", fresh), ("dynamic", dynamic)):
+        ways = [(f"{args.dispatch}, info from start", infos[layer]),
+                (f"{args.dispatch}, new info", fresh)]
+        if args.dispatch == "static":  # the same live maps also serve SGLang's dynamic pick
+            ways.append(("dynamic", dataclasses.replace(infos[layer], rank_invariant=True,
+                                                        ep_dispatch_algorithm="dynamic")))
+        for how, info in ways:
             slots = topk_ids_logical_to_physical(every_expert.clone(), info)
             for expert, slot in zip(every_expert.reshape(-1).tolist(), slots.reshape(-1).tolist()):
                 if not 0 <= slot < NUM_PHYSICAL or int(new_map[layer, slot]) != expert:

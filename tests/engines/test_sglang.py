@@ -48,9 +48,11 @@ def _force_one_commit(cluster: LocalCluster) -> dict:
     raise AssertionError(f"no rebalance committed: {status['history']}")
 
 
-@pytest.mark.parametrize("counting", ["select_experts", "stat"])
+# static dispatch (with an a2a backend: per-rank maps, logical_to_rank_dispatch_physical_map) and
+# dynamic dispatch (no a2a backend: every replica listed, replica counts in _num_valid).
+@pytest.mark.parametrize("counting, dispatch", [("select_experts", "static"), ("stat", "dynamic")])
 def test_one_epoch_matches_sglangs_own_maps_weights_dispatch_and_counts(
-        tmp_path: Path, counting: str) -> None:
+        tmp_path: Path, counting: str, dispatch: str) -> None:
     base = Path("/tmp") / f"eplbsg-{os.getpid()}-{tmp_path.name[-10:]}"  # short ipc paths
     cluster = LocalCluster(WORLD // WORKERS_PER_NODE,
                            ["--interval", "1000000", "--window", "400", "--planner", "thread",
@@ -65,7 +67,8 @@ def test_one_epoch_matches_sglangs_own_maps_weights_dispatch_and_counts(
                 ["--rank", str(rank), "--world", str(WORLD),
                  "--ranks-per-node", str(WORKERS_PER_NODE),
                  "--run-dir", str(cluster.run_dir(rank // WORKERS_PER_NODE)),
-                 "--dist-init", dist_init, "--out", str(outs[rank]), "--counting", counting],
+                 "--dist-init", dist_init, "--out", str(outs[rank]), "--counting", counting,
+                 "--dispatch", dispatch],
                 f"worker{rank}.log", command=[sys.executable, str(WORKER)])
         try:
             cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 60,
@@ -86,7 +89,8 @@ def test_one_epoch_matches_sglangs_own_maps_weights_dispatch_and_counts(
     for r in results:
         assert r["moved_slots"] > 0  # the placement changed, so there was something to check
         # Every field of the live metadata equals SGLang's init_by_mapping of the new placement,
-        # and no field was rebound (captured graphs and dispatch infos hold the tensors).
+        # and no field was rebound (captured graphs and dispatch infos hold the tensors). On CPU
+        # the *_cpu fields are the device tensors themselves; the maps test covers them apart.
         assert r["field_mismatches"] == [] and r["rebound_fields"] == []
         assert {"physical_to_logical_map", "physical_to_logical_map_cpu",
                 "logical_to_all_physical_map", "logical_to_all_physical_map_cpu",
@@ -109,7 +113,13 @@ def _metadata(rank: int = 0):
 
 
 def test_maps_switch_only_the_landed_layers_in_place_and_dense_rows_stay() -> None:
+    import dataclasses
     live = _metadata(rank=1)
+    # On CPU SGLang's *_cpu fields are the device tensors themselves (.cpu() of a CPU tensor);
+    # separate copies, as on a GPU, show that each field is switched on its own.
+    live = dataclasses.replace(
+        live, physical_to_logical_map_cpu=live.physical_to_logical_map_cpu.clone(),
+        logical_to_all_physical_map_cpu=live.logical_to_all_physical_map_cpu.clone())
     before = {name: t.clone() for name, t in per_layer_fields(live).items()}
     pointers = {name: t.data_ptr() for name, t in per_layer_fields(live).items()}
     moe = [2, 3, 4]
