@@ -118,10 +118,17 @@ class SGLangMaps:
             raise ValueError(f"rank {self.rank} epoch {epoch}: placement is {list(new.shape)}, "
                              f"expected [{len(self.moe_layer_ids)}, "
                              f"{self.live.physical_to_logical_map_cpu.shape[1]}]")
+        device = self.live.physical_to_logical_map.device
+        cuda_index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
         self._prepared_epoch = epoch
-        self._prepared = self._builder.submit(self._build, epoch, new.detach().cpu().clone())
+        self._prepared = self._builder.submit(self._build, epoch, new.detach().cpu().clone(),
+                                              cuda_index)
 
-    def _build(self, epoch: int, new: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _build(self, epoch: int, new: torch.Tensor,
+               cuda_index: int | None) -> dict[str, torch.Tensor]:
+        if cuda_index is not None:  # a new thread starts on GPU 0; SGLang builds on "cuda"
+            torch.cuda.set_device(cuda_index)
         live_map = self.live.physical_to_logical_map_cpu
         full = live_map.clone()
         full[self.moe_layer_ids] = new.to(dtype=full.dtype)

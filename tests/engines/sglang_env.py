@@ -139,12 +139,13 @@ def _install_stubs() -> None:
 _installed = False
 
 
-def import_sglang() -> None:
-    """Install the stand-ins (once) and import SGLang's EPLB modules for real."""
+def import_sglang(cpu_engine: bool = True) -> None:
+    """Install the stand-ins (once) and import SGLang's EPLB modules for real. ``cpu_engine``:
+    set SGLang's own CPU-engine switch (its ``get_device()`` answers "cpu"; read once, cached)."""
     global _installed
     if not _installed:
-        # SGLang's own CPU-engine switch (its get_device() answers "cpu"); read once, cached.
-        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+        if cpu_engine:
+            os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
         _install_stubs()
         _installed = True
     import sglang.srt.eplb.expert_distribution  # noqa: F401
@@ -154,11 +155,11 @@ def import_sglang() -> None:
 
 
 def publish_runtime(ep_rank: int, ep_size: int, nnodes: int, num_redundant: int,
-                    dispatch: str | None = "static") -> None:
+                    dispatch: str | None = "static", device: str = "cpu") -> None:
     """Publish SGLang's process config for EP rank ``ep_rank`` of ``ep_size``, as a server
     started with ``--tp-size ep_size --ep-size ep_size --nnodes nnodes
     --ep-num-redundant-experts num_redundant --ep-dispatch-algorithm dispatch
-    --expert-distribution-recorder-mode stat --device cpu`` would, plus ``--moe-a2a-backend
+    --expert-distribution-recorder-mode stat --device DEVICE`` would, plus ``--moe-a2a-backend
     deepep --deepep-mode normal`` for ``static`` dispatch (SGLang allows static only with an a2a
     backend) and no a2a backend otherwise; without the server's resolution pass, which loads the
     model's HF config."""
@@ -167,7 +168,7 @@ def publish_runtime(ep_rank: int, ep_size: int, nnodes: int, num_redundant: int,
     from sglang.srt.server_args import ServerArgs
 
     a2a = {"moe_a2a_backend": "deepep", "deepep_mode": "normal"} if dispatch == "static" else {}
-    args = ServerArgs(model_path="tiny-moe", device="cpu", tp_size=ep_size, ep_size=ep_size,
+    args = ServerArgs(model_path="tiny-moe", device=device, tp_size=ep_size, ep_size=ep_size,
                       nnodes=nnodes, ep_num_redundant_experts=num_redundant,
                       ep_dispatch_algorithm=dispatch, expert_distribution_recorder_mode="stat",
                       expert_distribution_recorder_buffer_size=-1, **a2a)
