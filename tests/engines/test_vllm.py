@@ -1,0 +1,96 @@
+"""The vLLM adapter against vLLM's own EPLB code: 2 real sidecars x 2 worker processes (gloo),
+one epoch forced through the leader, then every rank compares its state with what vLLM's own
+updaters make of the same old state and new placement (see ``vllm_worker.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM adapter test needs vllm installed (--no-deps)")
+
+from eplb.control_client import control_call  # noqa: E402
+from eplb.coordinator.planner import PlannerSpec  # noqa: E402
+from eplb.demo.cluster import LocalCluster, free_port  # noqa: E402
+from eplb.engines.vllm import merge_load_files  # noqa: E402
+from eplb.offline_plan import plan_offline, read_load, read_placement  # noqa: E402
+from eplb.placement import placement_hash  # noqa: E402
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+WORLD, PER_NODE = 4, 2
+LAYERS, EXPERTS, PHYSICAL = 3, 8, 12
+
+
+def _force_one_commit(cluster: LocalCluster) -> dict:
+    """Force rebalances until one commits (a plan equal to the placement is skipped) and has
+    finished everywhere; the leader's status then."""
+    for _ in range(5):
+        before = cluster.status()
+        control_call("rebalance", {"force": True}, cluster.run_dir(0))
+        status = cluster.wait_for(lambda s: len(s["history"]) > len(before["history"])
+                                  and s["epoch_in_flight"] is None, 30, "epoch finished")
+        if status["history"][-1]["outcome"] == "committed":
+            return status
+        assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
+    raise AssertionError(f"no rebalance committed: {status['history']}")
+
+
+def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The workers import this checkout's eplb (and find vllm_stubs next to their script).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    base = Path("/tmp") / f"eplbv-{os.getpid()}-{tmp_path.name[-8:]}"  # short ipc paths
+    stop = base / "stop"
+    with LocalCluster(WORLD // PER_NODE, ["--interval", "1000000", "--window", "100000",
+                                          "--planner", "thread", "--worker-timeout", "10",
+                                          "--node-timeout", "10"], base_dir=base) as cluster:
+        cluster.start()
+        cluster.wait_ready(30)
+        dist_init = f"tcp://127.0.0.1:{free_port()}"
+        for rank in range(WORLD):
+            cluster.start_worker(
+                ["--rank", str(rank), "--world-size", str(WORLD), "--ranks-per-node",
+                 str(PER_NODE), "--run-dir", str(cluster.run_dir(rank // PER_NODE)),
+                 "--dist-init", dist_init, "--stop-file", str(stop),
+                 "--result", str(base / f"result{rank}.json"),
+                 "--export", str(base / f"load{rank}.pt")],
+                f"worker{rank}.log", command=[sys.executable, str(WORKER)])
+        try:
+            cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 60,
+                             "all vLLM workers joined and stepping")
+            # Committed = every rank reported its copies done; the leader adopted the plan.
+            leader_hash = _force_one_commit(cluster)["placement_hash"]
+        finally:
+            stop.touch()  # the workers vote to stop together, then check against vLLM
+            for proc in cluster.workers:
+                proc.wait(60)
+        results = [json.loads((base / f"result{r}.json").read_text()) for r in range(WORLD)]
+
+    logs = cluster.log_dir
+    for r, out in enumerate(results):
+        assert out["ok"], f"rank {r}: {out.get('error')} (see {logs / f'worker{r}.log'})"
+        assert out["placement_changed"] and placement_hash(torch.tensor(out["placement"])) \
+            == leader_hash, r
+        assert out["maps"] == {"physical_to_logical_map": True, "logical_to_physical_map": True,
+                               "logical_replica_count": True}, (r, out["maps"])
+        assert out["maps_in_place"], r
+        assert out["l2p_shape"] == [LAYERS, EXPERTS, PHYSICAL - EXPERTS + 1]  # vLLM's padding
+        assert out["weights_equal"], r
+        assert out["expert_load_pass_zeroed"], r
+        assert out["reports"] > 0 and out["count_mismatches"] == [], (r, out["count_mismatches"])
+        # The export is what eplbctl plan reads, and holds every counted pass.
+        export = base / f"load{r}.pt"
+        assert read_load(export).to(torch.int64).tolist() == out["expected_total"], r
+        assert read_placement(export).tolist() == out["placement"], r
+    assert any(out["weights_moved"] for out in results)
+
+    merged = merge_load_files([base / f"load{r}.pt" for r in range(WORLD)], base / "load.pt")
+    summary = plan_offline(merged, PHYSICAL, WORLD, PlannerSpec(), current_path=merged)
+    assert summary["layers"] == LAYERS and summary["experts"] == EXPERTS
