@@ -53,6 +53,8 @@ ENV_ENABLE = "EPLB_SIDECAR"
 ENV_EXPORT_LOAD = "EPLB_EXPORT_LOAD"
 #: Optional: longest wait at a promised switch step, seconds (WorkerHook ``hold_timeout_s``).
 ENV_HOLD_TIMEOUT = "EPLB_HOLD_TIMEOUT_S"
+#: Optional: steps between count reports to the sidecar (WorkerHook ``flush_every``).
+ENV_FLUSH_EVERY = "EPLB_FLUSH_EVERY"
 
 
 class VllmAdapterError(RuntimeError):
@@ -140,7 +142,7 @@ class VllmAdapter:
         expert_weights: ``model.expert_weights``: per MoE layer a list of tensors
             ``[P / G, ...]``, updated in place.
         rank: this rank's rank in ``group`` (the EP rank); ep_size: ``G``.
-        group: the EP process group the copies use (vLLM's ``get_ep_group().device_group``),
+        group: the EP process group the copies use (vLLM's ``get_eplb_group().device_group``),
             or None for the default group.
         ranks_per_node: EP ranks per node (rank ``r`` is on node ``r // ranks_per_node``).
         run_dir: the sidecar's run directory (default ``$EPLB_RUN_DIR`` or the sidecar default).
@@ -342,25 +344,38 @@ def register() -> None:
 
 
 def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
-    """Attach a :class:`VllmAdapter` to vLLM's ``eplb_state`` for ``model_state``, with vLLM's
-    EP group; keep vLLM's router recording on every step. Returns the adapter (also kept on
-    ``eplb_state``)."""
-    from vllm.distributed.parallel_state import get_ep_group, get_node_count
+    """Attach a :class:`VllmAdapter` to vLLM's ``eplb_state`` for ``model_state``; keep vLLM's
+    router recording on every step. Returns the adapter (also kept on ``eplb_state``).
+
+    The copies run on vLLM's EPLB process group (same ranks as the EP group, created by vLLM
+    apart from it so that weight transfers do not queue behind the forward's collectives); the
+    sidecar's run directory is ``$EPLB_RUN_DIR`` (or its default).
+
+    Raises:
+        VllmAdapterError: elastic EP is on, or an ``EPLB_*`` setting is not a number.
+    """
+    from vllm.distributed.parallel_state import get_eplb_group, get_node_count
 
     parallel_config = eplb_state.parallel_config
     if getattr(parallel_config, "enable_elastic_ep", False):
         raise VllmAdapterError("EPLB_SIDECAR=1 does not support elastic EP "
                                "(--enable-elastic-ep); turn one of them off")
-    ep = get_ep_group()
-    ep_size, rank = ep.world_size, ep.rank_in_group
+    group = get_eplb_group()
+    ep_size, rank = group.world_size, group.rank_in_group
     nodes = max(1, get_node_count())
     ranks_per_node = ep_size // nodes if ep_size % nodes == 0 else ep_size
     hook_options: dict[str, Any] = {}
-    if os.environ.get(ENV_HOLD_TIMEOUT):
-        hook_options["hold_timeout_s"] = float(os.environ[ENV_HOLD_TIMEOUT])
+    for env, option, kind in ((ENV_HOLD_TIMEOUT, "hold_timeout_s", float),
+                              (ENV_FLUSH_EVERY, "flush_every", int)):
+        if os.environ.get(env):
+            try:
+                hook_options[option] = kind(os.environ[env])
+            except ValueError:
+                raise VllmAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
+                                       "fix or unset it") from None
     adapter = VllmAdapter(model_state, model_state.model.expert_weights, rank=rank,
-                          ep_size=ep_size, group=ep.device_group, ranks_per_node=ranks_per_node,
-                          hook_options=hook_options)
+                          ep_size=ep_size, group=group.device_group,
+                          ranks_per_node=ranks_per_node, hook_options=hook_options)
     if eplb_state.should_record_tensor is not None:
         eplb_state.should_record_tensor.fill_(True)  # vLLM's kernel records every step
         eplb_state._should_record_value = True

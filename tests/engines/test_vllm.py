@@ -56,8 +56,7 @@ def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
         dist_init = f"tcp://127.0.0.1:{free_port()}"
         for rank in range(WORLD):
             cluster.start_worker(
-                ["--rank", str(rank), "--world-size", str(WORLD), "--ranks-per-node",
-                 str(PER_NODE), "--run-dir", str(cluster.run_dir(rank // PER_NODE)),
+                ["--rank", str(rank), "--world-size", str(WORLD), "--run-dir", str(cluster.run_dir(rank // PER_NODE)),
                  "--dist-init", dist_init, "--stop-file", str(stop),
                  "--result", str(base / f"result{rank}.json"),
                  "--export", str(base / f"load{rank}.pt")],
@@ -80,10 +79,10 @@ def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
             == leader_hash, r
         assert out["maps"] == {"physical_to_logical_map": True, "logical_to_physical_map": True,
                                "logical_replica_count": True}, (r, out["maps"])
-        assert out["maps_in_place"], r
+        assert out["maps_in_place"] and out["layer_views_follow"], r
         assert out["l2p_shape"] == [LAYERS, EXPERTS, PHYSICAL - EXPERTS + 1]  # vLLM's padding
         assert out["weights_equal"], r
-        assert out["expert_load_pass_zeroed"], r
+        assert out["expert_load_pass_zeroed"] and out["should_record"], r
         assert out["reports"] > 0 and out["count_mismatches"] == [], (r, out["count_mismatches"])
         # The export is what eplbctl plan reads, and holds every counted pass.
         export = base / f"load{r}.pt"
@@ -94,3 +93,27 @@ def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
     merged = merge_load_files([base / f"load{r}.pt" for r in range(WORLD)], base / "load.pt")
     summary = plan_offline(merged, PHYSICAL, WORLD, PlannerSpec(), current_path=merged)
     assert summary["layers"] == LAYERS and summary["experts"] == EXPERTS
+
+
+def test_plugin_is_declared_and_off_without_env(tmp_path: Path) -> None:
+    """pyproject declares the vllm.general_plugins entry point; without EPLB_SIDECAR=1 the
+    entry point leaves vLLM's EplbState as it is (run apart: the stubs stay out of pytest)."""
+    import subprocess
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    plugins = meta["project"]["entry-points"]["vllm.general_plugins"]
+    assert plugins == {"eplb_sidecar": "eplb.engines.vllm:register"}
+    check = ("import vllm_stubs; vllm_stubs.install()\n"
+             "from eplb.engines.vllm import register\n"
+             "from vllm.distributed.eplb.eplb_state import EplbState\n"
+             "step, add_model = EplbState.step, EplbState.add_model\n"
+             "register()\n"
+             "assert (EplbState.step, EplbState.add_model) == (step, add_model)\n"
+             "import os; os.environ['EPLB_SIDECAR'] = '1'; register(); register()\n"
+             "assert EplbState.step is not step and EplbState._eplb_sidecar_patched\n")
+    env = {k: v for k, v in os.environ.items() if k != "EPLB_SIDECAR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(WORKER.parent)])
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
