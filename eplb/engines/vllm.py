@@ -33,16 +33,14 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from eplb.engines.base import MapSwitchingCopy
 from eplb.worker_hook import WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
-
-if TYPE_CHECKING:
-    import torch.distributed as dist
 
 log = logging.getLogger("eplb.engines.vllm")
 
@@ -155,7 +153,7 @@ class VllmAdapter:
     """
 
     def __init__(self, model_state: Any, expert_weights: Sequence[Sequence[torch.Tensor]], *,
-                 rank: int, ep_size: int, group: "dist.ProcessGroup | None" = None,
+                 rank: int, ep_size: int, group: dist.ProcessGroup | None = None,
                  ranks_per_node: int, run_dir: str | Path | None = None,
                  hook_options: dict[str, Any] | None = None,
                  copy_options: dict[str, Any] | None = None) -> None:
@@ -373,6 +371,11 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
             except ValueError:
                 raise VllmAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
                                        "fix or unset it") from None
+    device = model_state.physical_to_logical_map.device
+    # Every EP rank adds the model at the same point, so one collective here is safe. It makes
+    # the group's NCCL communicator exist before the first copy (whose P2P batches involve only
+    # some ranks, which must not be the first use of a communicator).
+    dist.all_reduce(torch.zeros(1, device=device), group=group.device_group)
     adapter = VllmAdapter(model_state, model_state.model.expert_weights, rank=rank,
                           ep_size=ep_size, group=group.device_group,
                           ranks_per_node=ranks_per_node, hook_options=hook_options)
