@@ -21,7 +21,7 @@ vLLM's own rebalancer never runs while the adapter is attached: :func:`register`
 See ``docs/engines/vllm.md``.
 
 vLLM is imported lazily: importing this module (as vLLM's plugin loader does in every process)
-costs nothing when the plugin is off.
+imports no vLLM module, and :func:`register` returns at once while the plugin is off.
 """
 
 from __future__ import annotations
@@ -289,6 +289,7 @@ def merge_load_files(paths: Sequence[str | Path], output: str | Path) -> Path:
 # --- the vLLM plugin ----------------------------------------------------------------------------
 
 _ADAPTER_ATTR = "_eplb_sidecar_adapter"
+_live_adapter: VllmAdapter | None = None  # one per process: one hook per EP rank
 
 
 def enabled() -> bool:
@@ -320,7 +321,7 @@ def register() -> None:
     def add_model(self: Any, model: Any, model_config: Any, model_name: str | None = None) -> None:
         original_add_model(self, model, model_config, model_name)
         if getattr(self, _ADAPTER_ATTR, None) is None:
-            attach(self, next(reversed(self.model_states.values())))
+            attach(self, next(s for s in self.model_states.values() if s.model is model))
         else:
             log.warning("EPLB_SIDECAR: the sidecar rebalances the first MoE model only; "
                         "%s keeps its initial expert placement", model_name or "a second model")
@@ -371,6 +372,11 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
             except ValueError:
                 raise VllmAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
                                        "fix or unset it") from None
+    global _live_adapter
+    if _live_adapter is not None:  # vLLM built a new EplbState (a model reload): leave first
+        log.warning("rank %d: a new EPLB state replaces the one the sidecar drove; its hook leaves and a new one joins",
+                    _live_adapter.rank)
+        _live_adapter.close()
     device = model_state.physical_to_logical_map.device
     # Every EP rank adds the model at the same point, so one collective here is safe. It makes
     # the group's NCCL communicator exist before the first copy (whose P2P batches involve only
@@ -383,6 +389,7 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
         eplb_state.should_record_tensor.fill_(True)  # vLLM's kernel records every step
         eplb_state._should_record_value = True
     setattr(eplb_state, _ADAPTER_ATTR, adapter)
+    _live_adapter = adapter
     export = os.environ.get(ENV_EXPORT_LOAD)
     if export:
         atexit.register(_export_at_exit, adapter, export.replace("{rank}", str(rank)))
