@@ -374,8 +374,8 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
                                        "fix or unset it") from None
     global _live_adapter
     if _live_adapter is not None:  # vLLM built a new EplbState (a model reload): leave first
-        log.warning("rank %d: a new EPLB state replaces the one the sidecar drove; its hook leaves and a new one joins",
-                    _live_adapter.rank)
+        log.warning("rank %d: a new EPLB state replaces the one the sidecar drove; its hook "
+                    "leaves and a new one joins", _live_adapter.rank)
         _live_adapter.close()
     device = model_state.physical_to_logical_map.device
     # Every EP rank adds the model at the same point, so one collective here is safe. It makes
