@@ -41,8 +41,8 @@ def _force_one_commit(cluster: LocalCluster) -> dict:
     raise AssertionError(f"no rebalance committed: {status['history']}")
 
 
-def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The workers import this checkout's eplb (and find vllm_stubs next to their script).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -56,7 +56,8 @@ def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(tmp_path: Path,
         dist_init = f"tcp://127.0.0.1:{free_port()}"
         for rank in range(WORLD):
             cluster.start_worker(
-                ["--rank", str(rank), "--world-size", str(WORLD), "--run-dir", str(cluster.run_dir(rank // PER_NODE)),
+                ["--rank", str(rank), "--world-size", str(WORLD),
+                 "--run-dir", str(cluster.run_dir(rank // PER_NODE)),
                  "--dist-init", dist_init, "--stop-file", str(stop),
                  "--result", str(base / f"result{rank}.json"),
                  "--export", str(base / f"load{rank}.pt")],
