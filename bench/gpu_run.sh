@@ -3,6 +3,8 @@
 #   run(command="bash bench/gpu_run.sh hook copy decode", carry=[".whl"])
 # Steps (any subset, in the order given; the whole set does not fit one 10-minute call):
 #   hook       bench/hook_overhead.py on CUDA (under sync_debug_mode "error") and on the host CPU
+#   graph      bench/graph_counting.py: counting inside a replayed CUDA graph (exact across an eager
+#              prefill-sized call; in-place map switch seen by replays; GPU cost per step, 58 layers)
 #   agreement  bench/agreement.py, 2x2 .. 16x8 sidecars x workers, then 16x8 with a process per worker (~14 min)
 #   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling (ring, and all-pairs on > 2 GPUs), every visible GPU
 #   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
@@ -27,6 +29,8 @@ for step in "$@"; do
         hook)
             python3 bench/hook_overhead.py --device cuda --check-sync | tee "$OUT/hook_overhead_cuda.txt"
             python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt" ;;
+        graph)
+            python3 bench/graph_counting.py 2>&1 | tee "$OUT/graph_counting.txt" ;;
         agreement)
             timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
             # One process per worker, as engines run (one rank per process): 128 + 16 processes.
@@ -38,6 +42,6 @@ for step in "$@"; do
             timeout 400 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.txt" ;;
         decode-stable)
             timeout 400 python3 bench/decode_gpu.py --policy stable --out "$OUT/decode_gpu_stable.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu_stable.txt" ;;
-        *) echo "unknown step $step (hook, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
+        *) echo "unknown step $step (hook, graph, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
     esac
 done

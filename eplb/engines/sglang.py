@@ -48,10 +48,36 @@ log = logging.getLogger("eplb.engines.sglang")
 MetadataBuilder = Callable[[torch.Tensor], Any]
 Counting = Literal["select_experts", "stat"]
 
-#: Environment variables read by :func:`plugin` and :func:`install`.
-ENV_ENABLE = "EPLB_SGLANG"
+#: Set to ``1`` to let the plugin attach to SGLang (installing eplb alone changes nothing); the
+#: same switch as the vLLM adapter's.
+ENV_ENABLE = "EPLB_SIDECAR"
+#: Optional: ``select_experts`` (default) or ``stat`` (see :class:`CountingRecorder`).
 ENV_COUNTING = "EPLB_SGLANG_COUNTING"
-ENV_JOIN_TIMEOUT = "EPLB_SGLANG_JOIN_TIMEOUT_S"
+#: Optional: longest wait at start for the sidecar to accept the rank, seconds (default 120).
+ENV_JOIN_TIMEOUT = "EPLB_JOIN_TIMEOUT_S"
+#: Optional: longest wait at a promised switch step, seconds (WorkerHook ``hold_timeout_s``).
+ENV_HOLD_TIMEOUT = "EPLB_HOLD_TIMEOUT_S"
+#: Optional: steps between count reports to the sidecar (WorkerHook ``flush_every``).
+ENV_FLUSH_EVERY = "EPLB_FLUSH_EVERY"
+
+
+def _options_from_env() -> tuple[dict[str, Any], float]:
+    """WorkerHook options and the join timeout from ``EPLB_*`` variables."""
+    hook_options: dict[str, Any] = {}
+    for env, option, kind in ((ENV_HOLD_TIMEOUT, "hold_timeout_s", float),
+                              (ENV_FLUSH_EVERY, "flush_every", int)):
+        if os.environ.get(env):
+            try:
+                hook_options[option] = kind(os.environ[env])
+            except ValueError:
+                raise SGLangAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
+                                         "fix or unset it") from None
+    try:
+        join_timeout = float(os.environ.get(ENV_JOIN_TIMEOUT) or 120.0)
+    except ValueError:
+        raise SGLangAdapterError(f"{ENV_JOIN_TIMEOUT}={os.environ[ENV_JOIN_TIMEOUT]!r} is not a "
+                                 "number; fix or unset it") from None
+    return hook_options, join_timeout
 
 
 class SGLangAdapterError(RuntimeError):
@@ -343,7 +369,9 @@ def install(model_runner: Any, *, counting: Counting | None = None,
     """Join the eplb sidecar from an initialized SGLang ``ModelRunner`` (after its model is
     loaded, before its CUDA graphs are captured). Returns None for a draft (speculative) model
     runner. Waits until the sidecar accepted the rank (``join_timeout_s``, default
-    ``$EPLB_SGLANG_JOIN_TIMEOUT_S`` or 120 s).
+    ``$EPLB_JOIN_TIMEOUT_S`` or 120 s). ``$EPLB_HOLD_TIMEOUT_S`` and ``$EPLB_FLUSH_EVERY`` set
+    the hook's ``hold_timeout_s`` and ``flush_every``; the sidecar's run directory is
+    ``run_dir`` or ``$EPLB_RUN_DIR`` (or its default).
 
     Raises:
         SGLangAdapterError: SGLang's flags do not allow it (the message says which to set).
@@ -367,6 +395,7 @@ def install(model_runner: Any, *, counting: Counting | None = None,
     if not weights:
         raise SGLangAdapterError(f"rank {rank}: the model has no routed_experts_weights_of_layer; "
                                  "SGLang's EPLB does not support it either")
+    hook_options, env_join_timeout = _options_from_env()
     counting = counting or os.environ.get(ENV_COUNTING) or "select_experts"
     if counting == "stat" and get_exec().moe.expert_distribution_recorder_mode != "stat":
         raise SGLangAdapterError(f"rank {rank}: {ENV_COUNTING}=stat needs "
@@ -376,12 +405,15 @@ def install(model_runner: Any, *, counting: Counting | None = None,
         metadata, weights, rank, ep_size,
         metadata_builder(model_runner.model_config, rank),
         ranks_per_node=max(1, ep_size // max(1, parallel.nnodes)),
-        ep_group=parallel.moe_ep_group.device_group, counting=counting, run_dir=run_dir)
+        ep_group=parallel.moe_ep_group.device_group, counting=counting, run_dir=run_dir,
+        hook_options=hook_options)
     set_global_expert_distribution_recorder(
         adapter.wrap_recorder(get_global_expert_distribution_recorder()))
-    timeout = join_timeout_s if join_timeout_s is not None else float(
-        os.environ.get(ENV_JOIN_TIMEOUT, "120"))
-    adapter.hook.wait_joined(timeout)
+    try:
+        adapter.hook.wait_joined(env_join_timeout if join_timeout_s is None else join_timeout_s)
+    except HookError:
+        adapter.close()
+        raise
     model_runner._eplb_adapter = adapter
     return adapter
 
@@ -422,7 +454,7 @@ HOOK_TARGETS = {
 
 def plugin() -> None:
     """SGLang general plugin (entry point group ``sglang.srt.plugins``, name ``eplb``): when
-    ``$EPLB_SGLANG`` is ``1``, registers :data:`HOOK_TARGETS` with SGLang's ``HookRegistry``;
+    ``$EPLB_SIDECAR`` is ``1``, registers :data:`HOOK_TARGETS` with SGLang's ``HookRegistry``;
     otherwise does nothing."""
     if os.environ.get(ENV_ENABLE, "").lower() not in ("1", "true", "yes", "on"):
         log.debug("eplb SGLang plugin loaded but off (set %s=1 to turn it on)", ENV_ENABLE)

@@ -75,7 +75,7 @@ class CopyFailed(HookError):
 class _CountsSnapshot:
     from_step: int
     to_step: int
-    buffer: torch.Tensor  # [L, ids + 1] int64 on the host (pinned when the device is CUDA)
+    buffer: torch.Tensor  # [L, ids + 2] int64 on the host (pinned when the device is CUDA)
     ready: object | None  # torch.cuda.Event, or None when the copy was synchronous
     placement: torch.Tensor  # [L, P] the placement served while these were counted
 
@@ -167,21 +167,21 @@ class WorkerHook:
         self.max_on_step_seconds = 0.0
         self.frames_rejected = 0
 
-        # Counters: cumulative int64 on the device, one column per id (E logical or P physical
-        # ids) plus a last column that takes the ids not to count (-1 padding, out of range,
-        # rows past num_valid). Allocated here once and never replaced: CUDA graphs captured
-        # with record() inside hold their pointers. Snapshots go to the host without a sync.
+        # Counters: cumulative int64 on the device, ``[L, n + 2]`` for ``n`` ids (E logical or
+        # P physical): column 0 takes ids < 0 (padding) and rows past num_valid, columns 1..n
+        # the ids 0..n-1, column n + 1 ids >= n. Allocated here once, like the tensors record()
+        # reads, and never replaced: CUDA graphs captured with record() inside hold their
+        # pointers. Snapshots go to the host without a sync.
         self.count_ids = count_ids
-        self._id_count = num_physical if count_ids == "physical" else num_experts
-        width = self._id_count + 1
-        self._counts = torch.zeros(num_layers, width, dtype=torch.int64, device=self.device)
-        self._count_rows = list(self._counts.unbind(0))  # [width] views, one per layer
+        self._id_count = n = num_physical if count_ids == "physical" else num_experts
+        self._counts = torch.zeros(num_layers, n + 2, dtype=torch.int64, device=self.device)
+        self._count_rows = list(self._counts.unbind(0))  # [n + 2] views, one per layer
         self._one = torch.ones(1, dtype=torch.int64, device=self.device)  # expanded, never copied
         self._pin = self.device.type == "cuda"
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         for _ in range(_SNAPSHOT_BUFFERS):
             self._free.put(self._new_snapshot_buffer())
-        self._last_snapshot = torch.zeros(num_layers, width, dtype=torch.int64)
+        self._last_snapshot = torch.zeros(num_layers, n + 2, dtype=torch.int64)
         # Physical counts: the placement they were counted under ([L, P] on the host; replaced,
         # never changed, when layers switch, so a snapshot may keep a reference).
         self._counted_under = self._agreement.phys2log.clone()
@@ -212,20 +212,25 @@ class WorkerHook:
             num_valid: optional 0-d integer tensor on the same device: only rows ``t <
                 num_valid`` count (graph padding rows past it do not).
         """
-        skip = self._id_count
-        # clamp + remainder send every id < 0 or >= skip to column ``skip`` (not counted).
-        slots = topk_ids.clamp(-1, skip).remainder_(skip + 1)
+        # Two small kernels; a single searchsorted was slower on an H100, and one index_add_ of
+        # raw ids cannot skip -1 (bench/record_kernels.py).
+        columns = topk_ids.clamp(-1, self._id_count).add_(1)
         if num_valid is not None:
             rows = torch.arange(topk_ids.shape[0], device=topk_ids.device)
-            valid = (rows < num_valid).view(-1, *([1] * (topk_ids.dim() - 1)))
-            slots = slots.masked_fill_(~valid, skip)
-        slots = slots.reshape(-1)
-        self._count_rows[layer].index_add_(0, slots, self._one.expand(slots.numel()))
+            padding = (rows >= num_valid).view(-1, *([1] * (topk_ids.dim() - 1)))
+            columns.masked_fill_(padding, 0)
+        columns = columns.reshape(-1)
+        self._count_rows[layer].index_add_(0, columns, self._one.expand(columns.numel()))
+
+    def counters(self) -> torch.Tensor:
+        """``[L, n]`` the counts so far per id (E logical or P physical, as ``count_ids``), on
+        the device: a view of the live counters (read it after the device has caught up)."""
+        return self._counts[:, 1:self._id_count + 1]
 
     def add_counts(self, counts: torch.Tensor) -> None:
         """Add an engine's own per-step counts: ``[L, E]`` (logical) or ``[L, P]`` (physical,
         as the hook's ``count_ids``) integer, on the engine's device."""
-        self._counts[:, :self._id_count].add_(counts)
+        self.counters().add_(counts)
 
     def on_step(self, step: int) -> None:
         """Call at the start of decode step ``step`` (steps only go up). Usually returns at once;
@@ -353,7 +358,7 @@ class WorkerHook:
                         type(exc).__name__, exc)
 
     def _new_snapshot_buffer(self) -> torch.Tensor:
-        return torch.zeros(self.num_layers, self._id_count + 1, dtype=torch.int64,
+        return torch.zeros(self.num_layers, self._id_count + 2, dtype=torch.int64,
                            pin_memory=self._pin)
 
     def _snapshot_counts(self, step: int, force: bool = False) -> None:
@@ -532,7 +537,7 @@ class WorkerHook:
             if isinstance(item, _CountsSnapshot):
                 if item.ready is not None:
                     item.ready.synchronize()  # this thread waits for the copy, not the engine
-                delta = (item.buffer - self._last_snapshot)[:, :self._id_count]
+                delta = (item.buffer - self._last_snapshot)[:, 1:self._id_count + 1]
                 self._last_snapshot.copy_(item.buffer)
                 if self._free.qsize() < _SNAPSHOT_BUFFERS:
                     self._free.put(item.buffer)

@@ -188,10 +188,10 @@ def test_counting_recorder_maps_engine_layers_to_moe_layers_and_keeps_sglangs_co
 def test_plugin_is_off_unless_asked_and_registers_sglangs_hooks(monkeypatch) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
-    monkeypatch.delenv("EPLB_SGLANG", raising=False)
+    monkeypatch.delenv("EPLB_SIDECAR", raising=False)
     plugin()
     assert not HookRegistry._hooks
-    monkeypatch.setenv("EPLB_SGLANG", "1")
+    monkeypatch.setenv("EPLB_SIDECAR", "1")
     plugin()
     registered = {target: [(kind, fn) for kind, fn, _ in hooks]
                   for target, hooks in HookRegistry._hooks.items()}
@@ -221,7 +221,7 @@ def test_sglangs_plugin_loader_finds_the_entry_point_declared_in_pyproject(
     monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
     monkeypatch.setattr(HookRegistry, "apply_hooks", classmethod(lambda cls: None))
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    monkeypatch.setenv("EPLB_SGLANG", "1")
+    monkeypatch.setenv("EPLB_SIDECAR", "1")
     plugins.load_plugins()
     assert set(HookRegistry._hooks) == set(HOOK_TARGETS)
 
