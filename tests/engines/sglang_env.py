@@ -11,7 +11,7 @@ have nothing to do with EPLB, are replaced before the first import:
   running them, their submodules load from the real files;
 - third-party modules imported at the top of ``sglang.srt.utils.common`` for GPU kernels, images
   and HTTP: ``triton``, ``PIL``, ``starlette``, ``requests`` (do-nothing stand-ins, only where
-  they are not installed);
+  they are not installed, and only while SGLang's modules are imported: taken away afterwards);
 - ``sglang.srt.model_executor.forward_batch_info`` (the batch class of the model executor; the
   recorder only names ``ForwardBatch``/``ForwardMode``), ``sglang.srt.observability
   .metrics_collector`` (Prometheus collectors) and ``sglang.srt.model_loader`` (the model
@@ -97,7 +97,7 @@ def _install_stubs() -> None:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("sglang is not installed (see requirements-sglang.txt)")
     root = Path(list(spec.submodule_search_locations)[0])
-    sys.meta_path.append(_EmptyModules())  # last: an installed module of that name wins
+    sys.meta_path.append(_THIRD_PARTY_FINDER)  # last: an installed module of that name wins
     _package_without_init("sglang", root)
     _package_without_init("sglang.srt.configs", root / "srt" / "configs")
 
@@ -136,7 +136,19 @@ def _install_stubs() -> None:
         torch.cpu.is_current_stream_capturing = lambda: False
 
 
+_THIRD_PARTY_FINDER = _EmptyModules()
 _installed = False
+
+
+def _drop_third_party_stand_ins() -> None:
+    """Once SGLang's modules hold what they imported, take the stand-ins away again, so that
+    other code in this process sees those packages as missing, as they are."""
+    if _THIRD_PARTY_FINDER in sys.meta_path:
+        sys.meta_path.remove(_THIRD_PARTY_FINDER)
+    for name in list(sys.modules):
+        module = sys.modules[name]
+        if name.split(".")[0] in _THIRD_PARTY_STUBS and isinstance(module, mock.MagicMock):
+            del sys.modules[name]
 
 
 def import_sglang(cpu_engine: bool = True) -> None:
@@ -152,6 +164,9 @@ def import_sglang(cpu_engine: bool = True) -> None:
     import sglang.srt.eplb.expert_location  # noqa: F401
     import sglang.srt.eplb.expert_location_dispatch  # noqa: F401
     import sglang.srt.eplb.expert_location_updater  # noqa: F401
+    import sglang.srt.plugins.hook_registry  # noqa: F401
+    import sglang.srt.server_args  # noqa: F401
+    _drop_third_party_stand_ins()
 
 
 def publish_runtime(ep_rank: int, ep_size: int, nnodes: int, num_redundant: int,
