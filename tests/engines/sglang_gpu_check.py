@@ -86,12 +86,12 @@ def main() -> int:
             forward()
         replay, sync = graph.replay, torch.cuda.synchronize
     sync()
-    hook._counts.zero_()
+    hook.counters().zero_()
 
     replay()
     sync()
     before = {layer: routed[layer].cpu().clone() for layer in moe}
-    counts_before = hook._counts[:, :12].cpu().clone()
+    counts_before = hook.counters().cpu().clone()
 
     new = p2l0.clone()
     new[:, 8:] = torch.tensor([4, 5, 6, 7])  # the 4 redundant slots now replicate experts 4..7
@@ -109,7 +109,7 @@ def main() -> int:
     replay()  # the graph captured before the switch, replayed after it
     sync()
     after = {layer: routed[layer].cpu().clone() for layer in moe}
-    counts_after = hook._counts[:, :12].cpu() - counts_before
+    counts_after = hook.counters().cpu() - counts_before
 
     full = live.physical_to_logical_map_cpu.clone()
     expected = ExpertLocationMetadata.init_by_mapping(config, full, moe_ep_rank=0)
