@@ -180,6 +180,9 @@ class SGLangMaps:
                  self.rank, epoch)
         return tensors
 
+    def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
+
     def apply(self, epoch: int, layers: list[int]) -> None:
         """Copy the prepared rows of MoE ``layers`` into every per-layer field of the live
         metadata, in place (``live[engine_layer].copy_(prepared[engine_layer])``)."""
@@ -334,6 +337,7 @@ class SGLangAdapter:
 
     def close(self) -> None:
         self.hook.close()
+        self.maps.close()
 
 
 # --- SGLang's ModelRunner: install, per-step call, plugin entry point ---------------------------
