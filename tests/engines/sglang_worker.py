@@ -148,7 +148,9 @@ def run(args, rank: int, world: int, rpn: int) -> dict:
     hook.wait_joined(30.0)
     dist.barrier()
 
-    truth = torch.zeros(len(moe_layers), ModelShape.num_logical_experts, dtype=torch.int64)
+    # [count steps, L, E]: the logical ids routed in each counted pass (valid rows only)
+    truth = torch.zeros(args.count_steps, len(moe_layers), ModelShape.num_logical_experts,
+                        dtype=torch.int64)
     deadline = time.monotonic() + args.max_seconds
     step, count_from = 0, None
 
@@ -166,7 +168,7 @@ def run(args, rank: int, world: int, rpn: int) -> dict:
                     physical = topk_ids_logical_to_physical(logical.clone(), infos[layer])
                     physical[-PADDED_ROWS:] = -1  # SGLang marks padded rows -1
                     if count_from is not None:
-                        truth[layer - ModelShape.first_dense].scatter_add_(
+                        truth[step - count_from, layer - ModelShape.first_dense].scatter_add_(
                             0, logical[:-PADDED_ROWS].reshape(-1),
                             torch.ones(logical[:-PADDED_ROWS].numel(), dtype=torch.int64))
                     rec.on_select_experts(topk_ids=physical)
@@ -189,24 +191,39 @@ def run(args, rank: int, world: int, rpn: int) -> dict:
         time.sleep(0.002 if count_from is None else 0.02)  # counting: let the sender keep up
 
     count_to = step
-    sglang_dump = recorder.dump_record(output_mode="object")  # all-reduces over the ranks
-    sglang_logical = sglang_dump["logical_count"].sum(0)[moe_layers].to(torch.int64)  # [L, E]
+    # [count steps, L, E], summed over the ranks: SGLang's logical count of each pass
+    sglang_steps = recorder.dump_record(output_mode="object")["logical_count"]
+    sglang_steps = sglang_steps[:, moe_layers].to(torch.int64)
     wait_until = time.monotonic() + 10
     while time.monotonic() < wait_until:
         with sent_lock:
             if any(m.to_step >= count_to for m in sent):
                 break
         time.sleep(0.02)
+    # The hook reports counts over step ranges [from, to) (one a step here, several together
+    # when its sender fell behind). Compare over the steps between the first and last range
+    # boundaries that every rank has inside the counted steps.
     with sent_lock:
-        window = sorted((m for m in sent if m.from_step >= count_from and m.to_step <= count_to),
-                        key=lambda m: m.from_step)
-    tiles = [(m.from_step, m.to_step) for m in window]
-    hook_logical = torch.zeros_like(truth)
-    for m in window:
-        hook_logical += m.counts
-    global_hook, global_truth = hook_logical.clone(), truth.clone()
+        inside = sorted(((m.from_step, m.to_step, m.counts) for m in sent
+                         if m.from_step >= count_from and m.to_step <= count_to),
+                        key=lambda t: t[0])
+    boundary = torch.zeros(count_to - count_from + 1, dtype=torch.int64)
+    for start, end, _ in inside:
+        boundary[start - count_from] = boundary[end - count_from] = 1
+    dist.all_reduce(boundary, op=dist.ReduceOp.MIN)
+    common = [count_from + i for i in boundary.nonzero().flatten().tolist()]
+    first, last = (common[0], common[-1]) if common else (count_from, count_from)
+    tiles = [(start, end) for start, end, _ in inside if first <= start and end <= last]
+    hook_logical = torch.zeros(len(moe_layers), ModelShape.num_logical_experts,
+                               dtype=torch.int64)
+    for start, end, counts in inside:
+        if first <= start and end <= last:
+            hook_logical += counts
+    global_hook = hook_logical.clone()
     dist.all_reduce(global_hook)
+    global_truth = truth[first - count_from:last - count_from].sum(0)
     dist.all_reduce(global_truth)
+    sglang_logical = sglang_steps[first - count_from:last - count_from].sum(0)
 
     # --- the maps: every field equals SGLang's constructor for the new placement ---------------
     new_moe = hook.phys2log.clone()  # [L, P]
@@ -273,7 +290,8 @@ def run(args, rank: int, world: int, rpn: int) -> dict:
         "field_mismatches": field_mismatches, "rebound_fields": rebound,
         "weights_vs_sglang": weights_vs_sglang, "weights_vs_truth": weights_vs_truth,
         "dispatch_errors": dispatch_errors[:20],
-        "count_window": [count_from, count_to], "count_tiles": tiles,
+        "count_window": [first, last], "counted_steps": [count_from, count_to],
+        "count_tiles": tiles,
         "hook_logical": global_hook.tolist(), "sglang_logical": sglang_logical.tolist(),
         "truth_logical": global_truth.tolist(),
         "max_on_step_ms": hook.max_on_step_seconds * 1e3,
