@@ -344,8 +344,15 @@ class SGLangAdapter:
 
 
 def _check_server_flags(rank: int) -> None:
-    from sglang.srt.runtime_context import get_exec
+    from sglang.srt.runtime_context import get_exec, get_parallel
 
+    parallel = get_parallel()
+    if parallel.moe_tp_size != 1 or parallel.moe_dp_size != 1:
+        raise SGLangAdapterError(
+            f"rank {rank}: the MoE layers are split {parallel.moe_tp_size}-way by tensor "
+            f"parallelism and {parallel.moe_dp_size}-way by MoE data parallelism; the adapter "
+            "needs one EP group with one process per EP rank: use --ep-size equal to --tp-size "
+            "and no --moe-dp-size")
     moe = get_exec().moe
     if moe.ep_dispatch_algorithm not in ("static", "dynamic"):
         raise SGLangAdapterError(
