@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -437,13 +438,12 @@ def before_forward(model_runner: Any) -> None:
     adapter: SGLangAdapter | None = getattr(model_runner, "_eplb_adapter", None)
     if adapter is None:
         return
-    from sglang.srt.eplb.expert_distribution import (get_global_expert_distribution_recorder,
-                                                     set_global_expert_distribution_recorder)
-    current = get_global_expert_distribution_recorder()
+    expert_distribution = sys.modules["sglang.srt.eplb.expert_distribution"]  # imported by install
+    current = expert_distribution.get_global_expert_distribution_recorder()
     if current is not adapter.recorder:
         log.warning("rank %d: SGLang replaced its expert-distribution recorder; counting through "
                     "the new one", adapter.ep_rank)
-        set_global_expert_distribution_recorder(adapter.wrap_recorder(current))
+        expert_distribution.set_global_expert_distribution_recorder(adapter.wrap_recorder(current))
     adapter.on_step(model_runner.forward_pass_id + 1)
 
 
