@@ -402,7 +402,8 @@ def install(model_runner: Any, *, counting: Counting | None = None,
     metadata = get_global_expert_location_metadata()
     if metadata is None:
         raise SGLangAdapterError(f"rank {rank}: SGLang made no expert-location metadata; the "
-                                 "model does not support EPLB (get_model_config_for_expert_location)")
+                                 "model does not support EPLB (it has no "
+                                 "get_model_config_for_expert_location)")
     weights = getattr(model_runner.model, "routed_experts_weights_of_layer", None)
     if not weights:
         raise SGLangAdapterError(f"rank {rank}: the model has no routed_experts_weights_of_layer; "

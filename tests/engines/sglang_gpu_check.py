@@ -126,16 +126,19 @@ def main() -> int:
     if any(t.data_ptr() != pointers[name] for name, t in per_layer_fields(live).items()):
         problems.append("a field was rebound")
     for i, layer in enumerate(moe):
-        for tag, slots, p2l in (("before", before[layer], p2l0[i]), ("after", after[layer], new[i])):
+        for tag, slots, p2l in (("before", before[layer], p2l0[i]),
+                                ("after", after[layer], new[i])):
             if not torch.equal(p2l[slots], logical.cpu()):
-                problems.append(f"{tag}: layer {layer} routed {slots.tolist()} under {p2l.tolist()}")
+                problems.append(f"{tag}: layer {layer} routed {slots.tolist()} "
+                                f"under {p2l.tolist()}")
         for tag, slots, counted in (("before", before[layer], counts_before[i]),
                                     ("after", after[layer], counts_after[i])):
             want_counts = torch.bincount(slots.reshape(-1), minlength=12)
             if not torch.equal(counted, want_counts):
                 problems.append(f"{tag}: layer {layer} counted {counted.tolist()}, "
                                 f"routed {want_counts.tolist()}")
-    out = {"ok": not problems, "problems": problems[:20], "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
+    out = {"ok": not problems, "problems": problems[:20],
+           "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(),
            "torch": torch.__version__, "build_ms": round(build_ms, 2),
            "apply_ms": round(apply_ms, 3), "routed_after_layer3": after[3].tolist(),
            }
