@@ -59,12 +59,20 @@ class LoadInput:
     Attributes:
         load: ``[L, E]`` float64 routed-token counts per logical expert, all layers.
         placement: ``[L, P]`` int64 map the dump was recorded under (per-pass dumps), else None.
-        source: a short description for the summary.
+        passes: forward passes recorded (per-pass dumps), else 0.
+        files: how many files were read.
     """
 
     load: torch.Tensor
     placement: torch.Tensor | None
-    source: str
+    passes: int = 0
+    files: int = 1
+
+    def describe(self) -> str:
+        """What ``--load`` held, in words, for the summary."""
+        if self.placement is None:
+            return "load" if self.files == 1 else f"load, summed over {self.files} files"
+        return f"SGLang per-pass dump: {self.passes} passes in {self.files} file(s)"
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -181,9 +189,8 @@ def _read_one(path: Path) -> LoadInput:
     data = _read_raw(path, LOAD_FORMATS)
     if is_sglang_pass_dump(data):
         load, placement = logical_load_from_pass_dump(path, data)
-        return LoadInput(load, placement, f"SGLang per-pass dump, {len(data['records'])} passes")
-    return LoadInput(_checked_load(path, _tensor(path, data, "logical_count", LOAD_FORMATS)),
-                     None, "load")
+        return LoadInput(load, placement, len(data["records"]))
+    return LoadInput(_checked_load(path, _tensor(path, data, "logical_count", LOAD_FORMATS)), None)
 
 
 def read_load_input(paths: Path | Sequence[Path]) -> LoadInput:
@@ -193,6 +200,8 @@ def read_load_input(paths: Path | Sequence[Path]) -> LoadInput:
         the summed ``[L, E]`` load, and the dumps' placement when they carry one (all the same).
     """
     files = _expand([paths] if isinstance(paths, Path) else list(paths))
+    if not files:
+        raise PlanInputError(f"--load names no file; {LOAD_FORMATS}")
     parts = [_read_one(path) for path in files]
     first = parts[0]
     load = first.load.clone()
@@ -205,8 +214,7 @@ def read_load_input(paths: Path | Sequence[Path]) -> LoadInput:
             raise PlanInputError(f"{path}: recorded under another placement than {files[0]}; "
                                  "plan from dumps of one recording")
         load += part.load
-    source = first.source if len(files) == 1 else f"{len(files)} files: {first.source}"
-    return LoadInput(load, first.placement, source)
+    return LoadInput(load, first.placement, sum(part.passes for part in parts), len(files))
 
 
 def read_load(path: Path) -> torch.Tensor:
@@ -291,15 +299,15 @@ def _check_output(output: Path | None) -> None:
     """Refuse a bad ``--output`` before any work."""
     if output is None:
         return
+    if output.is_dir():
+        raise PlanInputError(f"--output {output}: is a directory; give a file name ending in "
+                             ".pt or .json")
     if output.suffix.lower() not in (".pt", ".json"):
         raise PlanInputError(f"--output {output}: use a .pt or .json file name")
     parent = output.parent
     if not parent.is_dir():
         raise PlanInputError(f"--output {output}: directory {parent} does not exist; create it "
                              f"first (mkdir -p {parent}) or write elsewhere")
-    if output.is_dir():
-        raise PlanInputError(f"--output {output}: is a directory; give a file name ending in "
-                             ".pt or .json")
 
 
 def write_placement(path: Path, phys2log: torch.Tensor) -> None:
@@ -329,11 +337,16 @@ def _current(input_: LoadInput, current_path: Path | None, num_physical: int | N
     return dumped, "the dump's last_physical_to_logical_map"
 
 
-def _balancedness_note(mask: torch.Tensor) -> str:
-    moe = mask.nonzero().flatten().tolist()
+def _balancedness_note(load: torch.Tensor, mask: torch.Tensor) -> str:
+    """How the balancedness figures were averaged, for the summary."""
     dense = (~mask).nonzero().flatten().tolist()
-    note = f"mean over the {len(moe)} MoE layers only"
-    return note + (f"; {len(dense)} dense layers ({format_layers(dense)}) left out" if dense else "")
+    note = f"mean over the {int(mask.sum())} MoE layers only"
+    if dense:
+        note += f"; {len(dense)} dense layers ({format_layers(dense)}) left out"
+    idle = int((mask & (load.sum(dim=1) == 0)).sum())
+    if idle:
+        note += f"; {idle} of the MoE layers routed nothing and count as 1.0"
+    return note
 
 
 def plan_offline(load_path: Path | Sequence[Path], num_physical: int | None, num_gpus: int,
@@ -379,12 +392,12 @@ def plan_offline(load_path: Path | Sequence[Path], num_physical: int | None, num
                 else current.clone())
     phys2log[mask] = moe_plan
     summary: dict[str, Any] = {
-        "policy": spec.policy, "input": input_.source, "layers": layers,
+        "policy": spec.policy, "input": input_.describe(), "layers": layers,
         "moe_layers": format_layers(mask.nonzero().flatten().tolist()),
         "moe_layers_from": "--moe-layers" if moe_layers else "the layers that routed tokens",
         "experts": experts, "num_physical": num_physical, "num_gpus": num_gpus,
         "current": current_from, "plan_ms": round(plan_ms, 3),
-        "balancedness_over": _balancedness_note(mask),
+        "balancedness_over": _balancedness_note(load, mask),
         "balancedness_after": overall_balancedness(moe_load, moe_plan, num_gpus),
     }
     if current is not None:
