@@ -146,7 +146,8 @@ def logical_load_from_pass_dump(path: Path, data: dict) -> tuple[torch.Tensor, t
     """
     fmt = LOAD_FORMATS
     if "last_physical_to_logical_map" not in data:
-        raise PlanInputError(f"{path}: an SGLang dump without 'last_physical_to_logical_map'; {fmt}")
+        raise PlanInputError(f"{path}: an SGLang dump without 'last_physical_to_logical_map'; "
+                             f"{fmt}")
     placement = _tensor(path, data, "last_physical_to_logical_map", fmt)
     if placement.dim() != 2 or placement.is_floating_point() or placement.numel() == 0:
         raise PlanInputError(f"{path}: last_physical_to_logical_map must be an integer [L, P], "
@@ -209,10 +210,12 @@ def read_load_input(paths: Path | Sequence[Path]) -> LoadInput:
         if part.load.shape != load.shape:
             raise PlanInputError(f"{path}: load is {list(part.load.shape)}, {files[0]} has "
                                  f"{list(load.shape)}; every --load file must be of one model")
-        if (part.placement is None) != (first.placement is None) or (
-                part.placement is not None and not torch.equal(part.placement, first.placement)):
+        if (part.placement is None) != (first.placement is None):
+            raise PlanInputError(f"{path} and {files[0]}: one is an SGLang per-pass dump and the "
+                                 "other is not; plan from files of one kind")
+        if part.placement is not None and not torch.equal(part.placement, first.placement):
             raise PlanInputError(f"{path}: recorded under another placement than {files[0]}; "
-                                 "plan from dumps of one recording")
+                                 "plan from the dumps of one recording")
         load += part.load
     return LoadInput(load, first.placement, sum(part.passes for part in parts), len(files))
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_a_current_placement_that_drops_an_expert_is_refused(tmp_path: Path) -> 
     assert result.returncode == 2 and "no slot for logical experts [2]" in result.stderr
 
 
-# ------------------------------------------------------------------ SGLang expert-distribution dumps
+# ----------------------------------------------------------------- SGLang expert-distribution dumps
 #
 # SGLang's ``ExpertDistributionRecorder`` (sglang/srt/eplb/expert_distribution.py), in ``per_pass``
 # mode, keeps one record per forward pass and ``_DetailAccumulator.dump`` saves, with
@@ -122,23 +123,23 @@ def test_a_current_placement_that_drops_an_expert_is_refused(tmp_path: Path) -> 
 # ``expert_distribution_recorder_<time>_<rank>.pt``:
 #   {"records": [{"forward_pass_id", "rank", "gatherer_key", "global_physical_count": [L, P]}, ...],
 #    "last_physical_to_logical_map": [L, P]}
-# ``L`` is every decoder layer (``num_hidden_layers``): dense layers never call ``on_select_experts``,
-# so their rows stay zero. The tests below drive the real recorder in a child interpreter (the
-# imports need stubs, kept out of the pytest process); ``_dump_like_sglang`` writes the same layout
-# by hand for when SGLang cannot be imported.
+# ``L`` is every decoder layer (``num_hidden_layers``): dense layers never call
+# ``on_select_experts``, so their rows stay zero. The tests below drive the real recorder in a
+# child interpreter (the imports need stubs, kept out of the pytest process);
+# ``_dump_like_sglang`` writes the same layout by hand for when SGLang cannot be imported.
 
 DENSE, MOE, E, P, G = 2, 4, 8, 12, 4  # layers 0-1 dense, 2-5 MoE; 8 experts in 12 slots on 4 GPUs
 TOPK = 2
 
 
 def _served_map() -> torch.Tensor:
-    """``[L, P]`` placement being served: a shifted order per layer, replicas of 0-3 at the end."""
+    """``[L, P]`` placement being served: experts in an order shifted per layer, 4 replicas last."""
     rows = [(torch.arange(P) + 3 * layer) % E for layer in range(DENSE + MOE)]
     return torch.stack(rows).to(torch.int64)
 
 
 def _passes(rank: int, num_passes: int = 5, tokens: int = 16) -> list[torch.Tensor]:
-    """Per pass, ``[L, tokens, TOPK]`` logical experts picked (-1 in dense layers), skewed to 0-2."""
+    """Per pass, ``[L, tokens, TOPK]`` logical experts picked (-1 in dense layers), skewed."""
     gen = torch.Generator().manual_seed(100 + rank)
     weights = torch.tensor([8.0, 5.0, 3.0] + [1.0] * (E - 3))
     out = []
@@ -172,7 +173,13 @@ def _true_load(ranks: int) -> torch.Tensor:
 
 
 def _dump_like_sglang(directory: Path, ranks: int) -> None:
-    """Write the files ``_DetailAccumulator.dump`` writes (per_pass mode), without SGLang."""
+    """Write, without SGLang, what ``_DetailAccumulator.dump`` writes in per_pass mode.
+
+    Layout per sglang/srt/eplb/expert_distribution.py (0.5.23): ``_DetailAccumulator.append`` (the
+    record keys), ``_SelectExpertsSinglePassGatherer`` (``global_physical_count``: int32 ``[L, P]``,
+    one count per routed token and top-k slot), ``_DetailAccumulator.dump`` and ``_dump_to_file``
+    (the dict and the file name).
+    """
     phys2log = _served_map()
     for rank in range(ranks):
         records = []
@@ -187,7 +194,7 @@ def _dump_like_sglang(directory: Path, ranks: int) -> None:
                    directory / f"expert_distribution_recorder_{time.time()}_{rank}.pt")
 
 
-def _import_sglang_recorder():
+def _import_sglang_recorder() -> tuple[Any, Any]:
     """SGLang's real ``expert_distribution`` module; only modules unrelated to it are stubbed.
 
     Call in a child interpreter only: it edits ``sys.modules``.
@@ -342,6 +349,9 @@ def test_one_rank_file_alone_and_two_files_by_name(tmp_path: Path) -> None:
     assert json.loads(both.stdout)["balancedness_before"] == json.loads(whole.stdout)[
         "balancedness_before"] != json.loads(one.stdout)["balancedness_before"]
     assert json.loads(both.stdout)["input"] == "SGLang per-pass dump: 10 passes in 2 file(s)"
+    (tmp_path / "plain.json").write_text(json.dumps(_true_load(ranks=1).tolist()))
+    mixed = plan("--load", files[0], str(tmp_path / "plain.json"), "--num-gpus", str(G))
+    assert mixed.returncode == 2 and "one is an SGLang per-pass dump" in mixed.stderr
 
 
 def test_a_stat_dump_with_dense_layers_is_averaged_over_moe_layers_only(tmp_path: Path) -> None:
