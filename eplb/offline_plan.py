@@ -308,6 +308,9 @@ def _check_output(output: Path | None) -> None:
     if output.suffix.lower() not in (".pt", ".json"):
         raise PlanInputError(f"--output {output}: use a .pt or .json file name")
     parent = output.parent
+    if parent.exists() and not parent.is_dir():
+        raise PlanInputError(f"--output {output}: {parent} is a file, not a directory; write "
+                             "elsewhere")
     if not parent.is_dir():
         raise PlanInputError(f"--output {output}: directory {parent} does not exist; create it "
                              f"first (mkdir -p {parent}) or write elsewhere")
