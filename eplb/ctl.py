@@ -58,7 +58,7 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         spec = PlannerSpec(args.policy, args.num_groups, args.num_nodes, args.max_moves)
         summary = plan_offline(args.load, args.num_physical, args.num_gpus, spec,
-                               args.current, args.output, args.bytes_per_expert)
+                               args.current, args.output, args.bytes_per_expert, args.moe_layers)
     except (PlanInputError, ValueError) as exc:
         print(f"eplbctl plan: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +90,43 @@ def _demo(args: argparse.Namespace) -> int:
                                 step_ms=args.step_ms, seed=args.seed, keep=args.keep))
 
 
+PLAN_DESCRIPTION = """\
+Plan a placement from expert load and print a JSON summary.
+
+--load takes:
+  * expert load [L, E] or [steps, L, E] (summed) in .pt, .json or .npy, bare or in a
+    dict under 'logical_count' (SGLang's expert-distribution dump in 'stat' mode);
+  * SGLang's expert-distribution dump in 'per_pass' or 'per_token' mode
+    (--expert-distribution-recorder-mode; /dump_expert_distribution_record writes one
+    expert_distribution_recorder_<time>_<rank>.pt per rank into
+    SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR): a dict with 'records', one per forward
+    pass, each with 'global_physical_count' [L, P], and 'last_physical_to_logical_map'
+    [L, P]. Counts are summed over passes and ranks (give every rank's file, or their
+    directory) and mapped to logical experts with that map, the placement served when
+    the dump was written (a placement changed during recording is not seen). That map
+    is also the current placement unless --current is given.
+
+L counts every decoder layer, dense ones too. MoE layers are found from the load: a
+dense layer never routes a token, so its row is zero in every pass, while a MoE layer
+that served any request is not; this needs no knowledge of the model (first dense
+layers, interleaved dense layers). Give --moe-layers only for a recording so short that
+some MoE layer routed nothing. Only MoE layers are planned, and balancedness (mean GPU
+load over max, per layer) is averaged over MoE layers only. The output keeps all L
+layers, as SGLang's --init-expert-location reads it; dense layers keep their current
+row (with no current placement, the default one: slot p holds expert p mod E).
+"""
+
+
+class _PlanHelpFormatter(argparse.RawDescriptionHelpFormatter,
+                         argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows defaults (but not a default of None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eplbctl", description="Control and inspect eplb sidecars.")
     p.add_argument("--run-dir", type=Path, default=None,
@@ -105,18 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry it out even if the predicted gain is below --min-gain")
     s.set_defaults(func=_rebalance)
     s = sub.add_parser("plan", help="plan a placement offline from a load file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Plan a placement from expert load: a [L, E] or [steps, L, E] "
-                                   "tensor in .pt/.json/.npy, bare or under 'logical_count' (SGLang's "
-                                   "expert-distribution dump). Prints a JSON summary.")
-    s.add_argument("--load", type=Path, required=True, help="the load file")
+                       formatter_class=_PlanHelpFormatter, description=PLAN_DESCRIPTION)
+    s.add_argument("--load", type=Path, required=True, nargs="+", metavar="PATH",
+                   help="the load: one file, or several SGLang per-pass dumps (one per rank, "
+                        "summed), or a directory of expert_distribution_recorder_*.pt dumps")
+    s.add_argument("--moe-layers", default=None, metavar="SPEC",
+                   help="the MoE layers, as comma-separated N or A:B (B excluded), e.g. 3:61; "
+                        "default: the layers that routed tokens (see above)")
     s.add_argument("--current", type=Path, default=None,
                    help="the placement served now ([L, P], bare or under "
-                        "'physical_to_logical_map'): adds balancedness before and moves")
+                        "'physical_to_logical_map'; default: an SGLang per-pass dump's "
+                        "last_physical_to_logical_map): adds balancedness before and moves")
     s.add_argument("--output", type=Path, default=None,
                    help="write {'physical_to_logical_map': [L, P]} here (.pt or .json), the form "
                         "SGLang's --init-expert-location reads")
-    s.add_argument("--num-physical", type=int, required=True, help="slots per layer, P")
+    s.add_argument("--num-physical", type=int, default=None,
+                   help="slots per layer, P (default: those of --current or of the dump's map)")
     s.add_argument("--num-gpus", type=int, required=True, help="EP size, G (P %% G == 0)")
     s.add_argument("--num-nodes", type=int, default=1, help="nodes (deepseek policy)")
     s.add_argument("--num-groups", type=int, default=1, help="expert groups (deepseek policy)")

@@ -147,6 +147,8 @@ class VllmAdapter:
         hook_options: more :class:`~eplb.worker_hook.WorkerHook` keyword arguments
             (``hold_timeout_s``, ``flush_every``, ...).
         copy_options: more :class:`~eplb.worker_hook.copy_exec.CopyExecutor` keyword arguments.
+        keep_load_window: also sum each step's counts per logical expert for
+            :meth:`export_load` (two more small kernels a step); off by default.
 
     Raises:
         VllmAdapterError: the state has padded (elastic EP) slots, or shapes disagree.
@@ -156,7 +158,8 @@ class VllmAdapter:
                  rank: int, ep_size: int, group: dist.ProcessGroup | None = None,
                  ranks_per_node: int, run_dir: str | Path | None = None,
                  hook_options: dict[str, Any] | None = None,
-                 copy_options: dict[str, Any] | None = None) -> None:
+                 copy_options: dict[str, Any] | None = None,
+                 keep_load_window: bool = False) -> None:
         p2l = model_state.physical_to_logical_map
         num_layers, num_physical = p2l.shape
         num_experts = model_state.logical_replica_count.shape[1]
@@ -184,6 +187,7 @@ class VllmAdapter:
         self._closed = False
         # Logical load since the start (or the last reset), [L, E] int64 on the device: each
         # step's slot counts are summed into their expert with the maps that routed them.
+        self.keep_load_window = keep_load_window
         self._window = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=p2l.device)
         self._window_from = 0
         self._window_lock = threading.Lock()
@@ -205,6 +209,7 @@ class VllmAdapter:
         load = self.model_state.expert_load_pass
         if not is_dummy:
             self.hook.add_counts(load)
+        if not is_dummy and self.keep_load_window:
             with self._window_lock:
                 p2l = self.model_state.physical_to_logical_map
                 self._window.scatter_add_(1, p2l.to(torch.int64), load.to(torch.int64))
@@ -242,7 +247,11 @@ class VllmAdapter:
 
         Raises:
             ValueError: an unknown file suffix.
+            VllmAdapterError: the adapter was made without ``keep_load_window``.
         """
+        if not self.keep_load_window:
+            raise VllmAdapterError("this adapter keeps no load window; make it with "
+                                   "keep_load_window=True (the plugin does with EPLB_EXPORT_LOAD)")
         path = Path(path)
         counts, from_step, to_step = self.load_window()
         data = {"logical_count": counts,
@@ -384,7 +393,8 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
     dist.all_reduce(torch.zeros(1, device=device), group=group.device_group)
     adapter = VllmAdapter(model_state, model_state.model.expert_weights, rank=rank,
                           ep_size=ep_size, group=group.device_group,
-                          ranks_per_node=ranks_per_node, hook_options=hook_options)
+                          ranks_per_node=ranks_per_node, hook_options=hook_options,
+                          keep_load_window=bool(os.environ.get(ENV_EXPORT_LOAD)))
     if eplb_state.should_record_tensor is not None:
         eplb_state.should_record_tensor.fill_(True)  # vLLM's kernel records every step
         eplb_state._should_record_value = True

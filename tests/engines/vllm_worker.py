@@ -175,7 +175,8 @@ def main() -> int:
 
         EplbState.rearrange = rearrange
         os.environ.update({eplb_vllm.ENV_ENABLE: "1", "EPLB_RUN_DIR": args.run_dir,
-                           eplb_vllm.ENV_FLUSH_EVERY: "4"})
+                           eplb_vllm.ENV_FLUSH_EVERY: "4",
+                           eplb_vllm.ENV_EXPORT_LOAD: args.export})  # keeps the load window
         eplb_vllm.register()  # what vLLM's plugin loader calls in each worker
 
         initial = torch.tensor(EplbState.build_initial_global_physical_to_logical_map(
