@@ -1,6 +1,6 @@
 """Import SGLang's real EPLB modules on a CPU-only machine without SGLang's server stack.
 
-SGLang is installed with ``--no-deps`` (see requirements-sglang.txt). Its EPLB modules
+SGLang is installed with ``--no-deps`` (see requirements-engines.txt). Its EPLB modules
 (``sglang.srt.eplb.expert_location``, ``expert_location_updater``, ``expert_location_dispatch``,
 ``expert_distribution``), ``sglang.srt.runtime_context``, ``sglang.srt.server_args`` and
 ``sglang.srt.plugins`` are imported for real. Only these, which their imports drag in and which
@@ -95,7 +95,7 @@ def _install_stubs() -> None:
     import importlib.util
     spec = importlib.util.find_spec("sglang")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("sglang is not installed (see requirements-sglang.txt)")
+        raise ImportError("sglang is not installed (see requirements-engines.txt)")
     root = Path(list(spec.submodule_search_locations)[0])
     sys.meta_path.append(_THIRD_PARTY_FINDER)  # last: an installed module of that name wins
     _package_without_init("sglang", root)
