@@ -9,6 +9,7 @@ part) happens at prefetch time, before the switch step.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
@@ -64,3 +65,50 @@ class MapSwitchingCopy:
         stats = self.executor(epoch, layers, old, new)
         self.maps.apply(epoch, list(layers))
         return stats
+
+
+# --- settings the engine plugins read from the environment --------------------------------------
+
+#: Set to ``1`` to let an engine plugin attach (installing eplb alone changes nothing).
+ENV_ENABLE = "EPLB_SIDECAR"
+#: Optional: longest wait at a promised switch step, seconds (WorkerHook ``hold_timeout_s``).
+ENV_HOLD_TIMEOUT = "EPLB_HOLD_TIMEOUT_S"
+#: Optional: steps between count reports to the sidecar (WorkerHook ``flush_every``).
+ENV_FLUSH_EVERY = "EPLB_FLUSH_EVERY"
+
+
+class PluginSettingError(RuntimeError):
+    """An ``EPLB_*`` setting an engine plugin reads is not usable; the message says which."""
+
+
+def plugin_enabled() -> bool:
+    """Whether ``$EPLB_SIDECAR`` turns the engine plugins on (``1``, ``true``, ``yes``, ``on``)."""
+    return os.environ.get(ENV_ENABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_number(name: str, kind: type[float] | type[int]) -> float | int | None:
+    """``$name`` as a ``kind``, or None when unset or empty.
+
+    Raises:
+        PluginSettingError: it is set to something else than a number of that kind.
+    """
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise PluginSettingError(f"{name}={value!r} is not a {kind.__name__}; fix or unset "
+                                 "it") from None
+
+
+def hook_options_from_env() -> dict[str, float | int]:
+    """:class:`~eplb.worker_hook.WorkerHook` options set by ``$EPLB_HOLD_TIMEOUT_S`` and
+    ``$EPLB_FLUSH_EVERY``."""
+    options: dict[str, float | int] = {}
+    for name, option, kind in ((ENV_HOLD_TIMEOUT, "hold_timeout_s", float),
+                               (ENV_FLUSH_EVERY, "flush_every", int)):
+        value = env_number(name, kind)
+        if value is not None:
+            options[option] = value
+    return options

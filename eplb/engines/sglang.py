@@ -38,7 +38,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from eplb.engines.base import MapSwitchingCopy
+from eplb.engines.base import (ENV_ENABLE, MapSwitchingCopy, PluginSettingError, env_number,
+                               hook_options_from_env, plugin_enabled)
 from eplb.worker_hook import HookError, WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
 
@@ -49,39 +50,19 @@ log = logging.getLogger("eplb.engines.sglang")
 MetadataBuilder = Callable[[torch.Tensor], Any]
 Counting = Literal["select_experts", "stat"]
 
-#: Set to ``1`` to let the plugin attach to SGLang (installing eplb alone changes nothing); the
-#: same switch as the vLLM adapter's.
-ENV_ENABLE = "EPLB_SIDECAR"
 #: Optional: ``select_experts`` (default) or ``stat`` (see :class:`CountingRecorder`).
 ENV_COUNTING = "EPLB_SGLANG_COUNTING"
 #: Optional: longest wait at start for the sidecar to accept the rank, seconds (default 120).
 ENV_JOIN_TIMEOUT = "EPLB_JOIN_TIMEOUT_S"
-#: Optional: longest wait at a promised switch step, seconds (WorkerHook ``hold_timeout_s``).
-ENV_HOLD_TIMEOUT = "EPLB_HOLD_TIMEOUT_S"
-#: Optional: steps between count reports to the sidecar (WorkerHook ``flush_every``).
-ENV_FLUSH_EVERY = "EPLB_FLUSH_EVERY"
 
 
 def _options_from_env() -> tuple[dict[str, Any], float]:
     """WorkerHook options and the join timeout from ``EPLB_*`` variables."""
-    hook_options: dict[str, Any] = {}
-    for env, option, kind in ((ENV_HOLD_TIMEOUT, "hold_timeout_s", float),
-                              (ENV_FLUSH_EVERY, "flush_every", int)):
-        if os.environ.get(env):
-            try:
-                hook_options[option] = kind(os.environ[env])
-            except ValueError:
-                raise SGLangAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
-                                         "fix or unset it") from None
-    try:
-        join_timeout = float(os.environ.get(ENV_JOIN_TIMEOUT) or 120.0)
-    except ValueError:
-        raise SGLangAdapterError(f"{ENV_JOIN_TIMEOUT}={os.environ[ENV_JOIN_TIMEOUT]!r} is not a "
-                                 "number; fix or unset it") from None
-    return hook_options, join_timeout
+    join_timeout = env_number(ENV_JOIN_TIMEOUT, float)
+    return hook_options_from_env(), 120.0 if join_timeout is None else join_timeout
 
 
-class SGLangAdapterError(RuntimeError):
+class SGLangAdapterError(PluginSettingError):
     """SGLang is configured in a way the adapter cannot serve; the message says what to change."""
 
 
@@ -468,7 +449,7 @@ def plugin() -> None:
     """SGLang general plugin (entry point group ``sglang.srt.plugins``, name ``eplb``): when
     ``$EPLB_SIDECAR`` is ``1``, registers :data:`HOOK_TARGETS` with SGLang's ``HookRegistry``;
     otherwise does nothing."""
-    if os.environ.get(ENV_ENABLE, "").lower() not in ("1", "true", "yes", "on"):
+    if not plugin_enabled():
         log.debug("eplb SGLang plugin loaded but off (set %s=1 to turn it on)", ENV_ENABLE)
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType

@@ -38,24 +38,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb.engines.base import MapSwitchingCopy
+from eplb.engines.base import (ENV_ENABLE, ENV_FLUSH_EVERY, ENV_HOLD_TIMEOUT,  # noqa: F401
+                               MapSwitchingCopy, PluginSettingError, hook_options_from_env,
+                               plugin_enabled)  # the ENV_* names are part of this module's API
 from eplb.worker_hook import WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
 
 log = logging.getLogger("eplb.engines.vllm")
 
-#: Set to ``1`` to let the plugin attach to vLLM (installing eplb alone changes nothing).
-ENV_ENABLE = "EPLB_SIDECAR"
 #: Optional: write each rank's load (see :meth:`VllmAdapter.export_load`) here at exit;
 #: ``{rank}`` in the path is replaced by the EP rank.
 ENV_EXPORT_LOAD = "EPLB_EXPORT_LOAD"
-#: Optional: longest wait at a promised switch step, seconds (WorkerHook ``hold_timeout_s``).
-ENV_HOLD_TIMEOUT = "EPLB_HOLD_TIMEOUT_S"
-#: Optional: steps between count reports to the sidecar (WorkerHook ``flush_every``).
-ENV_FLUSH_EVERY = "EPLB_FLUSH_EVERY"
 
 
-class VllmAdapterError(RuntimeError):
+class VllmAdapterError(PluginSettingError):
     """vLLM's state cannot be driven by the sidecar; the message says what to change."""
 
 
@@ -301,11 +297,6 @@ _ADAPTER_ATTR = "_eplb_sidecar_adapter"
 _live_adapter: VllmAdapter | None = None  # one per process: one hook per EP rank
 
 
-def enabled() -> bool:
-    """Whether ``EPLB_SIDECAR`` asks for the plugin."""
-    return os.environ.get(ENV_ENABLE, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (vLLM calls it in every process).
 
@@ -318,7 +309,7 @@ def register() -> None:
     - ``step``: step the adapter instead of vLLM's load window and ``rearrange`` (the profile
       run still goes to vLLM, which only reserves its communication buffers there).
     """
-    if not enabled():
+    if not plugin_enabled():
         return
     from vllm.distributed.eplb.eplb_state import EplbState
 
@@ -372,15 +363,7 @@ def attach(eplb_state: Any, model_state: Any) -> VllmAdapter:
     ep_size, rank = group.world_size, group.rank_in_group
     nodes = max(1, get_node_count())
     ranks_per_node = ep_size // nodes if ep_size % nodes == 0 else ep_size
-    hook_options: dict[str, Any] = {}
-    for env, option, kind in ((ENV_HOLD_TIMEOUT, "hold_timeout_s", float),
-                              (ENV_FLUSH_EVERY, "flush_every", int)):
-        if os.environ.get(env):
-            try:
-                hook_options[option] = kind(os.environ[env])
-            except ValueError:
-                raise VllmAdapterError(f"{env}={os.environ[env]!r} is not a {kind.__name__}; "
-                                       "fix or unset it") from None
+    hook_options: dict[str, Any] = hook_options_from_env()
     global _live_adapter
     if _live_adapter is not None:  # vLLM built a new EplbState (a model reload): leave first
         log.warning("rank %d: a new EPLB state replaces the one the sidecar drove; its hook "
