@@ -5,13 +5,18 @@
 #   hook       bench/hook_overhead.py on CUDA (under sync_debug_mode "error") and on the host CPU
 #   graph      bench/graph_counting.py: counting inside a replayed CUDA graph (exact across an eager
 #              prefill-sized call; in-place map switch seen by replays; GPU cost per step, 58 layers)
+#   sglang     tests/engines/sglang_gpu_check.py: SGLang's own metadata, dispatch and recorder on the GPU;
+#              a captured CUDA graph routes and counts by the maps the adapter switched in place
+#              (needs the SGLang wheels below in .whl)
 #   agreement  bench/agreement.py, 2x2 .. 16x8 sidecars x workers, then 16x8 with a process per worker (~14 min)
 #   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling (ring, and all-pairs on > 2 GPUs), every visible GPU
 #   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
 #   decode-stable  the same with the stable policy (the sidecar's default)
 # .whl/ holds the wheels for Python 3.12 that machine lacks (it has torch, msgpack and uvloop):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 prometheus-client==0.26.0
+#     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 prometheus-client==0.26.0 h11==0.16.0
+#   and for the sglang step (add --platform manylinux_2_34_x86_64 --platform manylinux_2_17_x86_64):
+#     sglang==0.5.23 orjson==3.13.0 msgspec==0.23.0 einops==0.8.2 pybase64==1.5.1
 # Results land in $OUT (and on stdout); commit them under bench/results/ with the card's name.
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -31,6 +36,8 @@ for step in "$@"; do
             python3 bench/hook_overhead.py --device cpu | tee "$OUT/hook_overhead_cpu.txt" ;;
         graph)
             python3 bench/graph_counting.py 2>&1 | tee "$OUT/graph_counting.txt" ;;
+        sglang)
+            timeout 300 python3 tests/engines/sglang_gpu_check.py 2>&1 | tee "$OUT/sglang_gpu_check.txt" ;;
         agreement)
             timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
             # One process per worker, as engines run (one rank per process): 128 + 16 processes.
@@ -42,6 +49,6 @@ for step in "$@"; do
             timeout 400 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.txt" ;;
         decode-stable)
             timeout 400 python3 bench/decode_gpu.py --policy stable --out "$OUT/decode_gpu_stable.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu_stable.txt" ;;
-        *) echo "unknown step $step (hook, graph, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
+        *) echo "unknown step $step (hook, graph, sglang, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
     esac
 done
