@@ -163,6 +163,21 @@ class LocalCluster:
             time.sleep(0.05)
         raise TimeoutError(f"{what}: not within {timeout_s:g}s; last status: {last}")
 
+    def commit_once(self, tries: int = 5, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Force rebalances until one commits (a plan equal to the placement is skipped) and no
+        epoch is in flight; the leader's status then. Raises AssertionError on another outcome
+        or when none committed in ``tries``."""
+        status: dict[str, Any] = {}
+        for _ in range(tries):
+            before = len(self.status()["history"])
+            control_call("rebalance", {"force": True}, self.run_dir(0))
+            status = self.wait_for(lambda s: len(s["history"]) > before
+                                   and s["epoch_in_flight"] is None, timeout_s, "epoch finished")
+            if status["history"][-1]["outcome"] == "committed":
+                return status
+            assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
+        raise AssertionError(f"no rebalance committed: {status.get('history')}")
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM everything, then SIGKILL what is still alive after ``timeout_s``."""
         procs = self.workers + self.sidecars

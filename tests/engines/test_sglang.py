@@ -28,26 +28,12 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"SGLang's EPLB modules cannot be imported ({exc}); ./dev test installs "
                       "them from requirements-engines.txt") from exc
 
-from eplb.control_client import control_call  # noqa: E402
 from eplb.demo.cluster import LocalCluster, free_port, wait_until  # noqa: E402
 from eplb.engines.sglang import (HOOK_TARGETS, CountingRecorder, SGLangMaps,  # noqa: E402
                                  metadata_builder, per_layer_fields, plugin)
 
 WORLD, WORKERS_PER_NODE = 4, 2
 WORKER = Path(__file__).with_name("sglang_worker.py")
-
-
-def _force_one_commit(cluster: LocalCluster) -> dict:
-    """Force rebalances until one commits (a plan equal to the placement is skipped)."""
-    for _ in range(5):
-        before = len(cluster.status()["history"])
-        control_call("rebalance", {"force": True}, cluster.run_dir(0))
-        status = cluster.wait_for(lambda s: len(s["history"]) > before
-                                  and s["epoch_in_flight"] is None, 30, "epoch finished")
-        if status["history"][-1]["outcome"] == "committed":
-            return status
-        assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
-    raise AssertionError(f"no rebalance committed: {status['history']}")
 
 
 # static dispatch (with an a2a backend: per-rank maps, logical_to_rank_dispatch_physical_map) and
@@ -75,7 +61,7 @@ def test_one_epoch_matches_sglangs_own_maps_weights_dispatch_and_counts(
         try:
             cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 60,
                              "all workers joined and stepping")
-            record = _force_one_commit(cluster)["history"][-1]
+            record = cluster.commit_once()["history"][-1]
             wait_until(lambda: all(p.exists() for p in outs), 60, "every worker's results")
         except Exception:
             for rank in range(WORLD):

@@ -18,7 +18,6 @@ if importlib.util.find_spec("vllm") is None:  # found, not imported: the workers
     raise ImportError("vLLM is not installed; ./dev test installs its EPLB code from "
                       "requirements-engines.txt (the tests fail rather than skip without it)")
 
-from eplb.control_client import control_call  # noqa: E402
 from eplb.coordinator.planner import PlannerSpec  # noqa: E402
 from eplb.demo.cluster import LocalCluster, free_port  # noqa: E402
 from eplb.engines.vllm import merge_load_files  # noqa: E402
@@ -29,20 +28,6 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 WORLD, PER_NODE = 4, 2
 LAYERS, EXPERTS, PHYSICAL = 3, 8, 12
-
-
-def _force_one_commit(cluster: LocalCluster) -> dict:
-    """Force rebalances until one commits (a plan equal to the placement is skipped) and has
-    finished everywhere; the leader's status then."""
-    for _ in range(5):
-        before = cluster.status()
-        control_call("rebalance", {"force": True}, cluster.run_dir(0))
-        status = cluster.wait_for(lambda s: len(s["history"]) > len(before["history"])
-                                  and s["epoch_in_flight"] is None, 30, "epoch finished")
-        if status["history"][-1]["outcome"] == "committed":
-            return status
-        assert status["history"][-1]["outcome"] == "skipped", status["history"][-1]
-    raise AssertionError(f"no rebalance committed: {status['history']}")
 
 
 def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(
@@ -70,7 +55,7 @@ def test_sidecar_epoch_matches_vllm_maps_weights_and_counts(
             cluster.wait_for(lambda s: len(s["workers"]) == WORLD and s["min_step"] > 20, 60,
                              "all vLLM workers joined and stepping")
             # Committed = every rank reported its copies done; the leader adopted the plan.
-            leader_hash = _force_one_commit(cluster)["placement_hash"]
+            leader_hash = cluster.commit_once()["placement_hash"]
         finally:
             stop.touch()  # the workers vote to stop together, then check against vLLM
             for proc in cluster.workers:
