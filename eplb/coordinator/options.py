@@ -113,7 +113,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", default=3.0,
            above=0),
     Option("node-timeout", float, "leader: a follower sidecar silent this long is lost; follower: "
-           "not ready when the leader is silent this long", TIMEOUTS, metavar="SECONDS",
+           "the leader silent this long is unreachable (eplb_leader_reachable 0, "
+           "/readyz?leader=1 503; plain /readyz stays local)", TIMEOUTS, metavar="SECONDS",
            default=3.0, above=0),
     Option("heartbeat", float, "seconds between sidecar heartbeats", TIMEOUTS,
            metavar="SECONDS", default=0.5,
