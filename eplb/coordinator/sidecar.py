@@ -680,8 +680,11 @@ class Sidecar:
             check_claim(peer, node, header.TYPE)  # a node's key speaks for that node only
         if isinstance(header, (NodeHello, NodeHeartbeat)):
             if not 0 < node < self.config.num_nodes:
-                if node >= self.config.num_nodes:
-                    self._outside_nodes[node] = now  # reported by node_count_mismatch()
+                if node >= self.config.num_nodes:  # reported by node_count_mismatch()
+                    self._outside_nodes[node] = now
+                    if len(self._outside_nodes) > 64:  # a flood of made-up nodes stays small
+                        del self._outside_nodes[min(self._outside_nodes,
+                                                    key=self._outside_nodes.__getitem__)]
                 raise InvalidField(f"node {node} outside [1, {self.config.num_nodes})")
             known = self.nodes.get(node)
             if known is None or known.identity != identity:

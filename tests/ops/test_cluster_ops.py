@@ -81,7 +81,8 @@ def test_metrics_move_across_a_real_committed_epoch(tmp_path: Path) -> None:
         record = next(r for r in status["history"] if r["outcome"] == "committed")
         assert record["bytes_received"] > 0
         after = wait_until(lambda: (m := scrape(leader))["eplb_epochs_committed_total"] >= 1
-                           and 'eplb_layer_balancedness{layer="0"}' in m and m, 15,
+                           and 'eplb_layer_balancedness{layer="0"}' in m
+                           and "eplb_decode_steps_per_second" in m and m, 15,  # after 1 s of steps
                            "metrics updated")
         assert after["eplb_epochs_started_total"] >= 1
         assert after["eplb_epochs_committed_total"] == status["counters"]["committed"]
