@@ -247,10 +247,12 @@ class SidecarMetrics:
     def leader_balancedness(self, core: LeaderCore) -> None:
         """Balancedness of the served placement over the current count window (sums the window:
         call it every second or so, not per tick)."""
-        if core.placement is None or not core.world_size or core.shape is None:
-            return
-        load = core.window_load()  # [L, E]
-        if not bool(load.any()):
+        load = None
+        if core.placement is not None and core.world_size and core.shape is not None:
+            load = core.window_load()  # [L, E]
+        if load is None or not bool(load.any()):  # no counts in the window: unknown
+            self.balancedness.clear()
+            self.layer_balancedness.clear()
             return
         per_layer = balancedness(load, core.placement, core.world_size)  # [L]
         self.balancedness.set(float(per_layer.mean()))
