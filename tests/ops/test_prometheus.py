@@ -202,9 +202,12 @@ def test_a_real_prometheus_scrapes_the_sidecars_and_answers_for_balancedness(
         took = time.monotonic() - started
         assert series["metric"]["instance"] == targets[0]  # the leader's only
         assert 0 < float(series["value"][1]) <= 1
-        up = prom.api("query", query='up{job="eplb"}')["result"]
-        assert sorted(s["metric"]["instance"] for s in up) == sorted(targets)
-        assert all(s["value"][1] == "1" for s in up)
+
+        def both_up() -> bool:  # the scrapes of the targets are spread over the interval
+            up = prom.api("query", query='up{job="eplb"}')["result"]
+            return sorted(s["metric"]["instance"] for s in up if s["value"][1] == "1") \
+                == sorted(targets)
+        wait_until(both_up, PATIENCE_S, "both sidecars scraped and up")
         # the follower reaches the leader; the rules loaded and nothing fires on a healthy cluster
         (reach,) = prom.api("query", query="eplb_leader_reachable")["result"]
         assert reach["metric"]["instance"] == targets[1] and reach["value"][1] == "1"
