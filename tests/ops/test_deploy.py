@@ -177,6 +177,8 @@ def test_the_decode_pod_runs_the_sidecar_as_a_native_sidecar_with_probes() -> No
     assert sources == ["eplb-curve-public", "eplb-curve-leader",
                        *(f"eplb-curve-node-{k}" for k in range(1, replicas))]
     assert all(("Secret", name) in res for name in sources)
+    toml = res[("ConfigMap", "eplb-sidecar")]["data"]["sidecar.toml"]
+    assert re.search(rf"^num-nodes = {replicas}\b", toml, re.M), "num-nodes != replicas"
     # the config file, and the port the ConfigMap's http setting opens
     assert env["EPLB_CONFIG"]["value"].startswith(mounts["eplb-config"] + "/")
     assert ports["eplb-http"] == 9750 and ports["eplb-peer"] == 5555
