@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "min-margin = 4) or in an EPLB_* environment variable (EPLB_MIN_MARGIN=4); "
                     "flags win over the environment, which wins over the file.",
         epilog="Endpoints: http://HOST:PORT/metrics (Prometheus), /healthz (event loop "
-               "responsive), /readyz (workers joined, leader reachable). SIGTERM: not ready, "
+               "responsive), /readyz (local: workers joined; ?leader=1 adds the leader's "
+               "reachability). SIGTERM: not ready, "
                "abort an uncommitted epoch, close, exit 0 within --grace-period. Under systemd "
                "(Type=notify) it sends READY=1, STOPPING=1 and WATCHDOG=1. See deploy/README.md.")
     p.add_argument("--config", metavar="FILE", default=None,

@@ -4,8 +4,13 @@
 - ``/healthz``: 200 while the tick loop runs: each tick stamps a heartbeat, and a heartbeat older
   than ``stale_after_s`` answers 503. A loop blocked outright answers nothing at all, which a probe
   counts as a failure too.
-- ``/readyz``: 200 when the loop says ready (workers joined, leader reachable, not stopping),
-  else 503 with the reason.
+- ``/readyz``: 200 when the loop says this sidecar is ready from its local state alone (it serves
+  its workers' socket, the expected local workers joined, it is not stopping), else 503 with the
+  reason. It never depends on another node: a native sidecar's readiness is its pod's, and the
+  leader being down must not take every decode pod out of its Services.
+- ``/readyz?leader=1``: the group's view as well: on a follower, the leader was heard within
+  ``--node-timeout``; on the leader, the instance is not unsafe. For people and scripts, not for a
+  kubelet probe (``eplb_leader_reachable`` and the alert rules watch the leader).
 
 The server cannot be exhausted (issue 13): it holds at most ``max_connections`` connections (one
 file descriptor each). At the cap a new connection evicts the one that has waited longest for a
@@ -26,6 +31,7 @@ import http
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -47,13 +53,25 @@ class HealthState:
         self._beat = time.monotonic()
         self._ready = False
         self._why = "starting"
+        self._group_ready = False
+        self._group_why = "starting"
 
     def beat(self) -> None:
         """Called by the tick loop on every tick."""
         self._beat = time.monotonic()
 
-    def set_ready(self, ready: bool, why: str) -> None:
+    def set_ready(self, ready: bool, why: str, group_ready: bool | None = None,
+                  group_why: str = "") -> None:
+        """Local readiness (``/readyz``) and, unless None, the group's (``/readyz?leader=1``,
+        which is also never ready while the local one is not); without it, the group's
+        follows the local one."""
         self._ready, self._why = ready, why
+        if group_ready is None:
+            self._group_ready, self._group_why = ready, why
+        elif not ready:
+            self._group_ready, self._group_why = False, why
+        else:
+            self._group_ready, self._group_why = group_ready, group_why or why
 
     def liveness(self) -> tuple[bool, str]:
         age = time.monotonic() - self._beat
@@ -62,10 +80,13 @@ class HealthState:
                           f"(limit {self.stale_after_s:g}s)\n"
         return True, f"ok: last tick {age * 1e3:.0f} ms ago\n"
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self, leader: bool = False) -> tuple[bool, str]:
+        """``/readyz`` (``leader`` False: local state only) or ``/readyz?leader=1``."""
         alive, text = self.liveness()
         if not alive:
             return False, text
+        if leader:
+            return self._group_ready, (self._group_why or "ready") + "\n"
         return self._ready, (self._why or "ready") + "\n"
 
 
@@ -120,14 +141,15 @@ def route(method: bytes, target: bytes, state: HealthState,
     if method not in (b"GET", b"HEAD"):
         return Answer(405, b"method not allowed: only GET and HEAD\n", close=True,
                       allow="GET, HEAD")
-    path = target.split(b"?", 1)[0]
+    path, _, query = target.partition(b"?")
     if path == b"/metrics":
         return Answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
     if path == b"/healthz":
         ok, text = state.liveness()
         return Answer(200 if ok else 503, text.encode())
     if path == b"/readyz":
-        ok, text = state.readiness()
+        flags = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        ok, text = state.readiness(leader=flags.get("leader", ["0"])[-1] not in ("0", "false"))
         return Answer(200 if ok else 503, text.encode())
     return Answer(404, b"not found: try /metrics, /healthz or /readyz\n")
 

@@ -332,10 +332,15 @@ class LeaderCore:
         """Decode rate measured from the lowest rank's progress reports, over samples at least
         :data:`RATE_SAMPLE_SPACING_S` apart spanning at least :data:`RATE_MIN_SPAN_S` (0 until
         then: the margin then falls back to its minimum)."""
+        rate = self.measured_step_rate()
+        return 0.0 if rate is None else rate
+
+    def measured_step_rate(self) -> float | None:
+        """:meth:`steps_per_second`, or None while too few samples were taken to say."""
         if len(self._rate_samples) < 2:
-            return 0.0
+            return None
         (t0, s0), (t1, s1) = self._rate_samples[0], self._rate_samples[-1]
-        return (s1 - s0) / (t1 - t0) if t1 - t0 >= RATE_MIN_SPAN_S else 0.0
+        return (s1 - s0) / (t1 - t0) if t1 - t0 >= RATE_MIN_SPAN_S else None
 
     def min_step(self) -> int:
         return min((w.step for w in self.workers.values()), default=0)

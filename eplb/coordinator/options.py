@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from eplb.config import ConfigError, Option, Setting, format_value
+from eplb.config import Option, Setting, format_value
 from eplb.coordinator.agreement import AgreementTimeouts
 from eplb.coordinator.leader import LeaderConfig
 from eplb.coordinator.planner import POLICIES, PlannerSpec
@@ -113,7 +113,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS", default=3.0,
            above=0),
     Option("node-timeout", float, "leader: a follower sidecar silent this long is lost; follower: "
-           "not ready when the leader is silent this long", TIMEOUTS, metavar="SECONDS",
+           "the leader silent this long is unreachable (eplb_leader_reachable 0, "
+           "/readyz?leader=1 503; plain /readyz stays local)", TIMEOUTS, metavar="SECONDS",
            default=3.0, above=0),
     Option("heartbeat", float, "seconds between sidecar heartbeats", TIMEOUTS,
            metavar="SECONDS", default=0.5,
@@ -144,15 +145,11 @@ def fill_computed_defaults(settings: dict[str, Setting]) -> None:
 
 
 def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
-    """The daemon's config from the effective settings; cross-option checks happen here.
-
-    Raises:
-        ConfigError: options that are fine alone but not together.
-    """
+    """The daemon's config from the effective settings."""
     v = {name: s.value for name, s in settings.items()}
-    if not v["node-rank"] < v["num-nodes"]:
-        raise ConfigError(f"--node-rank {v['node-rank']} must lie in [0, {v['num-nodes']}) "
-                          f"(--num-nodes {v['num-nodes']})")
+    # A --node-rank >= --num-nodes is not refused here: on Kubernetes it is a StatefulSet with
+    # more replicas than the ConfigMap's num-nodes, and the sidecar runs to report it (status,
+    # eplb_node_count_mismatch, a log line, /readyz 503) instead of crash-looping without a metric.
     leader = LeaderConfig(
         interval_steps=v["interval"], window_steps=v["window"], min_gain=v["min-gain"],
         min_margin=v["min-margin"], max_retries=v["max-retries"],

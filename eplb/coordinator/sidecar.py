@@ -120,7 +120,10 @@ class Sidecar:
         self._executor: concurrent.futures.Executor | None = None
         self._tasks: set[asyncio.Task] = set()
         role = "leader" if config.is_leader else "follower"
-        self.metrics = SidecarMetrics(config.node_rank, role)
+        self.metrics = SidecarMetrics(config.node_rank, role, config.num_nodes,
+                                      config.leader.interval_steps)
+        self._outside_nodes: dict[int, float] = {}  # leader: node >= --num-nodes -> last heard
+        self._node_count_problem = ""  # what node_count_mismatch() said last (logged on change)
         self.health = HealthState(config.stale_after_s)
         self.notifier = Notifier()
         self.http: HttpEndpoints | None = None
@@ -677,6 +680,11 @@ class Sidecar:
             check_claim(peer, node, header.TYPE)  # a node's key speaks for that node only
         if isinstance(header, (NodeHello, NodeHeartbeat)):
             if not 0 < node < self.config.num_nodes:
+                if node >= self.config.num_nodes:  # reported by node_count_mismatch()
+                    self._outside_nodes[node] = now
+                    if len(self._outside_nodes) > 64:  # a flood of made-up nodes stays small
+                        del self._outside_nodes[min(self._outside_nodes,
+                                                    key=self._outside_nodes.__getitem__)]
                 raise InvalidField(f"node {node} outside [1, {self.config.num_nodes})")
             known = self.nodes.get(node)
             if known is None or known.identity != identity:
@@ -812,22 +820,67 @@ class Sidecar:
             m.followers.set(len(self.nodes))
             if balance and self.http is not None:
                 m.leader_balancedness(self.core)
-        elif self.leader_seen:
-            m.leader_last_seen.set(round(now - self.leader_seen, 3))
+        else:
+            m.follow_link(now, self.leader_seen, self.config.node_timeout_s)
+        self._report_node_count(now)
         ready, why = self.readiness(now)
         if not self.stopping:
-            self.health.set_ready(ready, why)
+            self.health.set_ready(ready, why, *self.group_readiness(now))
             m.ready.set(1 if ready else 0)
 
+    def node_count_mismatch(self, now: float) -> str:
+        """Why the nodes seen contradict --num-nodes (e.g. a StatefulSet's replicas differ from
+        the ConfigMap's num-nodes); empty when they do not. A follower knows when its own rank
+        is outside --num-nodes; the leader, when a node outside it says hello (within the last
+        3 x --node-timeout), or when every rank of the group joined through fewer nodes."""
+        cfg = self.config
+        if cfg.node_rank >= cfg.num_nodes:
+            return (f"this node's rank {cfg.node_rank} is outside --num-nodes {cfg.num_nodes}: "
+                    "more nodes run than --num-nodes says (StatefulSet replicas > num-nodes?)")
+        if self.core is None:
+            return ""
+        outside = sorted(n for n, t in self._outside_nodes.items()
+                         if now - t <= 3 * cfg.node_timeout_s)
+        if outside:
+            return (f"node(s) {outside} say hello but --num-nodes is {cfg.num_nodes}: more nodes "
+                    "run than --num-nodes says (StatefulSet replicas > num-nodes?)")
+        through = {self.rank_node.get(rank, 0) for rank in self.core.workers}
+        if self.core.group_complete and len(through) < cfg.num_nodes:
+            return (f"all {self.core.world_size} ranks of the group joined through "
+                    f"{len(through)} node(s) {sorted(through)} but --num-nodes is "
+                    f"{cfg.num_nodes} (StatefulSet replicas < num-nodes?)")
+        return ""
+
+    def _report_node_count(self, now: float) -> None:
+        """The mismatch as a metric, and as a log line when it appears, changes or clears."""
+        problem = self.node_count_mismatch(now)
+        self.metrics.node_count_mismatch.set(1 if problem else 0)
+        if problem != self._node_count_problem:
+            if problem:
+                log.error("node %d: node-count mismatch: %s", self.config.node_rank, problem)
+            else:
+                log.info("node %d: node-count mismatch cleared", self.config.node_rank)
+            self._node_count_problem = problem
+
     def readiness(self, now: float) -> tuple[bool, str]:
-        """Ready: the expected local workers have joined, the leader is reachable (a follower
-        heard it within --node-timeout) and the instance is not unsafe. Returns (ready, why)."""
+        """``/readyz``, from local state only: the sidecar serves its workers' socket (it runs),
+        the expected local workers have joined, its own rank is within --num-nodes, and it is not
+        stopping. Never the leader's reachability: see :meth:`group_readiness`. Returns
+        (ready, why)."""
         cfg = self.config
         if self.stopping:
             return False, "shutting down"
+        if cfg.node_rank >= cfg.num_nodes:
+            return False, f"node-count mismatch: {self.node_count_mismatch(now)}"
         if len(self.local) < cfg.expected_workers:
             return False, (f"{len(self.local)}/{cfg.expected_workers} local workers joined "
                            f"(ranks {sorted(self.local)})")
+        return True, f"ready: {len(self.local)} local worker(s) {sorted(self.local)}"
+
+    def group_readiness(self, now: float) -> tuple[bool, str]:
+        """``/readyz?leader=1``, on top of :meth:`readiness`: a follower heard the leader within
+        --node-timeout; the leader's instance is not unsafe. Returns (ready, why)."""
+        cfg = self.config
         if self.core is None:
             if not self.leader_seen:
                 hint = (" (CURVE: does the leader have this node's public key, and this node the "
@@ -892,6 +945,9 @@ class Sidecar:
             "http": (f"{self.http_address[0]}:{self.http_address[1]}"
                      if self.http_address else None),
             "ready": self.readiness(time.monotonic())[0],
+            "leader_reachable": (None if self.core is not None
+                                 else self.group_readiness(time.monotonic())[0]),
+            "node_count_mismatch": self.node_count_mismatch(time.monotonic()) or None,
             "leader_last_seen_s": (round(time.monotonic() - self.leader_seen, 3)
                                    if self.leader_seen else None),
             "peer_link": self._peer_link_status(),

@@ -67,7 +67,7 @@ def test_metrics_move_across_a_real_committed_epoch(tmp_path: Path) -> None:
     with start_cluster(tmp_path) as cluster:
         leader, follower = cluster.http_address(0), cluster.http_address(1)
         before = scrape(leader)
-        assert before["eplb_epochs_committed_total"] == 0 and before["eplb_bytes_moved_total"] == 0
+        assert before["eplb_epochs_committed_total"] == 0 and before["eplb_moved_bytes_total"] == 0
         # a malformed frame on the leader's control socket is counted by reason
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -81,12 +81,13 @@ def test_metrics_move_across_a_real_committed_epoch(tmp_path: Path) -> None:
         record = next(r for r in status["history"] if r["outcome"] == "committed")
         assert record["bytes_received"] > 0
         after = wait_until(lambda: (m := scrape(leader))["eplb_epochs_committed_total"] >= 1
-                           and 'eplb_layer_balancedness{layer="0"}' in m and m, 15,
+                           and 'eplb_layer_balancedness{layer="0"}' in m
+                           and "eplb_decode_steps_per_second" in m and m, 15,  # after 1 s of steps
                            "metrics updated")
         assert after["eplb_epochs_started_total"] >= 1
         assert after["eplb_epochs_committed_total"] == status["counters"]["committed"]
-        assert after["eplb_bytes_moved_total"] == sum(r["bytes_received"] for r in status["history"])
-        assert after["eplb_experts_moved_total"] == record["experts_moved"] > 0
+        assert after["eplb_moved_bytes_total"] == sum(r["bytes_received"] for r in status["history"])
+        assert after["eplb_moved_slots_total"] == record["experts_moved"] > 0
         assert after["eplb_plan_seconds_count"] >= 1 and after["eplb_plan_seconds_sum"] > 0
         assert after["eplb_agreement_seconds_count"] == 1
         assert abs(after["eplb_agreement_seconds_sum"] - record["agreement_ms"] / 1e3) < 1e-6
@@ -96,9 +97,16 @@ def test_metrics_move_across_a_real_committed_epoch(tmp_path: Path) -> None:
         assert all(0 < after[f'eplb_layer_balancedness{{layer="{layer}"}}'] <= 1
                    for layer in range(LAYERS))
         assert after["eplb_ready"] == 1
+        assert after["eplb_epoch_in_flight"] == 0 and after["eplb_node_count_mismatch"] == 0
+        assert after["eplb_decode_steps_per_second"] > 0 and after["eplb_num_nodes"] == 2
+        assert 0 < time.time() - after['eplb_last_rebalance_timestamp_seconds{outcome="committed"}'] < 60
+        assert not any(k.endswith("_created") or k.startswith("eplb_leader_") for k in after)
+        assert after["process_resident_memory_bytes"] > 0
         on_follower = scrape(follower)
         assert on_follower["eplb_workers_connected"] == 2 and on_follower["eplb_ready"] == 1
         assert 0 <= on_follower["eplb_leader_last_seen_seconds"] < 2
+        assert on_follower["eplb_leader_reachable"] == 1
+        assert "eplb_balancedness" not in on_follower and "eplb_epoch_in_flight" not in on_follower
         assert on_follower['eplb_sidecar_info{node="1",role="follower",version="0.1.0"}'] == 1
         outs = results(cluster)
         assert all(o["ok"] and o["weight_mismatches"] == 0 for o in outs), outs

@@ -74,8 +74,8 @@ def test_a_bad_value_names_the_option_its_source_and_what_is_accepted(
 def test_missing_and_inconsistent_cluster_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--leader is required .*EPLB_LEADER"):
         config_from_argv(["--node-rank", "0", "--num-nodes", "1"], {})
-    with pytest.raises(ConfigError, match=r"--node-rank 3 must lie in \[0, 2\)"):
-        config_from_argv([*BASE, "--node-rank", "3"], {})
+    # a rank outside --num-nodes starts, and reports the mismatch at run time (test_metrics.py)
+    assert config_from_argv([*BASE, "--node-rank", "3"], {}).node_rank == 3
     with pytest.raises(ConfigError, match="does not exist"):
         config_from_argv([*BASE, "--config", str(tmp_path / "nope.toml")], {})
 

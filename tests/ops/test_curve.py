@@ -311,8 +311,9 @@ def test_a_follower_with_an_unknown_key_is_refused_and_says_why(tmp_path: Path) 
         assert set(status["nodes"]) == {"1"}, status["nodes"]
         assert status["leader"]["frames_rejected"]["unauthenticated"] >= 1
         assert local_status(c.run_dir(2))["leader_last_seen_s"] is None
-        code, text = http_get(c.http_address(2) + "/readyz")
+        code, text = http_get(c.http_address(2) + "/readyz?leader=1")
         assert code == 503 and "CURVE" in text
+        assert http_get(c.http_address(2) + "/readyz")[0] == 200  # local readiness: no leader
         assert "is not among the authorized keys" in (c.log_dir / "sidecar0.log").read_text()
         assert "refused this node's key node-2" in (c.log_dir / "sidecar2.log").read_text()
         # the operator gives the leader node 2's key and restarts it: node 2 joins by itself

@@ -16,6 +16,7 @@ import yaml
 from eplb.coordinator.cli import config_from_argv
 from eplb.coordinator.health import HttpLimits
 from eplb.coordinator.options import OPTIONS, markdown_table
+from eplb.curve import create_keys, load_keys
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "systemd" / "eplb-sidecar.service"
@@ -86,7 +87,17 @@ def test_example_config_files_are_valid(tmp_path: Path) -> None:
     toml = tmp_path / "sidecar.toml"
     toml.write_text(config_map["data"]["sidecar.toml"])
     cfg = config_from_argv([], {"EPLB_CONFIG": str(toml), "EPLB_NODE_RANK": "1"})
-    assert cfg.leader_address == "tcp://eplb-leader:5555" and cfg.http == ("0.0.0.0", 9750)
+    assert cfg.leader_address == "tcp://eplb-leader:5555" and cfg.http == ("127.0.0.1", 9750)
+    # the pod sets EPLB_HTTP to its IP (the downward API), for the probes and Prometheus
+    env = {e["name"]: e for e in sidecar_container()["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["EPLB_HTTP"]["value"] == "$(POD_IP):9750"
+    assert list(env).index("POD_IP") < list(env).index("EPLB_HTTP")  # defined before its use
+    for pod_ip in ("10.1.2.3", "fd00::2:7"):
+        cfg = config_from_argv([], {"EPLB_CONFIG": str(toml), "EPLB_NODE_RANK": "1",
+                                    "EPLB_HTTP": env["EPLB_HTTP"]["value"].replace(
+                                        "$(POD_IP)", pod_ip)})
+        assert cfg.http == (pod_ip, 9750)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -119,10 +130,20 @@ def resources() -> dict[tuple[str, str], dict]:
     return found
 
 
+def pod_spec() -> dict:
+    return resources()[("StatefulSet", "decode")]["spec"]["template"]["spec"]
+
+
+def sidecar_container() -> dict:
+    (sidecar,) = [c for c in pod_spec()["initContainers"] if c["name"] == "eplb-sidecar"]
+    return sidecar
+
+
 def test_the_decode_pod_runs_the_sidecar_as_a_native_sidecar_with_probes() -> None:
     res = resources()
-    pod = res[("StatefulSet", "decode")]["spec"]["template"]["spec"]
-    (sidecar,) = pod["initContainers"]
+    pod = pod_spec()
+    keys, sidecar = pod["initContainers"]  # in this order: the keys are there when it starts
+    assert keys["name"] == "eplb-keys" and "restartPolicy" not in keys
     assert sidecar["restartPolicy"] == "Always"
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -131,22 +152,33 @@ def test_the_decode_pod_runs_the_sidecar_as_a_native_sidecar_with_probes() -> No
     assert all(sidecar[p]["httpGet"]["port"] == "eplb-http"
                for p in ("startupProbe", "livenessProbe", "readinessProbe"))
     env = {e["name"]: e for e in sidecar["env"]}
-    assert set(env) <= KNOWN_ENV, set(env) - KNOWN_ENV
+    assert set(env) <= KNOWN_ENV | {"POD_IP"}, set(env) - KNOWN_ENV
     assert "pod-index" in env["EPLB_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     # the ipc run dir: one emptyDir in both containers, the same EPLB_RUN_DIR
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes["eplb-run"]
     (engine,) = pod["containers"]
+    assert not {"eplb-curve-all", "eplb-curve-keys"} & {m["name"] for m in engine["volumeMounts"]}
     run_dir = env["EPLB_RUN_DIR"]["value"]
     assert {e["name"]: e.get("value") for e in engine["env"]}["EPLB_RUN_DIR"] == run_dir
     for container in (sidecar, engine):
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert run_dir.startswith(mounts["eplb-run"] + "/")
-    # the CURVE keys come from the Secret, mounted where EPLB_CURVE_KEYS points
-    assert volumes["eplb-curve-keys"]["secret"]["secretName"] == "eplb-curve-keys"
-    assert ("Secret", "eplb-curve-keys") in res
+    # the CURVE keys: eplb-keys copies this node's from the per-node Secrets into an in-memory
+    # volume, the only key volume the sidecar mounts, where EPLB_CURVE_KEYS points
+    assert volumes["eplb-curve-keys"]["emptyDir"]["medium"] == "Memory"
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
-    assert mounts["eplb-curve-keys"] == env["EPLB_CURVE_KEYS"]["value"]
+    assert mounts["eplb-curve-keys"] == env["EPLB_CURVE_KEYS"]["value"] == "/etc/eplb/curve"
+    assert "eplb-curve-all" not in mounts
+    assert {m["name"]: m["mountPath"] for m in keys["volumeMounts"]} == {
+        "eplb-curve-all": "/etc/eplb/curve-all", "eplb-curve-keys": "/etc/eplb/curve"}
+    sources = [s["secret"]["name"] for s in volumes["eplb-curve-all"]["projected"]["sources"]]
+    replicas = res[("StatefulSet", "decode")]["spec"]["replicas"]
+    assert sources == ["eplb-curve-public", "eplb-curve-leader",
+                       *(f"eplb-curve-node-{k}" for k in range(1, replicas))]
+    assert all(("Secret", name) in res for name in sources)
+    toml = res[("ConfigMap", "eplb-sidecar")]["data"]["sidecar.toml"]
+    assert re.search(rf"^num-nodes = {replicas}\b", toml, re.M), "num-nodes != replicas"
     # the config file, and the port the ConfigMap's http setting opens
     assert env["EPLB_CONFIG"]["value"].startswith(mounts["eplb-config"] + "/")
     assert ports["eplb-http"] == 9750 and ports["eplb-peer"] == 5555
@@ -163,3 +195,46 @@ def test_deploy_readme_documents_every_option() -> None:
     for opt in OPTIONS:
         assert f"| `{opt.flag}` | `{opt.env}` |" in text, opt.name
     assert markdown_table() in text, "regenerate the table: see markdown_table's docstring"
+
+
+def keys_script(src: Path, dst: Path) -> str:
+    """The eplb-keys init container's script, reading ``src`` and writing ``dst``."""
+    (keys,) = [c for c in pod_spec()["initContainers"] if c["name"] == "eplb-keys"]
+    assert keys["command"] == ["/bin/sh", "-c"]
+    script = keys["args"][0]
+    assert "$(" not in script  # Kubernetes would expand $(NAME) itself
+    line = "src=/etc/eplb/curve-all; dst=/etc/eplb/curve;"
+    assert line in script
+    return script.replace(line, f"src={src}; dst={dst};")
+
+
+def test_each_pod_gets_only_its_own_node_keys_and_they_load(tmp_path: Path) -> None:
+    """The eplb-keys script under sh, on the files of the per-node Secrets (as their projected
+    volume shows them) for 3 nodes: each node's result loads, and holds no other node's secret."""
+    made = tmp_path / "made"
+    create_keys(made, 3)
+    src = tmp_path / "all"  # what the Secrets of deploy/README.md step 2 hold, as symlinks
+    (src / "..data").mkdir(parents=True)
+    for path in made.iterdir():
+        shutil.copy(path, src / "..data" / path.name)
+        (src / path.name).symlink_to(Path("..data") / path.name)
+    expected = {0: {"leader.key_secret", "node-1.key", "node-2.key"},
+                1: {"leader.key", "node-1.key_secret"}, 2: {"leader.key", "node-2.key_secret"}}
+    for node, files in expected.items():
+        dst = tmp_path / f"pod{node}"
+        dst.mkdir()
+        proc = subprocess.run(["sh", "-c", keys_script(src, dst)], capture_output=True,
+                              text=True, timeout=30, env={"EPLB_NODE_RANK": str(node),
+                                                          "PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 0, proc.stderr
+        assert {p.name for p in dst.iterdir()} == files
+        assert all(p.stat().st_mode & 0o777 == 0o400 and not p.is_symlink()
+                   for p in dst.iterdir())
+        keys = load_keys(dst, node, 3)
+        assert not keys.warnings and not keys.shared
+    missing = tmp_path / "pod3"
+    missing.mkdir()
+    proc = subprocess.run(["sh", "-c", keys_script(src, missing)], capture_output=True, text=True,
+                          timeout=30, env={"EPLB_NODE_RANK": "3", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1 and "node-3.key_secret from the Secret eplb-curve-node-3" \
+        in proc.stderr, proc.stderr

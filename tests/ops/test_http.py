@@ -115,6 +115,25 @@ def test_each_path_gets_its_answer_and_head_gets_no_body() -> None:
     assert serve(check) == []
 
 
+def test_readyz_is_local_and_readyz_leader_adds_the_group_view() -> None:
+    state = HealthState(stale_after_s=60)
+
+    async def check(server: HttpEndpoints, port: int) -> None:
+        state.set_ready(True, "ready: 2 local worker(s)", False, "leader silent for 9.0s")
+        for path in ("/readyz", "/readyz?leader=0", "/readyz?x=1"):
+            answer = await exchange(port, get(path))
+            assert status(answer) == 200 and answer.endswith(b"ready: 2 local worker(s)\n"), path
+        for path in ("/readyz?leader=1", "/readyz?leader", "/readyz?x=1&leader=true"):
+            answer = await exchange(port, get(path))
+            assert status(answer) == 503 and answer.endswith(b"leader silent for 9.0s\n"), path
+        state.set_ready(False, "0/1 local workers joined", True)  # local not ready: neither is
+        assert status(await exchange(port, get("/readyz?leader=1"))) == 503
+        state.set_ready(True, "ready", True, "ready, leader heard")
+        assert status(await exchange(port, get("/readyz?leader=1"))) == 200
+
+    assert serve(check, state=state) == []
+
+
 def test_post_gets_405_malformed_gets_400_an_oversized_head_gets_431_each_then_closed() -> None:
     async def check(server: HttpEndpoints, port: int) -> None:
         post = await exchange(port, get("/healthz", "POST", "Content-Length: 5\r\n") + b"hello")
