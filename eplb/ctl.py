@@ -400,7 +400,8 @@ def plot_history(history: list[dict[str, Any]], status: dict[str, Any], path: Pa
     if now is not None and status.get("max_step"):
         xs.append(status["max_step"])
         ys.append(now)
-    ax.plot(xs, ys, color="tab:blue", marker=".", lw=1.5, label="balancedness")
+    ax.plot(xs, ys, color="tab:blue", marker=".", lw=1.5,
+            label="balancedness: before each attempt, after each switch, now")
     ax.plot([], [], color="tab:green", alpha=0.35, label="committed rebalance (switch step S)")
     ax.plot([], [], marker="o", mfc="none", color="tab:green", ls="none",
             label="predicted after")

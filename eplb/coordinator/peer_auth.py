@@ -202,6 +202,7 @@ class LinkMonitor:
         self.cause_text = ""
         self._cause_since = self._cause_logged = 0.0
         self._cause_count = 0
+        self.down_events = 0  # failed attempts since the link was last up
         self._was_down = False
         self._attempt: set[int] = set()  # events of the connection attempt under way
         self._dropped = 0
@@ -219,6 +220,7 @@ class LinkMonitor:
                 status["authenticated"] = self.authenticated
             status["link"] = ("up" if self.authenticated else
                               f"down: {self.cause_text}" if self.cause else "not up yet")
+            status["failed_attempts"] = self.down_events
         return status
 
     def dropped_frame(self) -> None:
@@ -266,7 +268,7 @@ class LinkMonitor:
                     log.info("connected to the leader at %s%s", endpoint, down)
             self.authenticated = True
             self._next_retry_s = self.retry_s
-            self.cause, self.cause_text, self._dropped = None, "", 0
+            self.cause, self.cause_text, self._dropped, self.down_events = None, "", 0, 0
             return
         if event == zmq.EVENT_DISCONNECTED:
             if follower and self.authenticated:
@@ -314,6 +316,7 @@ class LinkMonitor:
         ``remind_s`` while it lasts)."""
         now = time.monotonic()
         self._was_down = True
+        self.down_events += 1
         if cause != self.cause:
             if self.cause is None:
                 self._cause_since = now
