@@ -254,7 +254,8 @@ def _requester() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "?"
-    return f"eplbctl (user {user}, uid {os.getuid()}, pid {os.getpid()}, host {socket.gethostname()})"
+    return (f"eplbctl (user {user}, uid {os.getuid()}, pid {os.getpid()}, "
+            f"host {socket.gethostname()})")
 
 
 def _rebalance(args: argparse.Namespace) -> int:
@@ -496,7 +497,8 @@ class _PlanHelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eplbctl", description="Control and inspect eplb sidecars.",
-                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", type=Path, default=None,
                    help="the sidecar's run directory (default: as eplb-sidecar's: $EPLB_RUN_DIR, "
                         "else $XDG_RUNTIME_DIR/eplb, else /tmp/eplb-UID)")
@@ -505,8 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("status", help="show the cluster's state in words (asked of the leader)",
                        description=_wrap("This sidecar's role and link to the leader, the "
-                                         "group's ranks, model, balancedness, the epoch in flight and the last attempts; "
-                                   "an unsafe instance is shown first."),
+                                         "group's ranks, model, balancedness, the epoch in "
+                                         "flight and the last attempts; an unsafe instance is "
+                                         "shown first."),
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--json", action="store_true", help="print the full status as JSON")
     s.add_argument("--local", action="store_true", help="only this sidecar's own view")
@@ -516,11 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the last N rebalance attempts (default 5)")
     s.set_defaults(func=_status)
     s = sub.add_parser("rebalance", help="start a rebalance now and wait for its outcome",
-                       description=_wrap("Ask the leader for a rebalance, wait until it has an "
-                                         "outcome and print it: the epoch, its switch step S, slots and bytes "
-                                   "moved, balancedness before and after (predicted, and observed "
-                                   "once measured), or why it was skipped or aborted. The exit "
-                                   "code says which."),
+                       description=_wrap(
+                           "Ask the leader for a rebalance, wait until it has an outcome and print "
+                           "it: the epoch, its switch step S, slots and bytes moved, balancedness "
+                           "before and after (predicted, and observed once measured), or why it "
+                           "was skipped or aborted. The exit code says which. The leader logs who "
+                           "asked."),
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--force", action="store_true",
                    help="carry it out even if the predicted gain is below --min-gain")
@@ -530,10 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="wait at most this long for the outcome (default 300)")
     s.set_defaults(func=_rebalance)
     s = sub.add_parser("history", help="the last rebalance attempts (up to 50), one per line",
-                       description=_wrap("The leader's last rebalance attempts (up to 50), one "
-                                         "per line; --plot draws balancedness by decode step with the rebalances "
-                                   "marked (needs matplotlib: pip install "
-                                   "'eplb-coordinator[plot]')."),
+                       description=_wrap(
+                           "The leader's last rebalance attempts (up to 50), one per line; --plot "
+                           "draws balancedness by decode step with the rebalances marked (needs "
+                           "matplotlib: pip install 'eplb-coordinator[plot]')."),
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--json", action="store_true", help="print the records as JSON")
     s.add_argument("--plot", type=Path, default=None, metavar="FILE.png",

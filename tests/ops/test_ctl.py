@@ -203,3 +203,28 @@ def test_eplbctl_help_lists_the_exit_codes() -> None:
         assert code in out.stdout, code
     assert "--no-wait" in out.stdout and "--timeout SECONDS" in out.stdout
     assert "Failed to initialize NumPy" not in out.stderr
+
+
+def test_an_unsafe_instance_is_shown_first(monkeypatch) -> None:
+    """Rendering only (an unsafe instance needs an epoch that failed after COMMIT): the leader's
+    status as it answers, with ``unsafe`` set."""
+    import argparse
+
+    import eplb.ctl as ctl
+
+    local = {"node": 0, "num_nodes": 1, "role": "leader", "pid": 1, "uptime_s": 5.0,
+             "ready": False, "leader_address": "tcp://127.0.0.1:5555", "local_workers": [0, 1],
+             "frames_rejected": {}, "http": None, "peer_link": {"security": "none (single node)"}}
+    status = {"leader": local, "unsafe": "epoch 3: rank 1 reported a failed copy",
+              "workers": [0, 1], "world_size": 2, "shape": [2, 4, 8], "min_step": 10,
+              "max_step": 12, "steps_per_second": 3.0, "balancedness": 0.5,
+              "placement_hash": "abc", "epoch_in_flight": None, "planning": False,
+              "counters": {"failed": 1}, "next_trigger_step": 100, "nodes": {},
+              "history": [{"epoch": 3, "outcome": "failed", "switch_step": 9,
+                           "reason": "rank 1 reported a failed copy"}]}
+    monkeypatch.setattr(ctl, "_call", lambda args, op, call_args, timeout_s=None: status)
+    code, text = ctl.status_text(argparse.Namespace(local=False, last=5))
+    lines = text.splitlines()
+    assert code == EXIT_OK
+    assert lines[0] == "!! UNSAFE: epoch 3: rank 1 reported a failed copy"
+    assert "epoch 3 FAILED after COMMIT (S=9)" in text and "None" not in text
