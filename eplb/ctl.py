@@ -274,7 +274,12 @@ def _rebalance(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"rebalance requested{' (forced)' if args.force else ''}; waiting up to "
           f"{args.wait_timeout:g}s for the outcome", file=sys.stderr, flush=True)
-    return _wait_for_outcome(args, int(request), result.get("incarnation"))
+    try:
+        return _wait_for_outcome(args, int(request), result.get("incarnation"))
+    except KeyboardInterrupt:
+        print("\neplbctl rebalance: stopped waiting; the rebalance goes on (eplbctl status shows "
+              "it)", file=sys.stderr)
+        return 130
 
 
 def _wait_for_outcome(args: argparse.Namespace, request: int, incarnation: str | None) -> int:
@@ -360,7 +365,11 @@ def _history(args: argparse.Namespace) -> int:
     else:
         print("\n".join(describe_record(r) for r in history) or "no rebalance attempted yet")
     if args.plot is not None:
-        plot_history(history, status, args.plot)
+        try:
+            plot_history(history, status, args.plot)
+        except OSError as exc:
+            print(f"eplbctl: cannot write {args.plot}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
         print(f"wrote {args.plot}", file=sys.stderr)
     return EXIT_OK
 
