@@ -35,11 +35,11 @@ def no_traceback(out: subprocess.CompletedProcess) -> None:
 
 def test_rebalance_waits_for_the_outcome_and_its_exit_code_says_which(tmp_path: Path) -> None:
     # --min-gain 1: an unforced plan is always skipped; --ack-timeout 1 and no retries: a frozen
-    # rank makes the epoch abort after a second; --worker-timeout 30 keeps it in the group.
+    # rank makes the epoch abort after a second; --worker-timeout 60 keeps it in the group.
     base = Path("/tmp") / f"eplbctl-{os.getpid()}"
     shutil.rmtree(base, ignore_errors=True)
     flags = ["--min-gain", "1", "--ack-timeout", "1", "--max-retries", "0",
-             "--worker-timeout", "30"]
+             "--worker-timeout", "60"]
     with start_demo_cluster(base, 4, 2, sidecar_flags=flags) as cluster:
         leader, follower = cluster.run_dir(0), cluster.run_dir(1)
 
