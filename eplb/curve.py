@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def load_keys(directory: Path, node: int, num_nodes: int) -> CurveKeys:
     if public == leader_public:
         raise CurveKeyError(f"{own} holds the leader's key; {HINT}")
     assert secret is not None
+    warnings += tuple(filter(None, [exposed_secret_warning(own)]))
     return CurveKeys(public, secret, leader_public, shared=own == shared, warnings=warnings)
 
 
@@ -134,7 +136,8 @@ def _load_leader(directory: Path, num_nodes: int) -> CurveKeys:
     public, secret = _load(directory / f"{LEADER}.key_secret", secret=True)
     assert secret is not None
     authorized: dict[bytes, str] = {}
-    warnings: list[str] = []
+    warnings: list[str] = list(filter(None, [exposed_secret_warning(
+        directory / f"{LEADER}.key_secret")]))
     try:
         certs = sorted(directory.glob("*.key"))
     except OSError as exc:
@@ -168,6 +171,24 @@ def _load_leader(directory: Path, num_nodes: int) -> CurveKeys:
                         "authorized: whoever holds node.key_secret can pose as any node; "
                         f"{HINT} and remove node.key")
     return CurveKeys(public, secret, public, authorized, shared=shared, warnings=tuple(warnings))
+
+
+def exposed_secret_warning(path: Path) -> str | None:
+    """A warning if the secret key file ``path`` is readable by more users than need it: by
+    others, or by its group when this user owns it (a file of another owner, root say, that this
+    user reads through its group, as deploy/ sets it up, is fine). None if it is private."""
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    ours = info.st_uid == os.getuid()
+    if not (mode & 0o004 or (ours and mode & 0o040)):
+        return None
+    who = "every user on this machine" if mode & 0o004 else "its group"
+    fix = f"chmod 600 {path}" if ours else f"chmod o-rwx {path}"
+    return (f"secret key {path} (mode {mode:04o}) is readable by {who}, who could pose as this "
+            f"node on the TCP link; it is used anyway: run `{fix}`")
 
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:

@@ -118,6 +118,7 @@ class EpochRecord:
     bytes_received: int = 0
     max_hold_ms: float = 0.0
     forced: bool = False
+    request: int | None = None  # the plan request it came from (its retries share it)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -357,17 +358,38 @@ class LeaderCore:
 
     # --- triggering and planning ----------------------------------------------------------------
 
-    def request_rebalance(self, force: bool) -> tuple[bool, str]:
-        """``eplbctl rebalance``: start an epoch at the next tick. Returns (accepted, message)."""
+    def request_rebalance(self, force: bool, by: str = "") -> tuple[bool, str]:
+        """``eplbctl rebalance``: start an epoch at the next tick. Returns (accepted, message).
+        Once accepted, :attr:`next_request` is the request number its history records carry
+        (``request``); ``by`` says who asked, for the log."""
+        accepted, text = self._may_rebalance()
+        last = self.history[-1] if self.history else None
+        context = {"epoch": self._next_epoch} if accepted else {}
+        asked = (f"rebalance{' (forced)' if force else ''} requested by {by or 'eplbctl'}; last "
+                 f"attempt: {_describe(last)}")
+        if not accepted:
+            log.warning("%s; refused: %s", asked, text, extra=context)
+            return False, text
+        self._requested = force
+        log.info("%s; request %d, next epoch %d", asked, self._next_request, self._next_epoch,
+                 extra=context)
+        return True, "rebalance requested"
+
+    def _may_rebalance(self) -> tuple[bool, str]:
         if self.unsafe_reason:
             return False, f"the instance is unsafe after a failed epoch: {self.unsafe_reason}"
         if not self.group_complete:
-            return False, (f"only {len(self.workers)}/{self.world_size or '?'} workers have joined; "
-                           "a rebalance needs the whole group")
+            return False, (f"only {len(self.workers)} of "
+                           f"{self.world_size if self.world_size else 'an unknown number of'} "
+                           "ranks have joined; a rebalance needs the whole group")
         if self.agreement is not None or self._pending is not None:
             return False, "a rebalance is already in progress"
-        self._requested = force
-        return True, "rebalance requested"
+        return True, ""
+
+    @property
+    def next_request(self) -> int:
+        """The number the next plan request gets (an accepted ``eplbctl rebalance`` is it)."""
+        return self._next_request
 
     def on_tick(self, now: float) -> list[Output]:
         """Advance time: end overdue phases, retry aborted epochs, start new ones when due."""
@@ -400,14 +422,16 @@ class LeaderCore:
         self._pending = None
         if isinstance(result, BaseException):
             self.history.append(EpochRecord(None, "plan_error", f"{type(result).__name__}: {result}",
-                                            started_at_step=self.min_step(), forced=forced))
+                                            started_at_step=self.min_step(), forced=forced,
+                                            request=request_id))
             log.error("planning failed: %s", result)
             return []
         record = EpochRecord(None, "skipped", result.skip_reason, started_at_step=self.min_step(),
                              balancedness_before=result.balancedness_before,
                              balancedness_predicted=result.balancedness_after,
                              experts_moved=result.experts_moved,
-                             plan_ms=result.plan_seconds * 1e3, forced=forced)
+                             plan_ms=result.plan_seconds * 1e3, forced=forced,
+                             request=request_id)
         if result.skip_reason:
             self.counters["skipped"] += 1
             self.history.append(record)
@@ -500,7 +524,8 @@ class LeaderCore:
             retry = EpochRecord(None, "in_progress", "", forced=record.forced,
                                 balancedness_before=record.balancedness_before,
                                 balancedness_predicted=record.balancedness_predicted,
-                                experts_moved=record.experts_moved, plan_ms=record.plan_ms)
+                                experts_moved=record.experts_moved, plan_ms=record.plan_ms,
+                                request=record.request)
             return self._start_epoch(retry, now)
         return []
 
@@ -641,8 +666,11 @@ class LeaderCore:
                 "epoch": agreement.epoch, "phase": agreement.phase.value,
                 "switch_step": agreement.switch_step,
                 "waiting_for": sorted(self._waiting_for(agreement)),
+                "request": self._current.request if self._current is not None else None,
             },
             "planning": self._pending is not None,
+            "planning_request": self._pending[0] if self._pending is not None else None,
+            "rebalance_requested": self._requested is not None,
             "next_trigger_step": self._next_trigger_step,
             "counters": dict(self.counters),
             "history": [r.as_dict() for r in self.history[-50:]],
@@ -657,3 +685,13 @@ class LeaderCore:
         if agreement.phase is Phase.COMMITTED:
             return set(agreement.ranks - set(agreement.done))
         return set()
+
+
+def _describe(record: EpochRecord | None) -> str:
+    """One attempt in a few words, for the log."""
+    if record is None:
+        return "none yet"
+    what = f"epoch {record.epoch} {record.outcome}" if record.epoch else record.outcome
+    if record.switch_step is not None and record.outcome == "committed":
+        what += f" at S={record.switch_step}"
+    return what

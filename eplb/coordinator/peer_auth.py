@@ -9,7 +9,8 @@
   is decoded.
 - :class:`LinkMonitor`: a socket monitor that turns failed CURVE handshakes into clear,
   rate-limited log lines (a follower facing an impostor leader or a wrong ``leader.key``; a leader
-  facing a plain-TCP client), counted like rejected frames.
+  facing a plain-TCP client), counted like rejected frames. A follower's monitor also says why its
+  link to the leader is down (name not resolved, nothing answering, keys), once per cause.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class NodeAuthenticator(AsyncioAuthenticator):
 
 _EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+           | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_CONNECT_DELAYED | zmq.EVENT_CLOSED
+           | zmq.EVENT_CONNECT_RETRIED)
 _FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
            zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -173,20 +175,37 @@ class LinkMonitor:
     libzmq gives up on a connection whose handshake failed on protocol or authentication (it only
     retries lost connections), so the follower reconnects itself after such a failure, waiting
     ``retry_s`` at first and twice as long after each further failure (up to ``max_retry_s``).
+
+    A follower's link that is down gets one log line per cause (the leader's host name does not
+    resolve, nothing accepts the connection, a handshake fails, the connection was lost), however
+    often libzmq retries; while the same cause persists it is repeated at most every
+    ``remind_s``, with how often it recurred. The line that the link is up again ends it. Without
+    ``own_key`` (plain TCP, opted out) the monitor only explains the link.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, on_failure: Callable[[str], None],
                  leader_address: str | None = None, own_key: str = "",
-                 every_s: float = 5.0, retry_s: float = 1.0, max_retry_s: float = 30.0) -> None:
+                 every_s: float = 5.0, retry_s: float = 1.0, max_retry_s: float = 30.0,
+                 remind_s: float = 300.0) -> None:
         self.sock = sock
         self.leader_address = leader_address
         self.own_key = own_key
         self.on_failure = on_failure
         self.every_s = every_s
+        self.remind_s = remind_s
         self.failures = 0
         self.last_failure: str | None = None
         self.authenticated = False  # the last handshake succeeded and the link is up
         self._logged: dict[int, tuple[float, int]] = {}
+        # follower: why the link is down (None: up, or not tried yet), since when, how often
+        self.cause: str | None = None
+        self.cause_text = ""
+        self._cause_since = self._cause_logged = 0.0
+        self._cause_count = 0
+        self.down_events = 0  # failed attempts since the link was last up
+        self._was_down = False
+        self._attempt: set[int] = set()  # events of the connection attempt under way
+        self._dropped = 0
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self._next_retry_s = retry_s
         self._retry: asyncio.TimerHandle | None = None
@@ -197,8 +216,23 @@ class LinkMonitor:
         status: dict[str, Any] = {"handshake_failures": self.failures,
                                   "last_failure": self.last_failure}
         if self.leader_address is not None:
-            status["authenticated"] = self.authenticated
+            if self.own_key:
+                status["authenticated"] = self.authenticated
+            status["link"] = ("up" if self.authenticated else
+                              f"down: {self.cause_text}" if self.cause else "not up yet")
+            status["failed_attempts"] = self.down_events
         return status
+
+    def dropped_frame(self) -> None:
+        """Follower: a frame for the leader was dropped (its queue is full). Said once per
+        outage while the link is down (the cause says why), else at most every ``every_s``."""
+        self._dropped += 1
+        if not self.authenticated:
+            if self._dropped == 1:
+                log.warning("frames for the leader are dropped while the link to it is down "
+                            "(%s)", self.cause_text or "not connected yet")
+            return
+        self._log(-1, logging.WARNING, "the leader is not keeping up; dropped a frame for it")
 
     async def run(self) -> None:
         try:
@@ -215,17 +249,31 @@ class LinkMonitor:
 
     def on_event(self, event: int, value: int, endpoint: str) -> None:
         follower = self.leader_address is not None
+        if follower and event in (zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CLOSED,
+                                  zmq.EVENT_CONNECTED):
+            self._attempt.add(event)
+            return
+        if follower and event == zmq.EVENT_CONNECT_RETRIED:
+            self._retried()
+            return
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             if follower and (not self.authenticated or self.failures):
-                log.info("authenticated the leader at %s (CURVE)%s", endpoint,
-                         f" after {self.failures} failed handshake(s)" if self.failures else "")
+                down = (f" after {time.monotonic() - self._cause_since:.1f}s down ({self.cause})"
+                        if self.cause else "")
+                if self.own_key:
+                    log.info("authenticated the leader at %s (CURVE)%s%s", endpoint,
+                             f" after {self.failures} failed handshake(s)" if self.failures
+                             else "", down)
+                elif self._was_down:
+                    log.info("connected to the leader at %s%s", endpoint, down)
             self.authenticated = True
             self._next_retry_s = self.retry_s
+            self.cause, self.cause_text, self._dropped, self.down_events = None, "", 0, 0
             return
         if event == zmq.EVENT_DISCONNECTED:
             if follower and self.authenticated:
-                self._log(event, logging.WARNING, f"lost the connection to the leader at "
-                                                  f"{endpoint}; reconnecting")
+                self._down("lost", logging.WARNING, f"lost the connection to the leader at "
+                                                    f"{endpoint}; reconnecting")
             self.authenticated = False
             return
         if event not in _FAILED:
@@ -237,18 +285,57 @@ class LinkMonitor:
         self.failures += 1
         self.last_failure = text
         self.on_failure(text)
-        if follower and event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            text += self._reconnect_later()
-        self._log(event, logging.ERROR if follower else logging.WARNING, text)
+        if follower:
+            if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._reconnect_later()
+            self._down(f"handshake-{event}", logging.ERROR, text)
+        else:
+            self._log(event, logging.WARNING, text)
 
-    def _reconnect_later(self) -> str:
-        """Schedule a fresh connection to the leader address; returns what to add to the log."""
+    def _retried(self) -> None:
+        """Follower: libzmq gave up one connection attempt and will try again. Which events the
+        attempt had tells why: none (no socket was even made: the host name did not resolve),
+        or a socket that never connected (refused, unreachable)."""
+        attempt, self._attempt = self._attempt, set()
+        if zmq.EVENT_CONNECTED in attempt:
+            return  # connected, then lost or refused in the handshake: said there
+        address = self.leader_address or ""
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        if not attempt:
+            self._down("unresolved", logging.ERROR,
+                       f"cannot resolve the leader's host name {host.strip('[]')!r} (--leader "
+                       f"{address}): check the name and this node's DNS; retrying")
+        else:
+            self._down("unreachable", logging.ERROR,
+                       f"cannot connect to the leader at {address}: nothing accepts connections "
+                       f"on {host}:{port} (refused or unreachable); is the leader's sidecar "
+                       "running, and is the port open between the nodes? retrying")
+
+    def _down(self, cause: str, level: int, text: str) -> None:
+        """Follower: the link is down for ``cause``; logged once per cause (and at most every
+        ``remind_s`` while it lasts)."""
+        now = time.monotonic()
+        self._was_down = True
+        self.down_events += 1
+        if cause != self.cause:
+            if self.cause is None:
+                self._cause_since = now
+            self.cause, self.cause_text = cause, text
+            self._cause_logged, self._cause_count = now, 0
+            log.log(level, "%s", text)
+            return
+        self._cause_count += 1
+        if now - self._cause_logged >= self.remind_s:
+            log.log(level, "still: %s (%d more time(s) in the last %.0fs)", text,
+                    self._cause_count, now - self._cause_logged)
+            self._cause_logged, self._cause_count = now, 0
+
+    def _reconnect_later(self) -> None:
+        """Schedule a fresh connection to the leader address (backing off)."""
         if self._retry is None:
             delay = self._next_retry_s
             self._next_retry_s = min(2 * delay, self.max_retry_s)
             self._retry = asyncio.get_running_loop().call_later(delay, self._reconnect)
-            return f"; trying again in {delay:g}s"
-        return ""
 
     def _reconnect(self) -> None:
         self._retry = None
@@ -283,9 +370,13 @@ class LinkMonitor:
             return (f"{where} does not complete a CURVE handshake ({_failure_kind(event, value)})"
                     ": it is not the leader, or a leader run with --insecure-plain-tcp; nothing "
                     "is exchanged with it")
+        if not self.own_key:
+            return (f"the handshake with {where} failed ({_failure_kind(event, value)}): this "
+                    "node runs plain TCP (--insecure-plain-tcp); is the leader using CURVE keys?")
         return (f"CURVE handshake with {where} failed: the server there did not prove that it "
-                "holds the leader's secret key (an impostor, or this node's leader.key does not "
-                "match the leader's leader.key_secret); nothing is exchanged with it")
+                "holds the leader's secret key: this node's leader.key does not match the "
+                "leader's leader.key_secret (copy leader.key from the leader's key directory), or "
+                "an impostor answers there; nothing is exchanged with it; retrying")
 
     def _log(self, kind: int, level: int, text: str) -> None:
         now = time.monotonic()

@@ -186,12 +186,14 @@ class Sidecar:
             self.up.setsockopt(zmq.MAXMSGSIZE, PEER_MAXMSGSIZE)
             if keys is not None:
                 # CURVE client: the handshake completes only with a server that holds the
-                # leader's secret key; the monitor explains a failure instead of retrying mutely
+                # leader's secret key
                 self.up.curve_serverkey = keys.leader_public
                 self.up.curve_publickey = keys.public
                 self.up.curve_secretkey = keys.secret
-                self._watch_link(self.up, leader_address=cfg.leader_address,
-                                 own_key=node_name(cfg.node_rank))
+            # the monitor explains a link that does not come up (name, reachability, keys),
+            # once per cause, instead of retrying mutely
+            self._watch_link(self.up, leader_address=cfg.leader_address,
+                             own_key=node_name(cfg.node_rank) if keys is not None else "")
             self.up.connect(cfg.leader_address)
 
     def _curve_keys(self) -> CurveKeys | None:
@@ -672,7 +674,9 @@ class Sidecar:
             if not self._peer_may_control(identity, peer):
                 raise Unauthenticated(f"control request {header.op!r} from a peer that is no "
                                       "authenticated follower (not answered)")
-            reply = await self._control(header)
+            via = next((f"node {n}" for n, f in self.nodes.items() if f.identity == identity),
+                       peer.user_id or "a TCP peer")
+            reply = await self._control(header, via)
             await self.peers.send_multipart([identity, encode(reply)])
             return
         node = getattr(header, "node", None)
@@ -734,7 +738,11 @@ class Sidecar:
         try:
             await self.up.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("node %d: leader not keeping up; dropped a frame", self.config.node_rank)
+            if self._link is not None:  # says why once: the link is down, or the leader is slow
+                self._link.dropped_frame()
+            else:
+                log.warning("node %d: leader not keeping up; dropped a frame",
+                            self.config.node_rank)
 
     async def _up_loop(self) -> None:
         """Follower: frames from the leader."""
@@ -885,6 +893,8 @@ class Sidecar:
             if not self.leader_seen:
                 hint = (" (CURVE: does the leader have this node's public key, and this node the "
                         "leader's?)" if cfg.curve_keys else "")
+                if self._link is not None and self._link.cause:
+                    hint = f": {self._link.cause_text}{hint}"  # the monitor knows why
                 return False, f"leader {cfg.leader_address} not heard from yet{hint}"
             if now - self.leader_seen > cfg.node_timeout_s:
                 return False, (f"leader {cfg.leader_address} silent for "
@@ -921,7 +931,7 @@ class Sidecar:
                 reply = await self._control(msg)
                 await self.control.send_multipart([identity, encode(reply)])
 
-    async def _control(self, msg: ControlRequest) -> ControlReply:
+    async def _control(self, msg: ControlRequest, via: str = "node 0") -> ControlReply:
         assert self.core is not None
         if msg.op == "status":
             result = self.core.status()
@@ -929,8 +939,12 @@ class Sidecar:
             result["nodes"] = {str(n): round(time.monotonic() - follower.seen, 3)
                                for n, follower in self.nodes.items()}
             return ControlReply(request_id=msg.request_id, ok=True, result=result, error="")
-        accepted, text = self.core.request_rebalance(bool(msg.args.get("force", False)))
-        return ControlReply(request_id=msg.request_id, ok=accepted, result={"message": text},
+        by = str(msg.args.get("by") or "a control client")[:200].encode("ascii", "replace")
+        accepted, text = self.core.request_rebalance(bool(msg.args.get("force", False)),
+                                                     f"{by.decode()} via {via}")
+        return ControlReply(request_id=msg.request_id, ok=accepted,
+                            result={"message": text, "request": self.core.next_request,
+                                    "incarnation": self.incarnation},
                             error="" if accepted else text)
 
     def local_status(self) -> dict[str, Any]:
@@ -938,6 +952,7 @@ class Sidecar:
         return {
             "node": self.config.node_rank, "num_nodes": self.config.num_nodes,
             "role": "leader" if self.config.is_leader else "follower",
+            "leader_address": self.config.leader_address,
             "incarnation": self.incarnation, "version": __version__, "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "local_workers": sorted(self.local),

@@ -238,3 +238,64 @@ def test_each_pod_gets_only_its_own_node_keys_and_they_load(tmp_path: Path) -> N
                           timeout=30, env={"EPLB_NODE_RANK": "3", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1 and "node-3.key_secret from the Secret eplb-curve-node-3" \
         in proc.stderr, proc.stderr
+
+
+def dockerfile_steps() -> list[tuple[str, str]]:
+    """deploy/Dockerfile as (INSTRUCTION, arguments), continuation lines joined, comments out."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    steps = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            steps.append((word.upper(), rest.strip()))
+    return steps
+
+
+def test_dockerfile_makes_the_run_dir_for_its_user_and_installs_dependencies_first() -> None:
+    """Static (no docker daemon in CI): the parent of EPLB_RUN_DIR exists and belongs to the user
+    the image runs as, made before USER; the dependencies are installed from pyproject.toml alone,
+    before the README and the code are copied (their edits do not rebuild that layer)."""
+    steps = dockerfile_steps()
+    user = next(i for i, (word, _) in enumerate(steps) if word == "USER")
+    uid = steps[user][1].split(":")[0]
+    env = " ".join(rest for word, rest in steps if word == "ENV")
+    run_dir = Path(re.search(r"EPLB_RUN_DIR=(\S+)", env).group(1))
+    runs = [(i, rest) for i, (word, rest) in enumerate(steps) if word == "RUN"]
+    made = [i for i, rest in runs if f"mkdir -p {run_dir.parent}" in rest
+            and f"chown {uid}:{uid} {run_dir.parent}" in rest]
+    assert made and made[0] < user, "the run directory's parent is made, for uid " + uid
+    copies = [(i, rest) for i, (word, rest) in enumerate(steps) if word == "COPY"]
+    first_copy = copies[0]
+    assert first_copy[1] == "pyproject.toml ./", first_copy
+    deps = next(i for i, rest in runs if "pip install -r requirements.txt" in rest)
+    assert first_copy[0] < deps
+    for i, rest in copies[1:]:
+        assert i > deps, f"COPY {rest} comes before the dependency layer"
+    assert any("README.md" in rest for _, rest in copies[1:])
+    final = next(i for i, rest in runs if "pip install --no-deps ." in rest)
+    assert final > max(i for i, _ in copies) and final < user
+
+
+def test_the_dockerfile_dependency_step_reads_pyproject() -> None:
+    """The one-liner the Dockerfile runs, run here on this pyproject.toml: it lists the runtime
+    dependencies, numpy among them (torch warns at import without it)."""
+    (cmd,) = [rest for word, rest in dockerfile_steps()
+              if word == "RUN" and "pip install -r requirements.txt" in rest]
+    code = re.search(r'python -c "(.*?)"', cmd).group(1)  # as the shell passes it
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=60, cwd=DEPLOY.parent)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split(">")[0].split(";")[0].strip() for line in proc.stdout.splitlines()]
+    assert {"torch", "pyzmq", "numpy", "msgpack"} <= set(listed), listed
+
+
+def test_numpy_is_a_runtime_dependency_and_matplotlib_an_extra() -> None:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("numpy") for d in project["dependencies"])
+    assert any(d.startswith("matplotlib") for d in project["optional-dependencies"]["plot"])
