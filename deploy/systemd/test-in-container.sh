@@ -23,16 +23,20 @@ set -euo pipefail
 # Runs as `test-in-container.sh --inside LEADER_PORT HTTP0 HTTP1` with /root/eplb holding the
 # repository's deploy/ and the wheel, /wheels the dependencies' wheels (there is no internet).
 inside() {
-    local port=$1 http0=$2 http1=$3
+    local port=$1 http0=$2 http1=$3 gloo=$4
     local leader=eplb-sidecar follower=eplb-sidecar-follower
+    local venv=/opt/eplb/venv ctl="/opt/eplb/venv/bin/eplbctl --run-dir /run/eplb"
     cd /root/eplb
     ok() { echo "ok: $*"; }
     fail() {
+        trap - ERR
         echo "FAIL: $*"
         for u in $leader $follower; do
             echo "----- systemctl status $u"; systemctl status --no-pager -l $u || true
             echo "----- journalctl -u $u"; journalctl -u $u --no-pager -n 150 || true
         done
+        echo "----- journalctl -u 'eplb-engine-*'"
+        journalctl -u 'eplb-engine-*' --no-pager -n 60 || true
         exit 1
     }
     trap 'fail "line $LINENO: $BASH_COMMAND"' ERR
@@ -40,35 +44,40 @@ inside() {
     wait_code() {  # URL CODE SECONDS
         local deadline=$((SECONDS + $3))
         until [ "$(http_code "$1")" = "$2" ]; do
-            [ $SECONDS -lt $deadline ] || fail "$1 did not answer $2 within $3 s"
+            [ $SECONDS -lt $deadline ] || fail "$1 did not answer $2 within $3 s: $(curl -s "$1")"
             sleep 0.5
         done
     }
     prop() { systemctl show -P "$2" "$1"; }
+    status() {  # a python expression over the leader's status s
+        $ctl status --json | $venv/bin/python -c "import json, sys; s = json.load(sys.stdin); print($1)"
+    }
+    sidecar_lines() { journalctl -u "$1" SYSLOG_IDENTIFIER=eplb-sidecar --no-pager -o cat; }
 
-    # 1. A user and a virtual environment (the venv with torch's CPU wheel is in the cached root:
-    #    `python3 -m venv /opt/eplb/venv` and pip from /wheels instead of the index).
+    # 1. A user and a virtual environment (the venv with torch's CPU wheel and numpy is in the
+    #    cached root: `python3 -m venv /opt/eplb/venv` and pip from /wheels, there is no index).
     useradd --system --user-group --no-create-home --shell /usr/sbin/nologin eplb
-    /opt/eplb/venv/bin/pip install -q --no-index --find-links /wheels /root/eplb/eplb_coordinator-*.whl
-    ok "step 1: user eplb, $(/opt/eplb/venv/bin/pip list 2>/dev/null | grep -E '^(eplb-coordinator|torch) ' | tr -s ' ' | paste -sd, -)"
+    $venv/bin/pip install -q --no-index --find-links /wheels /root/eplb/eplb_coordinator-*.whl
+    ok "step 1: user eplb, $($venv/bin/pip list 2>/dev/null | grep -E '^(eplb-coordinator|torch|numpy) ' | tr -s ' ' | paste -sd, -)"
 
-    # 2. Settings, edited as the README says: num-nodes, leader, expected-workers (no engine here:
-    #    0), and, since both nodes share this machine and its network, loopback addresses.
+    # 2. Settings, edited as the README says: num-nodes (2), leader, expected-workers (2 ranks per
+    #    node here); since both nodes share this machine and its network, loopback addresses.
     mkdir -p /etc/eplb
     cp deploy/systemd/sidecar.toml /etc/eplb/sidecar.toml
     cp deploy/systemd/sidecar.env /etc/eplb/sidecar.env
     sed -i -e "s|^leader = .*|leader = \"tcp://127.0.0.1:$port\"|" \
            -e "s|^bind = .*|bind = \"tcp://127.0.0.1:$port\"|" \
            -e "s|^http = .*|http = \"127.0.0.1:$http0\"|" \
-           -e "s|^expected-workers = .*|expected-workers = 0|" /etc/eplb/sidecar.toml
+           -e "s|^expected-workers = .*|expected-workers = 2|" /etc/eplb/sidecar.toml
     (set -a; . /etc/eplb/sidecar.env; EPLB_CONFIG=/etc/eplb/sidecar.toml \
-        /opt/eplb/venv/bin/eplb-sidecar --print-config) > /root/print-config.toml
-    grep -q "^node-rank = 0" /root/print-config.toml || fail "print-config: $(cat /root/print-config.toml)"
+        $venv/bin/eplb-sidecar --print-config) > /root/print-config.toml 2>/root/print-config.err
+    grep -q "^node-rank = 0" /root/print-config.toml || fail "print-config: $(cat /root/print-config.*)"
+    [ ! -s /root/print-config.err ] || fail "print-config wrote to stderr: $(cat /root/print-config.err)"
     ok "step 2: /etc/eplb/sidecar.toml and sidecar.env, --print-config"
 
     # 3. CURVE keys: the leader's files in /etc/eplb/curve; node 1's in /etc/eplb/curve-follower
     #    (on a real second machine that would be its /etc/eplb/curve).
-    /opt/eplb/venv/bin/eplbctl keys /root/eplb-keys --nodes 2 >/dev/null
+    $venv/bin/eplbctl keys /root/eplb-keys --nodes 2 >/dev/null
     install -d -o root -g eplb -m 0750 /etc/eplb/curve /etc/eplb/curve-follower
     install -o root -g eplb -m 0640 /root/eplb-keys/leader.key_secret /root/eplb-keys/node-1.key \
         /etc/eplb/curve/
@@ -76,8 +85,9 @@ inside() {
         /etc/eplb/curve-follower/
     ok "step 3: eplbctl keys, /etc/eplb/curve"
 
-    # 4. The unit. The follower is a copy with its own run directory, settings and keys.
-    useradd --user-group --no-create-home engine
+    # 4. The unit, and the engine's user in group eplb. The follower is a copy of the unit with
+    #    its own run directory, settings and keys (a drop-in).
+    useradd --user-group --create-home engine
     cp deploy/systemd/eplb-sidecar.service /etc/systemd/system/
     usermod -aG eplb engine
     cp deploy/systemd/eplb-sidecar.service /etc/systemd/system/$follower.service
@@ -89,65 +99,90 @@ inside() {
     systemctl daemon-reload
     local t0=$SECONDS
     timeout 120 systemctl enable --now $leader || fail "systemctl enable --now $leader"
-    ok "step 4: $leader started in $((SECONDS - t0)) s"
+    ok "step 4: $leader started (READY=1) in $((SECONDS - t0)) s"
     t0=$SECONDS
     timeout 120 systemctl start $follower || fail "systemctl start $follower"
     ok "$follower started in $((SECONDS - t0)) s"
-    local started=$SECONDS
 
     # 5. Check it.
     for u in $leader $follower; do
         [ "$(systemctl is-active $u)" = active ] || fail "$u is $(systemctl is-active $u)"
-        [ "$(prop $u StatusText)" != "" ] || true
     done
     systemctl status --no-pager $leader | grep -q "active (running)" || fail "status of $leader"
     ok "both active (running)"
     wait_code "http://127.0.0.1:$http0/healthz" 200 10
     wait_code "http://127.0.0.1:$http1/healthz" 200 10
     ok "/healthz 200 on both"
-    wait_code "http://127.0.0.1:$http0/readyz" 200 20
-    wait_code "http://127.0.0.1:$http1/readyz" 200 20
-    ok "/readyz 200 on both (the follower heard the leader over CURVE)"
-    curl -s "http://127.0.0.1:$http0/metrics" | grep -q '^eplb_follower_sidecars 1' \
-        || fail "leader: eplb_follower_sidecars is not 1"
-    ok "leader: eplb_follower_sidecars 1"
-    /opt/eplb/venv/bin/eplbctl --run-dir /run/eplb status >/root/status.txt \
-        || fail "eplbctl status: $(cat /root/status.txt)"
+    [ "$(http_code "http://127.0.0.1:$http0/readyz")" = 503 ] || fail "leader ready without workers"
+    ok "/readyz 503 before the engine's ranks joined"
+    $ctl status >/root/status.txt || fail "eplbctl status: $(cat /root/status.txt)"
     ok "eplbctl --run-dir /run/eplb status"
     [ "$(stat -c '%a %G' /run/eplb)" = "770 eplb" ] || fail "/run/eplb is $(stat -c '%a %G' /run/eplb)"
     ok "/run/eplb is 0770 group eplb"
-    journalctl -u $leader --no-pager -o cat | grep -q '"msg"' || fail "no JSON lines in the journal"
-    ok "journal has the JSON lines"
-    if journalctl -u $leader -u $follower --no-pager -o cat | grep -E '"level": ?"(WARNING|ERROR)"|Traceback'; then
-        fail "warnings or errors in the journal"
-    fi
-    ok "no warnings or errors in the journals"
 
-    # The watchdog (WatchdogSec=10): still the same process, never restarted, after 12 s.
+    # The engine: 4 demo ranks (2 per node) as user engine, as systemd services (User= also gives
+    # them group eplb), with EPLB_GROUP_ACCESS=true as step 4 says.
+    for r in 0 1 2 3; do
+        local dir=/run/eplb; [ $r -lt 2 ] || dir=/run/eplb-follower
+        systemd-run -q --unit=eplb-engine-$r --uid=engine -p WorkingDirectory=/home/engine \
+            -E EPLB_GROUP_ACCESS=true $venv/bin/python -m eplb.demo.worker --rank $r --world-size 4 \
+            --ranks-per-node 2 --run-dir $dir --dist-init tcp://127.0.0.1:$gloo --steps 0 \
+            --step-ms 1 --result /home/engine/worker$r.json
+    done
+    wait_code "http://127.0.0.1:$http0/readyz" 200 60
+    wait_code "http://127.0.0.1:$http1/readyz" 200 20
+    ok "/readyz 200 on both once the engine's ranks joined (the follower heard the leader over CURVE)"
+    curl -s "http://127.0.0.1:$http0/metrics" | grep -q '^eplb_follower_sidecars 1' \
+        || fail "leader: eplb_follower_sidecars is not 1"
+    ok "leader: eplb_follower_sidecars 1, workers $(status 's["workers"]')"
+
+    # A rebalance, planned in the process planner (sidecar.toml) under the unit's hardening.
+    local deadline=$((SECONDS + 90))
+    until [ "$(status 'sum(e["outcome"] == "committed" for e in s["history"])')" -gt 0 ]; do
+        [ $SECONDS -lt $deadline ] || fail "no epoch committed in 90 s: $(status 's["history"]')"
+        if [ "$(status 's["epoch_in_flight"] is None')" = True ]; then
+            $ctl rebalance --force >/dev/null
+        fi
+        sleep 1
+    done
+    ok "a rebalance committed: $(status '[e["outcome"] for e in s["history"]]')"
+
+    # Every line the sidecars wrote is JSON, none a warning or an error.
+    for u in $leader $follower; do
+        sidecar_lines $u | grep -q . || fail "$u: nothing in the journal"
+        if sidecar_lines $u | grep -v '^{'; then fail "$u: lines that are not JSON (above)"; fi
+        if sidecar_lines $u | grep -E '"level": ?"(WARNING|ERROR|CRITICAL)"'; then
+            fail "$u: warnings or errors in the journal (above)"
+        fi
+    done
+    ok "journals: JSON lines only, no warnings or errors"
+
+    # The watchdog (WatchdogSec=10): still the same processes, never restarted, after 12 s.
     local pid0 pid1
     pid0=$(prop $leader MainPID) pid1=$(prop $follower MainPID)
-    sleep $((started + 12 - SECONDS > 0 ? started + 12 - SECONDS : 0))
+    sleep 12
     for u in $leader $follower; do
         [ "$(systemctl is-active $u)" = active ] && [ "$(prop $u NRestarts)" = 0 ] \
             || fail "$u: $(systemctl is-active $u), NRestarts=$(prop $u NRestarts)"
     done
     [ "$(prop $leader MainPID)" = "$pid0" ] && [ "$(prop $follower MainPID)" = "$pid1" ] \
         || fail "a main PID changed without a restart"
-    ok "watchdog: both still running after 12 s, NRestarts=0"
+    ok "watchdog: both still running 12 s later, NRestarts=0"
 
-    # Restart: a new process, ready again, and the follower finds the new leader.
+    # Restart: a new process, ready again; the engine's ranks join the new one.
     for u in $leader $follower; do
         local before; before=$(prop $u MainPID)
         timeout 60 systemctl restart $u || fail "systemctl restart $u"
         [ "$(systemctl is-active $u)" = active ] && [ "$(prop $u MainPID)" != "$before" ] \
             || fail "$u after restart: $(systemctl is-active $u), MainPID $(prop $u MainPID)"
-        [ "$(prop $u ExecMainStatus)" = 0 ] || true
     done
     wait_code "http://127.0.0.1:$http0/healthz" 200 10
-    wait_code "http://127.0.0.1:$http1/readyz" 200 20
-    ok "restart: new main processes, /healthz and /readyz 200 again"
+    wait_code "http://127.0.0.1:$http0/readyz" 200 30
+    wait_code "http://127.0.0.1:$http1/readyz" 200 30
+    ok "restart: new main processes; /healthz, /readyz 200 again, workers $(status 's["workers"]')"
 
     # Stop: SIGTERM, clean exit 0 well within TimeoutStopSec.
+    systemctl stop 'eplb-engine-*'
     for u in $follower $leader; do
         t0=$SECONDS
         timeout 60 systemctl stop $u || fail "systemctl stop $u"
@@ -156,6 +191,13 @@ inside() {
         [ "$st" = 0 ] && [ "$res" = success ] || fail "$u stopped with ExecMainStatus=$st Result=$res"
         ok "stop $u in $((SECONDS - t0)) s: ExecMainStatus=0 Result=success"
     done
+    # (Restarting a node logs errors on the other: "node 1 lost"; a crash would leave these.)
+    for u in $leader $follower; do
+        if sidecar_lines $u | grep -E '"level": ?"CRITICAL"|Traceback'; then
+            fail "$u: a traceback or a critical error in the journal (above)"
+        fi
+    done
+    ok "journals: no traceback over restart and stop"
     systemd-analyze security --no-pager $leader 2>/dev/null | tail -1 | sed 's/^/info: /' || true
     echo PASS
 }
@@ -228,7 +270,7 @@ cp "$0" "$RUN/eplb/test-in-container.sh"
 # The cached root: debootstrap, plus /opt/eplb/venv with the dependencies (README step 1).
 deps=$(sed -n '/^dependencies = \[/,/^]/p' "$RUN/src/pyproject.toml")
 key=$(printf '%s\n' "$SUITE" "$MIRROR" "$PACKAGES" "$TORCH" "$deps" "$(uname -m)" \
-      "$(sed -n '/^# root recipe/,/^# end of root recipe/p' "$0")" | sha256sum | cut -c1-16)
+      "$(sed -n '/^ *# root recipe/,/^ *# end of root recipe/p' "$0")" | sha256sum | cut -c1-16)
 BASE=$CACHE/root-$SUITE-$key
 WHEELS=$CACHE/wheels-$key
 exec 9>"$CACHE/build.lock"
@@ -241,7 +283,7 @@ if [ ! -d "$BASE" ]; then
         > "$RUN/debootstrap.log" 2>&1 || { tail -20 "$RUN/debootstrap.log" >&2; die "debootstrap failed"; }
     pyver=$(readlink "$BASE.tmp/usr/bin/python3" | sed 's/^python//')
     "$PYTHON" -m pip download -q -d "$WHEELS.tmp" --only-binary=:all: --python-version "$pyver" \
-        "$RUN"/eplb/eplb_coordinator-*.whl "$TORCH" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+        "$RUN"/eplb/eplb_coordinator-*.whl "$TORCH" numpy 2>&1 | grep -v "is ignored: it is neither" >&2 || true
     rm -f "$WHEELS".tmp/eplb_coordinator-*.whl
     ls "$WHEELS".tmp/torch-*.whl >/dev/null || die "pip download found no torch wheel"
     if ls "$WHEELS".tmp | grep -q '^nvidia_'; then die "pip picked a CUDA build of torch; set EPLB_TORCH"; fi
@@ -262,9 +304,9 @@ say "root ready in $((SECONDS - t0)) s: $BASE"
 mkdir -p "$RUN/upper" "$RUN/work" "$RUN/root"
 mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$RUN/upper,workdir=$RUN/work" "$RUN/root"
 cp -r "$RUN/eplb" "$RUN/root/root/eplb"
-read -r port http0 http1 < <("$PYTHON" - <<'EOF'
+read -r port http0 http1 gloo < <("$PYTHON" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -296,5 +338,5 @@ case "$state" in
     *) cat "$RUN/console.log" >&2; die "the container did not boot: '$state'" ;;
 esac
 say "container booted in $((SECONDS - t1)) s ($state)"
-in_container bash /root/eplb/test-in-container.sh --inside "$port" "$http0" "$http1"
+in_container timeout 600 bash /root/eplb/test-in-container.sh --inside "$port" "$http0" "$http1" "$gloo"
 say "total $((SECONDS - t0)) s"
