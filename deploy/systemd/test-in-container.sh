@@ -97,6 +97,10 @@ inside() {
     printf 'EPLB_NODE_RANK=1\nEPLB_RUN_DIR=/run/eplb-follower\nEPLB_HTTP=127.0.0.1:%s\nEPLB_CURVE_KEYS=/etc/eplb/curve-follower\n' \
         "$http1" > /etc/eplb/follower.env
     systemctl daemon-reload
+    local out; out=$(systemd-analyze verify --man=no /etc/systemd/system/$leader.service \
+        /etc/systemd/system/$follower.service 2>&1) || fail "systemd-analyze verify: $out"
+    [ -z "$out" ] || fail "systemd-analyze verify: $out"
+    ok "systemd-analyze verify of the installed units: no output"
     local t0=$SECONDS
     timeout 120 systemctl enable --now $leader || fail "systemctl enable --now $leader"
     ok "step 4: $leader started (READY=1) in $((SECONDS - t0)) s"
@@ -253,9 +257,10 @@ cleanup() {
     rm -rf "/run/systemd/nspawn/propagate/eplb-test-$$"  # nspawn leaves it where /run is no tmpfs
     if mountpoint -q "$RUN/root"; then umount "$RUN/root" || umount -l "$RUN/root"; fi
     [ $rc = 0 ] || [ -z "${KEEP:-}" ] || { say "kept $RUN"; return; }
-    rm -rf "$RUN"
+    rm -rf --one-file-system "$RUN"
 }
 trap cleanup EXIT
+trap 'say "failed: line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT TERM
 
 # The project's wheel, built from a copy of the working tree (a stale build/ would leak into it).
@@ -278,7 +283,9 @@ flock 9
 if [ ! -d "$BASE" ]; then
     # root recipe
     say "building $BASE (debootstrap $SUITE, first run only)"
-    rm -rf "$BASE.tmp" "$WHEELS"
+    # (an interrupted debootstrap may have left /proc or /dev mounted in it)
+    grep -F " $BASE.tmp/" /proc/mounts | cut -d' ' -f2 | sort -r | xargs -r umount -l || true
+    rm -rf --one-file-system "$BASE.tmp" "$WHEELS.tmp"
     debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$BASE.tmp" "$MIRROR" \
         > "$RUN/debootstrap.log" 2>&1 || { tail -20 "$RUN/debootstrap.log" >&2; die "debootstrap failed"; }
     pyver=$(readlink "$BASE.tmp/usr/bin/python3" | sed 's/^python//')
@@ -296,6 +303,10 @@ if [ ! -d "$BASE" ]; then
     rm -rf "/run/systemd/nspawn/propagate/eplb-build-$$"  # nspawn leaves it where /run is no tmpfs
     mv "$BASE.tmp" "$BASE"
     # end of root recipe
+    for old in "$CACHE"/root-* "$CACHE"/wheels-*; do  # older recipes' roots, unless in use
+        case "$old" in "$BASE"|"$WHEELS") continue ;; esac
+        grep -qF -- "-${old##*-}" /proc/mounts || rm -rf --one-file-system "$old"
+    done
 fi
 flock -u 9
 say "root ready in $((SECONDS - t0)) s: $BASE"
