@@ -342,7 +342,11 @@ in_container() {
         env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
         LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= "$@"
 }
-state=$(in_container timeout 90 systemctl is-system-running --wait || true)
+deadline=$((SECONDS + 90))  # (its init may not listen yet: then systemctl says nothing)
+until state=$(in_container timeout 60 systemctl is-system-running --wait 2>/dev/null); [ -n "$state" ]; do
+    [ $SECONDS -lt $deadline ] || break
+    sleep 0.5
+done
 case "$state" in
     running) ;;
     degraded) say "container degraded: $(in_container systemctl --failed --no-legend --plain | tr '\n' ';')" ;;
