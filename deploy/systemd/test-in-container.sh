@@ -136,12 +136,16 @@ inside() {
     wait_code "http://127.0.0.1:$http0/readyz" 200 60
     wait_code "http://127.0.0.1:$http1/readyz" 200 20
     ok "/readyz 200 on both once the engine's ranks joined (the follower heard the leader over CURVE)"
-    curl -s "http://127.0.0.1:$http0/metrics" | grep -q '^eplb_follower_sidecars 1' \
-        || fail "leader: eplb_follower_sidecars is not 1"
+    local deadline=$((SECONDS + 10))
+    until curl -s "http://127.0.0.1:$http0/metrics" | grep -q '^eplb_follower_sidecars 1'; do
+        [ $SECONDS -lt $deadline ] \
+            || fail "leader: $(curl -s "http://127.0.0.1:$http0/metrics" | grep '^eplb_follower_sidecars')"
+        sleep 0.5
+    done
     ok "leader: eplb_follower_sidecars 1, workers $(status 's["workers"]')"
 
     # A rebalance, planned in the process planner (sidecar.toml) under the unit's hardening.
-    local deadline=$((SECONDS + 90))
+    deadline=$((SECONDS + 90))
     until [ "$(status 'sum(e["outcome"] == "committed" for e in s["history"])')" -gt 0 ]; do
         [ $SECONDS -lt $deadline ] || fail "no epoch committed in 90 s: $(status 's["history"]')"
         if [ "$(status 's["epoch_in_flight"] is None')" = True ]; then
@@ -153,7 +157,11 @@ inside() {
 
     # Every line the sidecars wrote is JSON, none a warning or an error.
     for u in $leader $follower; do
-        sidecar_lines $u | grep -q . || fail "$u: nothing in the journal"
+        deadline=$((SECONDS + 10))
+        until sidecar_lines $u | grep -q 'sidecar stopped\|up; workers on'; do
+            [ $SECONDS -lt $deadline ] || fail "$u: its start is not in the journal"
+            sleep 0.5
+        done
         if sidecar_lines $u | grep -v '^{'; then fail "$u: lines that are not JSON (above)"; fi
         if sidecar_lines $u | grep -E '"level": ?"(WARNING|ERROR|CRITICAL)"'; then
             fail "$u: warnings or errors in the journal (above)"
@@ -242,7 +250,7 @@ SUITE=${EPLB_DEBIAN_SUITE:-bookworm}
 
 mkdir -p "$CACHE"
 RUN=$(mktemp -d "$CACHE/run.XXXXXX")
-NSPAWN_PID=""
+NSPAWN_PID="" init=""
 cleanup() {
     local rc=$?
     if [ -n "$NSPAWN_PID" ] && kill -0 "$NSPAWN_PID" 2>/dev/null; then
@@ -250,8 +258,11 @@ cleanup() {
         kill -TERM "$NSPAWN_PID" 2>/dev/null || true   # nspawn: SIGRTMIN+3 to the container's init
         for _ in $(seq 60); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.5; done
         if kill -0 "$NSPAWN_PID" 2>/dev/null; then
-            say "no poweroff within 30 s: killing it"; kill -KILL "$NSPAWN_PID" 2>/dev/null || true
-            sleep 1
+            # (an init that has not yet set up its signal handlers ignores nspawn's SIGRTMIN+3)
+            say "no poweroff within 30 s: killing the container's init and systemd-nspawn"
+            [ -z "$init" ] || kill -KILL "$init" 2>/dev/null || true
+            kill -KILL "$NSPAWN_PID" 2>/dev/null || true
+            for _ in $(seq 20); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.5; done
         fi
     fi
     rm -rf "/run/systemd/nspawn/propagate/eplb-test-$$"  # nspawn leaves it where /run is no tmpfs
@@ -342,8 +353,9 @@ in_container() {
         env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
         LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= "$@"
 }
-deadline=$((SECONDS + 90))  # (its init may not listen yet: then systemctl says nothing)
-until state=$(in_container timeout 60 systemctl is-system-running --wait 2>/dev/null); [ -n "$state" ]; do
+deadline=$((SECONDS + 90))  # (early on systemctl says nothing or "offline")
+until state=$(in_container timeout 60 systemctl is-system-running --wait 2>/dev/null)
+      [ -n "$state" ] && [ "$state" != offline ]; do
     [ $SECONDS -lt $deadline ] || break
     sleep 0.5
 done
