@@ -120,7 +120,9 @@ inside() {
     [ "$(http_code "http://127.0.0.1:$http0/readyz")" = 503 ] || fail "leader ready without workers"
     ok "/readyz 503 before the engine's ranks joined"
     $ctl status >/root/status.txt || fail "eplbctl status: $(cat /root/status.txt)"
-    ok "eplbctl --run-dir /run/eplb status"
+    runuser -u engine -- env EPLB_GROUP_ACCESS=true $ctl status >/root/status.txt 2>&1 \
+        || fail "eplbctl status as user engine: $(cat /root/status.txt)"
+    ok "eplbctl --run-dir /run/eplb status, as root and as user engine (group eplb)"
     [ "$(stat -c '%a %G' /run/eplb)" = "770 eplb" ] || fail "/run/eplb is $(stat -c '%a %G' /run/eplb)"
     ok "/run/eplb is 0770 group eplb"
 
