@@ -156,6 +156,7 @@ inside() {
         sleep 1
     done
     ok "a rebalance committed: $(status '[e["outcome"] for e in s["history"]]')"
+    local last_epoch; last_epoch=$(status 'max(e["epoch"] or 0 for e in s["history"])')
 
     # Every line the sidecars wrote is JSON, none a warning or an error.
     for u in $leader $follower; do
@@ -194,6 +195,21 @@ inside() {
     wait_code "http://127.0.0.1:$http0/readyz" 200 30
     wait_code "http://127.0.0.1:$http1/readyz" 200 30
     ok "restart: new main processes; /healthz, /readyz 200 again, workers $(status 's["workers"]')"
+
+    # The restarted leader kept its decision log (/run/eplb/decisions.jsonl): its next epoch is
+    # a new number, and it commits.
+    sidecar_lines $leader | grep "restored [1-9][0-9]* decision" >/dev/null \
+        || fail "the restarted leader restored no decisions: $(sidecar_lines $leader | grep restored)"
+    deadline=$((SECONDS + 90))
+    until [ "$(status 'sum(e["outcome"] == "committed" and (e["epoch"] or 0) > '"$last_epoch"' for e in s["history"])')" -gt 0 ]; do
+        [ $SECONDS -lt $deadline ] || fail "no epoch after $last_epoch committed in 90 s: $(status 's["history"]')"
+        if [ "$(status 's["epoch_in_flight"] is None')" = True ]; then
+            $ctl rebalance --force >/dev/null
+        fi
+        sleep 1
+    done
+    [ "$(status 'not s["unsafe"]')" = True ] || fail "the leader says unsafe: $(status 's["unsafe"]')"
+    ok "after the restart: epoch $(status 'max(e["epoch"] or 0 for e in s["history"])') > $last_epoch committed"
 
     # Stop: SIGTERM, clean exit 0 well within TimeoutStopSec.
     systemctl stop 'eplb-engine-*'

@@ -41,6 +41,7 @@ EXPECTED = [
     "ok: journals: JSON lines only, no warnings or errors",
     "ok: watchdog: both still running 12 s later, NRestarts=0",
     "ok: restart: new main processes",
+    "ok: after the restart: epoch",
     "ok: stop eplb-sidecar-follower in",
     "ok: stop eplb-sidecar in",
     "ok: journals: no traceback over restart and stop",
