@@ -221,6 +221,14 @@ inside() {
         [ "$st" = 0 ] && [ "$res" = success ] || fail "$u stopped with ExecMainStatus=$st Result=$res"
         ok "stop $u in $((SECONDS - t0)) s: ExecMainStatus=0 Result=success"
     done
+    # Start after a stop: the kept run directory (sockets left behind, the decision log) is fine.
+    [ -f /run/eplb/decisions.jsonl ] || fail "/run/eplb/decisions.jsonl is gone after the stop"
+    timeout 120 systemctl start $leader || fail "systemctl start $leader after a stop"
+    wait_code "http://127.0.0.1:$http0/healthz" 200 10
+    timeout 60 systemctl stop $leader
+    [ "$(prop $leader ExecMainStatus) $(prop $leader Result)" = "0 success" ] \
+        || fail "$leader: ExecMainStatus=$(prop $leader ExecMainStatus) Result=$(prop $leader Result)"
+    ok "start after the stop, and stop again: ExecMainStatus=0 Result=success"
     # (Restarting a node logs errors on the other: "node 1 lost"; a crash would leave these.)
     for u in $leader $follower; do
         if sidecar_lines $u | grep -E '"level": ?"CRITICAL"|Traceback'; then

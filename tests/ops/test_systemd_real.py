@@ -44,6 +44,7 @@ EXPECTED = [
     "ok: after the restart: epoch",
     "ok: stop eplb-sidecar-follower in",
     "ok: stop eplb-sidecar in",
+    "ok: start after the stop, and stop again: ExecMainStatus=0 Result=success",
     "ok: journals: no traceback over restart and stop",
 ]
 
