@@ -2,11 +2,13 @@
 # Runs deploy/systemd/eplb-sidecar.service under a real systemd: boots a minimal Debian root in a
 # systemd-nspawn container, follows deploy/README.md's "systemd, step by step" in it, and runs a
 # leader (node 0 of 2) and a follower (node 1) as two copies of the unit linked over CURVE on
-# 127.0.0.1. For each: start (Type=notify: active only after READY=1), /healthz and /readyz, the
-# watchdog (still the same process after WatchdogSec), restart, stop (ExecMainStatus=0,
-# Result=success). Prints "ok: ..." per check and "PASS" at the end; on a failure, the units'
-# journals, and exits non-zero. Needs root, debootstrap and systemd-nspawn (systemd-container);
-# run as root on a Debian/Ubuntu machine it installs those itself.
+# 127.0.0.1, with four demo engine ranks (user engine, group eplb) as transient services. Checks:
+# start (Type=notify: active only after READY=1), /healthz, /readyz, a committed rebalance, only
+# JSON lines in the journal, the watchdog (the same processes after WatchdogSec), restart (the
+# leader keeps its decision log and commits a new epoch), stop (ExecMainStatus=0, Result=success),
+# start after a stop. Prints "ok: ..." per check and "PASS" at the end; on a failure the units'
+# journals, and exits non-zero (2: could not set up). Needs root, debootstrap and systemd-nspawn
+# (systemd-container); on a Debian/Ubuntu machine it installs those itself.
 #
 #   deploy/systemd/test-in-container.sh            # PYTHON=python3 builds the wheels
 #
@@ -20,7 +22,7 @@ set -euo pipefail
 
 # ---------------------------------------------------------------------------------------------
 # Inside the container: deploy/README.md's steps, as a user would type them, then the checks.
-# Runs as `test-in-container.sh --inside LEADER_PORT HTTP0 HTTP1` with /root/eplb holding the
+# Runs as `test-in-container.sh --inside LEADER_PORT HTTP0 HTTP1 GLOO_PORT` with /root/eplb holding the
 # repository's deploy/ and the wheel, /wheels the dependencies' wheels (there is no internet).
 inside() {
     local port=$1 http0=$2 http1=$3 gloo=$4
