@@ -70,6 +70,8 @@ def test_systemd_unit_has_what_the_daemon_relies_on() -> None:
     assert unit["Type"] == "notify" and unit["NotifyAccess"] == "main"
     assert int(unit["WatchdogSec"]) > 0
     assert unit["RuntimeDirectory"] == "eplb" and unit["RuntimeDirectoryMode"] == "0770"
+    # the leader's decision log lives in the run directory and must survive a restart
+    assert unit["RuntimeDirectoryPreserve"] == "yes"
     assert unit["KillMode"] == "mixed"
     # far above the HTTP cap plus ZeroMQ's sockets: libzmq aborts when it gets no fd
     assert int(unit["LimitNOFILE"]) >= 4096 > HttpLimits().max_connections * 8
