@@ -70,7 +70,11 @@ inside() {
     sed -i -e "s|^leader = .*|leader = \"tcp://127.0.0.1:$port\"|" \
            -e "s|^bind = .*|bind = \"tcp://127.0.0.1:$port\"|" \
            -e "s|^http = .*|http = \"127.0.0.1:$http0\"|" \
-           -e "s|^expected-workers = .*|expected-workers = 2|" /etc/eplb/sidecar.toml
+           -e "s|^expected-workers = .*|expected-workers = 2|" \
+           -e "s|^interval = .*|interval = 100000000|" /etc/eplb/sidecar.toml
+    # (interval: epochs start only when this script forces one, so that the restarts below find
+    # no epoch in flight; a sidecar restarted mid-epoch is the fault trials' subject, and with
+    # epochs every 1,000 steps here a restart once met one and the engine's copies timed out)
     (set -a; . /etc/eplb/sidecar.env; EPLB_CONFIG=/etc/eplb/sidecar.toml \
         $venv/bin/eplb-sidecar --print-config) > /root/print-config.toml 2>/root/print-config.err
     grep -q "^node-rank = 0" /root/print-config.toml || fail "print-config: $(cat /root/print-config.*)"
