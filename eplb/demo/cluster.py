@@ -37,6 +37,21 @@ def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``url/metrics`` as ``{'name{label="v",...}': value}`` (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = http_get(url + "/metrics")
+    if code != 200:
+        raise AssertionError(f"{url}/metrics answered {code}: {text[:500]}")
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            found[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return found
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
                every_s: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something true, and return that; raise TimeoutError

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 
 from eplb.control_client import control_call
 from eplb.coordinator.metrics import SHUTDOWN_REASON
-from eplb.demo.cluster import (LocalCluster, http_get, read_events, start_demo_cluster,
-                               wait_until)
+from eplb.demo.cluster import (LocalCluster, read_events, scrape_metrics,
+                               start_demo_cluster, wait_until)
 from eplb.paths import control_endpoint
 from eplb.placement import default_placement, placement_hash
 
@@ -52,15 +51,7 @@ def results(cluster: LocalCluster, stop: bool = True) -> list[dict]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """``/metrics`` as {'name{label="v"}': value}."""
-    code, text = http_get(url + "/metrics")
-    assert code == 200, text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
+    return scrape_metrics(url)
 
 
 def test_metrics_move_across_a_real_committed_epoch(tmp_path: Path) -> None:

@@ -10,25 +10,16 @@ import os
 import signal
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from eplb.control_client import control_call
-from eplb.demo.cluster import LocalCluster, http_get, wait_until
+from eplb.demo.cluster import LocalCluster, http_get, scrape_metrics, wait_until
 from eplb.worker_hook import WorkerHook
 
 PATIENCE_S = 30.0
 
 
 def samples(url: str) -> dict[str, float]:
-    """``/metrics`` as {'name{label="v"}': value}."""
-    code, text = http_get(url + "/metrics")
-    assert code == 200, text
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            found[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return found
+    return scrape_metrics(url)
 
 
 def local_status(run_dir: Path) -> dict:
