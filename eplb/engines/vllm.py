@@ -38,9 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eplb.engines.base import (ENV_ENABLE, ENV_FLUSH_EVERY, ENV_HOLD_TIMEOUT,  # noqa: F401
-                               MapSwitchingCopy, PluginSettingError, hook_options_from_env,
-                               plugin_enabled)  # the ENV_* names are part of this module's API
+from eplb.engines.base import (MapSwitchingCopy, PluginSettingError, hook_options_from_env,
+                               plugin_enabled)
 from eplb.worker_hook import WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
 

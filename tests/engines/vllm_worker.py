@@ -58,6 +58,7 @@ from vllm.distributed.eplb.rebalance_execute import (  # noqa: E402
 from vllm.model_executor.models.interfaces import MixtureOfExperts  # noqa: E402
 
 from eplb.engines import vllm as eplb_vllm  # noqa: E402
+from eplb.engines.base import ENV_ENABLE, ENV_FLUSH_EVERY  # noqa: E402
 from eplb.proto import Counts  # noqa: E402
 
 
@@ -174,8 +175,8 @@ def main() -> int:
             raise AssertionError("vLLM's own rearrange ran while the sidecar drives EPLB")
 
         EplbState.rearrange = rearrange
-        os.environ.update({eplb_vllm.ENV_ENABLE: "1", "EPLB_RUN_DIR": args.run_dir,
-                           eplb_vllm.ENV_FLUSH_EVERY: "4",
+        os.environ.update({ENV_ENABLE: "1", "EPLB_RUN_DIR": args.run_dir,
+                           ENV_FLUSH_EVERY: "4",
                            eplb_vllm.ENV_EXPORT_LOAD: args.export})  # keeps the load window
         eplb_vllm.register()  # what vLLM's plugin loader calls in each worker
 
