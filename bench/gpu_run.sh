@@ -16,7 +16,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.3.0 prometheus-client==0.26.0 h11==0.16.0
 #   and for the sglang step (add --platform manylinux_2_34_x86_64 --platform manylinux_2_17_x86_64):
-#     sglang==0.5.23 orjson==3.13.0 msgspec==0.23.0 einops==0.8.2 pybase64==1.5.1
+#     sglang==0.5.23 orjson==3.13.0 msgspec==0.23.0 einops==0.8.2 pybase64==1.5.1 psutil==7.2.2 \
+#     pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.8.0 typing-inspection==0.4.5
 # Results land in $OUT (and on stdout); commit them under bench/results/ with the card's name.
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
