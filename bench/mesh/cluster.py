@@ -39,22 +39,25 @@ class Mesh:
     Args:
         nodes, workers: nodes and workers per node.
         sidecar_args: extra ``eplb-sidecar`` flags for every sidecar.
-        step_ms: each worker's decode step time.
+        step_ms: each worker's decode step time; flush_every: steps between its counts flushes.
         hold_timeout_s: the workers' longest wait at S.
         profile: the relay's initial link model (:class:`mesh.relay.Profile` fields).
         base_dir: where run directories, keys, logs and reports go (a new one under /tmp: ipc
             paths must stay short).
+        relay_nice: the relay's scheduling priority: it stands for the network, so by default
+            it runs ahead of the nodes' processes (which share this machine's cores).
     """
 
     def __init__(self, nodes: int, workers: int, sidecar_args: list[str], step_ms: float,
                  hold_timeout_s: float = 30.0, profile: dict[str, float] | None = None,
-                 base_dir: Path | None = None, seed: int = 0) -> None:
+                 base_dir: Path | None = None, seed: int = 0, relay_nice: int = -10,
+                 flush_every: int = 8) -> None:
         if nodes < 2:
             raise ValueError("a mesh has at least 2 nodes (a leader and a follower)")
         self.nodes, self.workers, self.world = nodes, workers, nodes * workers
         self.sidecar_args, self.step_ms, self.hold_timeout_s = sidecar_args, step_ms, hold_timeout_s
         self.profile = profile or {}
-        self.seed = seed
+        self.seed, self.relay_nice, self.flush_every = seed, relay_nice, flush_every
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="eplbm-mesh-", dir="/tmp"))
         self.log_dir = self.base_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -93,32 +96,48 @@ class Mesh:
         self.topo.create()
         create_keys(self.keys_dir, self.nodes)
         py = sys.executable
+        # The leader first: the relay accepts a follower's connection before it connects to the
+        # leader, so a follower that came first would see its handshake cut (not a refusal).
+        self._start_sidecar(0)
+        self._wait(lambda: self._sidecar_ready(0), deadline, "sidecar 0 (the leader) ready")
         p = {"mean_ms": 0.1, "jitter_ms": 0.0, "loss": 0.0, "rto_ms": 200.0, **self.profile}
         self._spawn("relay", self.topo.hub, [
             py, str(HERE / "relay.py"), "--listen", f"0.0.0.0:{PORT}",
             "--upstream", f"{netns.node_address(0)}:{PORT}", "--control", str(self.relay_sock),
             "--mean-ms", str(p["mean_ms"]), "--jitter-ms", str(p["jitter_ms"]),
-            "--loss", str(p["loss"]), "--rto-ms", str(p["rto_ms"]), "--seed", str(self.seed)])
-        for k in range(self.nodes):
-            leader = (netns.node_address(0) if k == 0 else netns.hub_address(k))
-            self._spawn(f"sidecar{k}", self.topo.ns(k), [
-                py, "-m", "eplb.coordinator", "--node-rank", str(k), "--num-nodes",
-                str(self.nodes), "--leader", f"tcp://{leader}:{PORT}", "--run-dir",
-                str(self.run_dir(k)), "--curve-keys", str(self.keys_dir), "--http", "off",
-                *self.sidecar_args])
+            "--loss", str(p["loss"]), "--rto-ms", str(p["rto_ms"]), "--seed", str(self.seed),
+            "--nice", str(self.relay_nice)])
         self._wait(lambda: self._relay_up(), deadline, "relay answers")
+        for k in range(1, self.nodes):
+            self._start_sidecar(k)
         for k in range(self.nodes):
             self._wait(lambda k=k: self._sidecar_ready(k), deadline, f"sidecar {k} ready")
+        clock_zero = time.time()  # step 0 of every rank
         for k in range(self.nodes):
+            # One node at a time, the previous one joined first: 18 processes importing torch at
+            # once starve every event loop on a small machine (heartbeats miss, nodes are lost).
+            if k > 0:
+                prev = set(range((k - 1) * self.workers, k * self.workers))
+                self._wait(lambda prev=prev: (s := self.status(timeout_s=2.0))
+                           and prev <= set(s["workers"]), deadline, f"node {k - 1}'s workers joined")
             ranks = ",".join(str(r) for r in range(k * self.workers, (k + 1) * self.workers))
             self._spawn(f"workers{k}", self.topo.ns(k), [
                 py, str(HERE / "node.py"), "--node", str(k), "--ranks", ranks,
                 "--world", str(self.world), "--run-dir", str(self.run_dir(k)),
                 "--step-ms", str(self.step_ms), "--hold-timeout", str(self.hold_timeout_s),
+                "--flush-every", str(self.flush_every), "--clock-zero", repr(clock_zero),
                 "--join-timeout", str(max(10.0, deadline - time.monotonic())),
                 "--report", str(self.report_path(k))])
         self._wait(lambda: (s := self.status(timeout_s=2.0)) and len(s["workers"]) == self.world
                    and s["min_step"] > 20, deadline, f"{self.world} workers joined and stepping")
+
+    def _start_sidecar(self, k: int) -> None:
+        leader = netns.node_address(0) if k == 0 else netns.hub_address(k)
+        self._spawn(f"sidecar{k}", self.topo.ns(k), [
+            sys.executable, "-m", "eplb.coordinator", "--node-rank", str(k), "--num-nodes",
+            str(self.nodes), "--leader", f"tcp://{leader}:{PORT}", "--run-dir",
+            str(self.run_dir(k)), "--curve-keys", str(self.keys_dir), "--http", "off",
+            *self.sidecar_args])
 
     def _relay_up(self) -> bool:
         try:

@@ -62,12 +62,17 @@ def run(args: argparse.Namespace) -> None:
     P = num_physical(args.world)
     for r in ranks:
         hooks[r] = WorkerHook(r, args.world, L, E, P, node=args.node, run_dir=args.run_dir,
-                              copy_fn=copy_fn(r), on_event=on_event(r), flush_every=8,
+                              copy_fn=copy_fn(r), on_event=on_event(r),
+                              flush_every=args.flush_every,
                               hold_timeout_s=args.hold_timeout)
 
     def decode(hook: WorkerHook) -> None:
+        # Every rank of the mesh runs step k at clock_zero + k * step_ms (or as soon as it can
+        # when behind), as an engine's ranks run in lockstep; a node that starts late joins at
+        # the step the others are at.
         gen = torch.Generator().manual_seed(hook.rank)
-        step = 0
+        dt = args.step_ms / 1e3
+        step = max(0, int((time.time() - args.clock_zero) / dt))
         try:
             while not stop.is_set():
                 hook.on_step(step)
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
                 for layer in range(L):
                     hook.record(layer, ids)
                 step += 1
-                stop.wait(args.step_ms / 1e3)
+                stop.wait(max(0.0, args.clock_zero + step * dt - time.time()))
         except Exception as exc:  # HoldTimeout, CopyFailed: the rank stops serving
             with lock:
                 seen[hook.rank]["failure"] = f"{type(exc).__name__}: {exc}"
@@ -108,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--step-ms", type=float, default=20.0)
+    p.add_argument("--clock-zero", type=float, default=None,
+                   help="wall time (time.time()) of step 0, the same for every node (default: "
+                        "now)")
     p.add_argument("--hold-timeout", type=float, default=30.0)
+    p.add_argument("--flush-every", type=int, default=8, help="steps between counts flushes")
     p.add_argument("--join-timeout", type=float, default=120.0)
     p.add_argument("--report", type=Path, required=True)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.clock_zero is None:
+        args.clock_zero = time.time()
+    run(args)
     return 0
 
 

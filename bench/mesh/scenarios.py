@@ -173,11 +173,12 @@ class Driver:
 
 
 def run_scenario(mesh: Mesh, sc: Scenario, epochs: int, budget_s: float, victim: int,
-                 epoch_timeout_s: float) -> Result:
+                 epoch_timeout_s: float, settle_s: float) -> Result:
     """Run one scenario: ``epochs`` committed epochs wanted (at most ``2 epochs + 2`` requests),
     within ``budget_s``. With a partition: the victim's link goes down right after the first
     request, epochs are forced while it is down, it comes up after ``partition_s``, then epochs
-    are forced until ``epochs`` more commit."""
+    are forced until ``epochs`` more commit. After a skipped request (the plan matched the
+    placement: no fresh counts yet) the next waits ``settle_s`` (a counts flush interval)."""
     result = Result(sc)
     state: dict[str, float | None] = {"down_at": None, "up_at": None}  # the partition's times
     driver = Driver(mesh, epoch_timeout_s)
@@ -202,6 +203,8 @@ def run_scenario(mesh: Mesh, sc: Scenario, epochs: int, budget_s: float, victim:
         result.timed_out += outcome is Outcome.TIMED_OUT
         if outcome is Outcome.REFUSED:
             time.sleep(0.2)  # the group is incomplete: ask again shortly
+        elif records and all(r["outcome"] == "skipped" for r in records):
+            time.sleep(settle_s)  # the plan matched the placement: let fresh counts come
 
     if sc.partition_s > 0:
         part = result.partition
