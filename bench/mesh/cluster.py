@@ -44,6 +44,8 @@ class Mesh:
         profile: the relay's initial link model (:class:`mesh.relay.Profile` fields).
         base_dir: where run directories, keys, logs and reports go (a new one under /tmp: ipc
             paths must stay short).
+        start_batch: nodes whose workers processes start together (each batch once the one
+            before has joined).
         relay_nice: the relay's scheduling priority: it stands for the network, so by default
             it runs ahead of the nodes' processes (which share this machine's cores).
     """
@@ -51,13 +53,14 @@ class Mesh:
     def __init__(self, nodes: int, workers: int, sidecar_args: list[str], step_ms: float,
                  hold_timeout_s: float = 30.0, profile: dict[str, float] | None = None,
                  base_dir: Path | None = None, seed: int = 0, relay_nice: int = -10,
-                 flush_every: int = 8) -> None:
+                 flush_every: int = 8, start_batch: int = 1) -> None:
         if nodes < 2:
             raise ValueError("a mesh has at least 2 nodes (a leader and a follower)")
         self.nodes, self.workers, self.world = nodes, workers, nodes * workers
         self.sidecar_args, self.step_ms, self.hold_timeout_s = sidecar_args, step_ms, hold_timeout_s
         self.profile = profile or {}
         self.seed, self.relay_nice, self.flush_every = seed, relay_nice, flush_every
+        self.start_batch = max(1, start_batch)
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="eplbm-mesh-", dir="/tmp"))
         self.log_dir = self.base_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,12 +117,13 @@ class Mesh:
             self._wait(lambda k=k: self._sidecar_ready(k), deadline, f"sidecar {k} ready")
         clock_zero = time.time()  # step 0 of every rank
         for k in range(self.nodes):
-            # One node at a time, the previous one joined first: 18 processes importing torch at
-            # once starve every event loop on a small machine (heartbeats miss, nodes are lost).
-            if k > 0:
-                prev = set(range((k - 1) * self.workers, k * self.workers))
+            # start_batch nodes at a time, the batch before joined first: 18 processes importing
+            # torch at once starve every event loop on a small machine (heartbeats miss, nodes
+            # are lost).
+            if k > 0 and k % self.start_batch == 0:
+                prev = set(range((k - self.start_batch) * self.workers, k * self.workers))
                 self._wait(lambda prev=prev: (s := self.status(timeout_s=2.0))
-                           and prev <= set(s["workers"]), deadline, f"node {k - 1}'s workers joined")
+                           and prev <= set(s["workers"]), deadline, f"nodes before {k}: workers joined")
             ranks = ",".join(str(r) for r in range(k * self.workers, (k + 1) * self.workers))
             self._spawn(f"workers{k}", self.topo.ns(k), [
                 py, str(HERE / "node.py"), "--node", str(k), "--ranks", ranks,
@@ -197,10 +201,10 @@ class Mesh:
 
     # --- stop -----------------------------------------------------------------------------------
 
-    def stop_workers(self, timeout_s: float = 20.0) -> dict[int, dict]:
-        """SIGTERM the workers processes, wait for their reports; ``{rank: report}`` (a node whose
-        report is missing is absent)."""
-        names = [n for n in self.procs if n.startswith("workers")]
+    def stop(self, timeout_s: float = 20.0) -> dict[int, dict]:
+        """SIGTERM every process at once (the workers first), wait for them and read the workers'
+        reports; ``{rank: report}`` (a node whose report is missing is absent)."""
+        names = sorted(self.procs, key=lambda n: not n.startswith("workers"))
         self._terminate(names, timeout_s)
         reports: dict[int, dict] = {}
         for k in range(self.nodes):
@@ -211,16 +215,19 @@ class Mesh:
 
     def _terminate(self, names: list[str], timeout_s: float) -> None:
         procs = [self.procs[n] for n in names if n in self.procs]
+        log.debug("SIGTERM at %.3f to %s", time.time(), names)
         for proc in procs:
             if proc.poll() is None:
                 try:
                     os.kill(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
+                log.debug("pid %d ended %.1f s after SIGTERM", proc.pid, time.monotonic() - started)
             except subprocess.TimeoutExpired:
                 log.warning("pid %d did not end on SIGTERM; SIGKILL", proc.pid)
                 try:
@@ -239,7 +246,8 @@ class Mesh:
         try:
             workers = [n for n in self.procs if n.startswith("workers")]
             self._terminate(workers, 10.0)
-            self._terminate([n for n in self.procs if n not in workers], 10.0)
+            # More than the sidecars' --grace-period (10 s): on busy cores they need it.
+            self._terminate([n for n in self.procs if n not in workers], 20.0)
         except Exception as exc:  # noqa: BLE001 - go on removing the namespaces
             problems.append(f"ending processes: {exc}")
         problems += self.topo.destroy()

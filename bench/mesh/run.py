@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-timeout", type=float, default=30.0, help="longest wait for one epoch")
     p.add_argument("--time-cap", type=int, default=1800, help="seconds for the whole run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--start-batch", type=int, default=1,
+                   help="nodes whose workers processes start at once (each batch after the one "
+                        "before joined)")
     p.add_argument("--relay-nice", type=int, default=-10, help="the relay's scheduling priority")
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown file to write (default bench/results/mesh_cpu<N>core.md; "
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s mesh %(levelname)s %(message)s",
+    logging.basicConfig(level=os.environ.get("EPLB_MESH_LOG", "INFO"), format="%(asctime)s mesh %(levelname)s %(message)s",
                         stream=sys.stderr)
     why = netns.netns_available()
     if why:
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--node-timeout", str(args.node_timeout)]
     mesh = Mesh(args.nodes, args.workers, sidecar_args, args.step_ms,
                 profile={**scenarios[0].profile, "rto_ms": args.rto_ms}, seed=args.seed,
-                flush_every=args.flush_every, relay_nice=args.relay_nice)
+                flush_every=args.flush_every, relay_nice=args.relay_nice,
+                start_batch=args.start_batch)
     failed, interrupted = True, False
     atexit.register(lambda: mesh.close(keep_dir=args.keep_logs or failed))
     results: list[Result] = []
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                      res.refused, res.timed_out, res.wall_s)
             mesh.check_alive()
         status = mesh.status()
-        reports = mesh.stop_workers()
+        reports = mesh.stop()
         problems = check(results, status, reports, mesh.world)
         failed = bool(problems)
     except Interrupted as exc:

@@ -142,7 +142,8 @@ def test_mesh_commits_through_the_relay_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "mesh.json"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "mesh" / "run.py"), "--nodes", "3", "--workers",
-         "2", "--scenarios", "b", "--epochs", "2", "--start-timeout", "90", "--time-cap", "130",
+         "2", "--scenarios", "b", "--epochs", "2", "--step-ms", "20", "--flush-every", "8",
+         "--start-batch", "3", "--start-timeout", "90", "--time-cap", "130",
          "--results", "-", "--json", str(out)],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -172,7 +173,8 @@ def test_a_terminated_run_leaves_no_namespace_or_process() -> None:
     _require_netns()
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "mesh" / "run.py"), "--nodes", "2", "--workers",
-         "1", "--scenarios", "a", "--epochs", "50", "--time-cap", "100", "--results", "-"],
+         "1", "--scenarios", "a", "--epochs", "50", "--start-batch", "2", "--time-cap", "100",
+         "--results", "-"],
         cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
