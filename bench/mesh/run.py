@@ -90,13 +90,20 @@ def table(results: list[Result], nodes: int, workers: int) -> str:
     for r in results:
         if r.partition:
             p = r.partition
+            timeline = p.get("timeline") or []
+            first = next((i for i, t in enumerate(timeline) if "committed" in t[2]), len(timeline))
+            shown = timeline[:first + 1]
+            if len(timeline) > len(shown):
+                shown.append(f"{len(timeline) - len(shown)} more")
+            after = p.get("after") or []
             rows.append("")
             rows.append(f"partition ({r.scenario.key}): node {p.get('victim')} cut off for "
                         f"{r.scenario.partition_s:g} s; epochs during it: {p.get('during')}, "
-                        f"{p.get('refused_during')} request(s) refused; after: {p.get('after')}; "
+                        f"{p.get('refused_during')} request(s) refused; after: "
+                        f"{after.count('committed')} of {len(after)} committed; "
                         f"first commit {p.get('first_commit_after_up_s')} s after the link came "
                         "back. Requests as [asked s, ended s after the link went down, outcome]: "
-                        f"{p.get('timeline')}")
+                        f"{shown}")
     return "\n".join(rows)
 
 
