@@ -24,7 +24,8 @@ What it holds, and for how long (every hold is bounded in time, invariant I2):
   every kind at its ABORT or at a PLAN of a later epoch, done when every rank answered.
 
 The ranks awaited for an epoch are the joined local ranks when its PLAN passed (or when its first
-answer came, if the PLAN was not seen), less those that left since.
+answer came, if no PLAN was seen), less those that left since. Once a PLAN has passed, only answers
+for its epoch are held; others pass through (a stray epoch number cannot make the node hold).
 
 Leader side, pure functions: :func:`expand` turns NodeAcks / NodePromises / NodeDone into the
 exact per-rank :class:`~eplb.proto.PlanAck` / :class:`~eplb.proto.Promise` /
@@ -149,6 +150,7 @@ class NodeAggregator:
         self._last_round: tuple[int, float] | None = None  # (to_step, opened at) of the newest
         self._members: dict[int, frozenset[int]] = {}  # epoch -> ranks awaited for it
         self._answers: dict[tuple[AnswerKind, int], _Held] = {}
+        self._plan_epoch: int | None = None  # the epoch of the latest PLAN seen
         self._ended: dict[AnswerKind, int] = {kind: -1 for kind in AnswerKind}  # per kind: epochs <= are over
 
     # --- membership -----------------------------------------------------------------------------
@@ -204,6 +206,7 @@ class NodeAggregator:
     def on_leader(self, msg: Message, now: float) -> list[Up]:
         """A leader message on its way down to the local workers: it opens and ends epochs."""
         if isinstance(msg, Plan):
+            self._plan_epoch = max(msg.epoch, self._plan_epoch or 0)
             for kind in AnswerKind:
                 self._end(kind, msg.epoch - 1)
             self._members.setdefault(msg.epoch, frozenset(self.joined))
@@ -293,8 +296,11 @@ class NodeAggregator:
                    urgent: bool = False) -> list[Up]:
         epoch: int = msg.epoch  # type: ignore[attr-defined]
         rank: int = msg.rank  # type: ignore[attr-defined]
-        if epoch <= self._ended[kind]:
-            return [PassThrough(msg)]  # the epoch (or this phase of it) is over: the leader judges
+        if epoch <= self._ended[kind] or (self._plan_epoch is not None and epoch != self._plan_epoch):
+            # The epoch (or this phase of it) is over, or is not the one whose PLAN passed last:
+            # the leader judges. (Holding only the current epoch bounds what a confused worker
+            # can make this hold.)
+            return [PassThrough(msg)]
         held = self._answers.get((kind, epoch))
         if held is None:
             members = self._members.setdefault(epoch, frozenset(self.joined))

@@ -254,3 +254,12 @@ def test_node_counts_enter_the_leader_window_once_and_every_rank_progresses():
     assert len(per_node._window) == 2 and len(per_rank._window) == 8
     assert {r: w.step for r, w in per_node.workers.items()} == {r: 320 for r in range(4)}
     assert per_node.min_step() == per_rank.min_step() == 320
+
+
+def test_only_the_epoch_of_the_latest_plan_is_held():
+    agg = aggregator()
+    agg.on_leader(plan(4), 0.0)
+    stray = [PlanAck(rank=4, epoch=9, step=1), Promise(rank=4, epoch=3), done(5, 2)]
+    for msg in stray:
+        assert agg.on_worker(msg, 0.1) == [PassThrough(msg)]
+    assert agg.held == 0
