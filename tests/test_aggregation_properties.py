@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from eplb.coordinator.agreement import TERMINAL, Phase
-from eplb.coordinator.aggregate import (AggregatorConfig, NodeAggregator, PassThrough, SendUp,
+from eplb.coordinator.aggregate import (AggregatorConfig, NodeAggregator, SendUp,
                                         expand, node_counts_for_window)
 from eplb.coordinator.leader import LeaderConfig, LeaderCore
 from eplb.proto import (Counts, Done, Hello, NodeAcks, NodeCounts, NodeDone, NodePromises, PlanAck,
