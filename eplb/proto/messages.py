@@ -517,11 +517,177 @@ class ControlReply(Message):
                "error": _reason}
 
 
+
+# --- per-node aggregates (a follower answers for its node; eplb.coordinator.aggregate) ---------
+
+#: Most ranks one per-node aggregate names (the ranks of one node).
+MAX_NODE_RANKS = MAX_RELAY_RANKS
+
+
+def _node_ranks(value: Any, name: str) -> tuple[int, ...]:
+    """A node's ranks: a list of at most :data:`MAX_NODE_RANKS` distinct ranks (length checked
+    before any element is read)."""
+    ranks = _int_list(value, name, MAX_NODE_RANKS)
+    if len(set(ranks)) != len(ranks):
+        raise InvalidField(f"{name} names a rank twice")
+    for i, rank in enumerate(ranks):
+        _rank(rank, f"{name}[{i}]")
+    return ranks
+
+
+def _rows(value: Any, name: str, width: int) -> list[list[Any]]:
+    """A list of at most :data:`MAX_NODE_RANKS` rows of ``width`` entries each (lengths checked
+    before any entry is read)."""
+    if not isinstance(value, list) or len(value) > MAX_NODE_RANKS:
+        raise InvalidField(f"{name} must be a list of at most {MAX_NODE_RANKS} entries")
+    for i, row in enumerate(value):
+        if not isinstance(row, (list, tuple)) or len(row) != width:
+            raise InvalidField(f"{name}[{i}] must be a list of {width} values")
+    return value
+
+
+def _unique_ranks(ranks: list[int], what: str) -> None:
+    if len(set(ranks)) != len(ranks):
+        raise InvalidField(f"{what} names a rank twice")
+
+
+def _node_counts(value: Any, name: str) -> torch.Tensor:
+    """A node's summed counts ``[L, E]``: int16, int32 or int64 (the narrowest that holds the
+    values is sent), non-negative. Returned as int64."""
+    t = _tensor(value, name, ("int16", "int32", "int64"), 2)
+    if t.numel() and bool((t < 0).any()):
+        raise InvalidField(f"{name} holds negative values")
+    return t.to(torch.int64)
+
+
+def _narrowest(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (non-negative integers) in the narrowest of int16, int32, int64 that holds it."""
+    top = int(t.max()) if t.numel() else 0
+    for dtype in (torch.int16, torch.int32):
+        if top <= torch.iinfo(dtype).max:
+            return t.to(dtype)
+    return t.to(torch.int64)
+
+
+@dataclass(frozen=True)
+class NodeCounts(Message):
+    """The expert selections of a node's ``ranks`` over decode steps ``[from_step, to_step)``,
+    summed: ``counts: [L, E]`` int64 here, and on the wire the narrowest of int16 / int32 / int64
+    that holds the largest value (a DeepSeek-V3 node's flush of 8 ranks x 64 steps fits int32:
+    59 kB instead of 8 x 119 kB). ``steps[i]``: the latest decode step the node knows rank
+    ``ranks[i]`` has reached (at least ``to_step``), for the leader's per-rank progress.
+    The leader adds ``counts`` to its window once and takes each rank's step
+    (:func:`eplb.coordinator.aggregate.node_counts_into_window`)."""
+
+    TYPE = "NODE_COUNTS"
+    node: int
+    ranks: tuple[int, ...]
+    steps: tuple[int, ...]
+    from_step: int
+    to_step: int
+    counts: torch.Tensor
+    _CHECKS = {"node": _rank, "ranks": _node_ranks,
+               "steps": lambda v, n: _int_list(v, n, MAX_NODE_RANKS),
+               "from_step": _step, "to_step": _step, "counts": _node_counts}
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        out["counts"] = _tensor_to_wire(_narrowest(self.counts))
+        return out
+
+    def _check_consistency(self) -> None:
+        if not self.ranks:
+            raise InvalidField("NODE_COUNTS.ranks is empty")
+        if len(self.steps) != len(self.ranks):
+            raise InvalidField(f"NODE_COUNTS has {len(self.ranks)} ranks but {len(self.steps)} steps")
+        if self.to_step < self.from_step:
+            raise InvalidField(f"NODE_COUNTS range [{self.from_step}, {self.to_step}) is reversed")
+        for rank, step in zip(self.ranks, self.steps):
+            _step(step, f"NODE_COUNTS.steps of rank {rank}")
+
+
+@dataclass(frozen=True)
+class NodeAcks(Message):
+    """The PLAN_ACKs of a node's ranks for ``epoch``: rank ``ranks[i]`` acked at decode step
+    ``steps[i]``. Stands for one :class:`PlanAck` per rank."""
+
+    TYPE = "NODE_ACKS"
+    node: int
+    epoch: int
+    ranks: tuple[int, ...]
+    steps: tuple[int, ...]
+    _CHECKS = {"node": _rank, "epoch": _epoch, "ranks": _node_ranks,
+               "steps": lambda v, n: _int_list(v, n, MAX_NODE_RANKS)}
+
+    @property
+    def steps_by_rank(self) -> dict[int, int]:
+        return dict(zip(self.ranks, self.steps))
+
+    def _check_consistency(self) -> None:
+        if not self.ranks:
+            raise InvalidField("NODE_ACKS.ranks is empty")
+        if len(self.steps) != len(self.ranks):
+            raise InvalidField(f"NODE_ACKS has {len(self.ranks)} ranks but {len(self.steps)} steps")
+        for rank, step in zip(self.ranks, self.steps):
+            _step(step, f"NODE_ACKS.steps of rank {rank}")
+
+
+@dataclass(frozen=True)
+class NodePromises(Message):
+    """A node's answers to PREPARE (or to PLAN, for a refusal) of ``epoch``: ``promised`` ranks
+    each stand for one :class:`Promise`; ``refused`` rows ``(rank, step, reason)`` each for one
+    :class:`Refuse`. A rank is in one of the two at most."""
+
+    TYPE = "NODE_PROMISES"
+    node: int
+    epoch: int
+    promised: tuple[int, ...]
+    refused: tuple[tuple[int, int, str], ...]
+    _CHECKS = {"node": _rank, "epoch": _epoch, "promised": _node_ranks,
+               "refused": lambda v, n: tuple(
+                   (_rank(r[0], f"{n}[{i}].rank"), _step(r[1], f"{n}[{i}].step"),
+                    _reason(r[2], f"{n}[{i}].reason")) for i, r in enumerate(_rows(v, n, 3)))}
+
+    def _check_consistency(self) -> None:
+        if not self.promised and not self.refused:
+            raise InvalidField("NODE_PROMISES carries no answer")
+        refused = [r[0] for r in self.refused]
+        _unique_ranks(refused, "NODE_PROMISES.refused")
+        both = set(refused) & set(self.promised)
+        if both:
+            raise InvalidField(f"NODE_PROMISES has ranks {sorted(both)} both promised and refused")
+
+
+@dataclass(frozen=True)
+class NodeDone(Message):
+    """The DONEs of a node's ranks for ``epoch``: rows ``(rank, ok, error, bytes_received,
+    copy_seconds, hold_seconds)``, each standing for one :class:`Done` with those fields."""
+
+    TYPE = "NODE_DONE"
+    node: int
+    epoch: int
+    results: tuple[tuple[int, bool, str, int, float, float], ...]
+    _CHECKS = {"node": _rank, "epoch": _epoch,
+               "results": lambda v, n: tuple(
+                   (_rank(r[0], f"{n}[{i}].rank"), _bool(r[1], f"{n}[{i}].ok"),
+                    _reason(r[2], f"{n}[{i}].error"),
+                    _int(r[3], f"{n}[{i}].bytes_received", 0, 1 << 62),
+                    _float(r[4], f"{n}[{i}].copy_seconds"), _float(r[5], f"{n}[{i}].hold_seconds"))
+                   for i, r in enumerate(_rows(v, n, 6)))}
+
+    def _check_consistency(self) -> None:
+        if not self.results:
+            raise InvalidField("NODE_DONE.results is empty")
+        _unique_ranks([r[0] for r in self.results], "NODE_DONE.results")
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Welcome, Rejoin, OutcomeQuery, Heartbeat, Counts, PlanAck, Promise, Refuse, Done, Bye, Plan,
                               Prepare, Commit, Abort, NodeHello, NodeHeartbeat, WorkerLeft, Relay,
                               ControlRequest, ControlReply)
 }
+MESSAGE_TYPES.update({cls.TYPE: cls for cls in (NodeCounts, NodeAcks, NodePromises, NodeDone)})
+__all__ += ["MAX_NODE_RANKS", "NodeCounts", "NodeAcks", "NodePromises", "NodeDone"]
 
 
 def encode(msg: Message) -> bytes:
