@@ -91,7 +91,7 @@ class Scenario:
     step_jitter: float = 0.05
     rank_skew_s: float = 0.5e-3
     copy_chunk_s: float = 0.004
-    flush_every: int = 64
+    flush_every: int = 64  # 0: one COUNTS per rank at the start, none after
     heartbeat_s: float = 0.5
     node_timeout_s: float = 3.0
     tick_s: float = 0.02
@@ -309,6 +309,9 @@ class Simulation:
             else:
                 self.at(self.rng.uniform(0.0, sc.join_spread_s), self._join, r)
             self.at(self.rng.uniform(0.0, sc.heartbeat_s), self._heartbeat, r)
+            if not sc.flush_every:  # one COUNTS each: the leader starts no epoch on an empty window
+                self.at(sc.join_spread_s + self.rng.uniform(0.0, sc.join_spread_s),
+                        self._send_counts, r, 1)
         for node in range(1, sc.nodes):
             self.node_seen[node] = 0.0
             self.at(self.rng.uniform(0.0, sc.heartbeat_s), self._node_heartbeat, node)
@@ -503,7 +506,8 @@ class Simulation:
     def _send_counts(self, r: int, k: int) -> None:
         rk = self.ranks[r]
         if rk.alive:
-            self._rank_send(r, rk.port.counts(k - self.sc.flush_every, k, self.load), self.now)
+            self._rank_send(r, rk.port.counts(max(0, k - self.sc.flush_every), k, self.load),
+                            self.now)
 
     def _rank_receive(self, r: int, msg: Any) -> None:
         rk = self.ranks[r]

@@ -77,7 +77,7 @@ def summarize(name: str, res: SimResult) -> Row:
     margins = [t.margin for t in traces]
     needed = [t.needed_margin for t in traces if t.needed_margin is not None]
     missed = sum(1 for t in traces if t.needed_margin is not None and t.needed_margin > t.margin)
-    flush_s = sc.flush_every * sc.step_s
+    flush_s = (sc.flush_every or 64) * sc.step_s
     intervals = res.steady_s / flush_s if flush_s > 0 and res.steady_s > 0 else 1.0
     total = sum(res.leader_cpu.values())
     core = sum(v for k, v in res.leader_cpu.items() if k not in _DRIVER)
