@@ -535,14 +535,16 @@ class Simulation:
             if cores.kind_of(reply) is Kind.PROMISE and trace is not None:
                 trace.promised.add(r)
             self._rank_send(r, reply, self.now + cost)
-        if rk.hold_since is not None or (r in self._pending and rk.watched_step == self.k
-                                         and self.now >= self.Gk + rk.off):
+        if rk.hold_since is not None:  # holding at S: the outcome may have come
             self._act(r)
         elif (rk.port.promised and rk.port.switch_step == self.k
               and self.now < self.Gk + rk.off):
             self._watch(r, self.k)  # promised S = the step starting now: it holds at on_step
 
     def _rank_send(self, r: int, msg: Any, t: float) -> None:
+        if t > self.now:  # sent later (after the worker's CPU time): the links see frames in time order
+            self.at(t, self._rank_send, r, msg, t)
+            return
         node = self.ranks[r].node
         self._to_leader(node, t + self.sc.network.ipc_s, msg)
 
