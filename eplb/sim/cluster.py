@@ -542,7 +542,7 @@ class Simulation:
             self._watch(r, self.k)  # promised S = the step starting now: it holds at on_step
 
     def _rank_send(self, r: int, msg: Any, t: float) -> None:
-        if t > self.now:  # sent later (after the worker's CPU time): the links see frames in time order
+        if t > self.now:  # after the worker's CPU time: links must see frames in time order
             self.at(t, self._rank_send, r, msg, t)
             return
         node = self.ranks[r].node

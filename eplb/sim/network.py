@@ -4,9 +4,11 @@ each node's NIC as a serial resource. No sockets; times are virtual seconds.
 Each node's NIC sends one frame at a time (``bandwidth_Bps``); the receiving side is not
 modelled (the leader takes in far less than it sends: COUNTS of 8,000 ranks are ~0.7 GB/s, a PLAN
 broadcast to 999 followers is 999 frames). Per link (one direction between a follower and the
-leader) frames arrive in the order they were sent, as on one TCP connection: a frame's arrival is its own latency draw, but never before the
-frame sent ahead of it. A lost segment is not a lost frame on TCP: it arrives one retransmission
-timeout (RTO) late, and holds up every frame behind it on that link (head-of-line blocking).
+leader) frames arrive in the order they were sent, as on one TCP connection: a frame's arrival
+is its own latency draw, but never before the frame sent ahead of it. A lost segment is not a
+lost frame on TCP: it arrives one retransmission timeout (RTO) late, and holds up every frame
+behind it on that link (head-of-line blocking). Loss is drawn per frame, not per segment: a
+multi-megabyte PLAN is as likely to be delayed as a heartbeat.
 """
 
 from __future__ import annotations
