@@ -202,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "bench/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows: list[Row] = []
     if args.merge:
-        for path in args.merge:
-            rows += [Row(**d) for d in json.loads(path.read_text())]
+        seen: set[tuple[str, int]] = set()
+        for path in args.merge:  # the first row of each (scenario, nodes) counts
+            for d in json.loads(path.read_text()):
+                if (d["scenario"], d["nodes"]) not in seen:
+                    seen.add((d["scenario"], d["nodes"]))
+                    rows.append(Row(**d))
         order = ["clean", "nocounts", "faults", "dead"]
         rows.sort(key=lambda r: (order.index(r.scenario), r.nodes))
     else:
