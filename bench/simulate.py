@@ -129,6 +129,11 @@ def markdown(rows: list[Row], command: str) -> str:
         f"frame type, plus {c.send_s * 1e6:g} us per frame sent to a follower and "
         f"{c.persist_s * 1e3:g} ms per decision-log append. Times below are virtual.",
         "",
+        "- Scenarios: clean; nocounts (no periodic COUNTS: the agreement and heartbeats "
+        "alone); faults (0.5 % of frames need one retransmission, and the last node is slow: "
+        "its frames +1 ms, steps x1.5, which in lockstep slows the group); dead (the last node "
+        "dies as the leader sends the PLAN of epoch 2). epochs counts attempts, retries "
+        "included.",
         f"- Network: {sc.network.describe()}; RTT p50 / p99 {rtt}. Per link frames arrive in "
         "order (TCP); a lost segment arrives one RTO late and holds up the frames behind it.",
         f"- Decode: {sc.step_s * 1e3:g} ms steps (jitter {sc.step_jitter:.0%}), lockstep "
