@@ -352,8 +352,9 @@ class Simulation:
         if not busy and self.node_lost and (self.dead_at is not None
                                             or not self.leader.group_complete):
             return StopIteration  # nothing more can start: the group is incomplete
-        if attempts >= sc.epochs and not busy:
-            return StopIteration
+        dead_pending = self.dead_at is not None and not self.node_lost
+        if attempts >= sc.epochs and not busy and not dead_pending:
+            return StopIteration  # (a dead node is waited for until it is noticed)
         if (self.complete_at is not None and not busy and self.leader.group_complete
                 and self.now >= self.complete_at + sc.first_epoch_s
                 and self._idle_since is not None and self.now - self._idle_since >= sc.gap_s):
