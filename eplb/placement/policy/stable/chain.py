@@ -1,57 +1,27 @@
-"""The `stable` placement policy: balance as well as a from-scratch plan, moving few experts.
+"""Phase 3 of the ``stable`` policy: the repair chain, a local search from the current placement.
 
-Pure, layer-vectorized tensor functions. With loads ``w: [L, E]``, the current placement
-``current: [L, P]`` and ``G`` GPUs of ``S = P / G`` slots:
+At each step every layer whose max GPU load is above the ceiling makes one change for its most
+loaded ("hot") GPU: a forced extra replica of an expert heavier per replica than anything in the
+reference, else the best of swapping a slot of the hot GPU with a lighter slot elsewhere (2 slots)
+or turning a spare replica elsewhere into one more replica of an expert of the hot GPU (1 slot).
+Each change is checked exactly and every state keeps every expert present; the states a layer
+passes through are its options for the choice (:mod:`.choice`).
 
-1. **Reference.** Plan from scratch (:func:`plan_from_scratch`: replica counts by highest load
-   per replica, then replicas heaviest first, each to the lightest GPU with room; the global form
-   of the ``deepseek`` policy) and note its balancedness per layer, ``b_ref: [L]``, and its max GPU
-   load per layer. The target is ``mean(b_ref) - tolerance`` (balancedness as
-   :func:`eplb.placement.overall_balancedness`: mean GPU load / max, averaged over layers).
-2. **Keep.** If the current placement already reaches the target, it is the plan (no move).
-3. **Repair chain.** A local search from the current placement, one change per layer and step,
-   in every layer whose max GPU load is above the reference's (times ``1 + SLACK``): first give
-   a replica to an expert of the hottest GPU that is heavier per replica than any replica of the
-   reference, taking the slot of an expert that has more replicas than the reference gives it
-   (1 slot); otherwise swap a slot of the hottest GPU with a slot of a light GPU (2 slots), or
-   turn a spare replica elsewhere into one more replica of an expert of the hottest GPU (1 slot),
-   preferring changes that bring every GPU they touch under the ceiling. A change costs the slots
-   it changes net of the chain's earlier changes (a swap with a slot the chain already changed
-   costs 1, so two steps can close a 3-cycle that fixes two hot GPUs with 3 slots). With at most
-   ``ALL_TARGETS_UP_TO`` slots per GPU a swap may land on any GPU. Each change is checked
-   exactly; every state keeps every expert present. Each layer gets a chain of valid states.
-4. **Fallback.** Where a chain stops short (typically when many experts' loads moved a little
-   at once, leaving dozens of GPUs over the ceiling), two more options for that layer: a
-   targeted repack (:mod:`eplb.coordinator.repack`: replica counts within the reference's
-   heaviest replica, an eviction from each GPU over the ceiling, the evicted replicas placed
-   back by best fit or a swap; offered where it changes at most ``REPACK_AT_MOST`` of what the
-   next option changes), and the reference plan itself, aligned to the current placement (its
-   GPUs matched to the current GPUs by shared experts, experts kept in their old slots within a
-   GPU).
-5. **Choice.** Per layer, pick one state (current, a point of the chain, or the aligned
-   reference) so that the mean balancedness reaches the target with the fewest slots changed:
-   increments taken in order of balancedness gained per slot moved, never more than
-   ``max_moves`` slots changed in total when a cap is given (then the target may be missed).
-
-"Moved" means a slot whose logical expert changes (``phys2log != current``).
+This is the planner's hot loop (a few dozen steps over all layers still going, each step one
+:func:`best_changes`): it is written as few, large tensor operations, some of them in place,
+because on a CPU at a few layers each operation costs about as much as its arithmetic.
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 from typing import NamedTuple
 
 import torch
 
-from eplb.coordinator.policy_deepseek import balanced_packing
-from eplb.coordinator.repack import repack_layers
+from eplb.placement.load import mean_over_peak, sum_per_gpu
 
-#: How far below the from-scratch plan's balancedness the stable plan may stay (absolute).
-DEFAULT_TOLERANCE = 0.003
-#: A layer's repair stops once its max GPU load is within this fraction of the reference's.
-SLACK = 0.002
 #: Local-search steps per layer before the reference plan is used as the fallback.
 DEFAULT_STEPS = 24
 #: A local-search swap lands on one of this many least-loaded GPUs...
@@ -61,198 +31,49 @@ LIGHT_GPUS = 16
 ALL_TARGETS_UP_TO = 4
 #: A replica-splitting move takes its slot from one of this many cheapest donors.
 DONORS = 32
-#: A repacked layer is an option only where it changes at most this share of the slots that the
-#: aligned reference changes there. A repack that changes nearly as much as the reference tends to
-#: leave a layer that needs more moves in later windows. (Measured at 144 GPUs on the benchmark's
-#: noise drift, seeds 11, 22 and 33, against no repack: with no bound the moves per drift window
-#: fell 42 % for lognormal 0.5 and 4 % for lognormal 1.0; with this bound 40 % and 44 %.)
-REPACK_AT_MOST = 0.5
-
-
-def replicate_greedy(load: torch.Tensor, num_physical: int) -> torch.Tensor:
-    """Replica counts: one each, then one more at a time to the highest load per replica.
-
-    The ``m``-th extra replica of expert ``e`` is given when ``load[e] / m`` is the highest load
-    per replica left, so the extras are the ``P - E`` largest of ``load[e] / m`` (``m >= 1``):
-    one top-k instead of ``P - E`` sequential steps. Only the ``P - E`` heaviest experts can get
-    one (each of them offers a key at least as large as any other expert's load), so the keys
-    come from those alone.
-
-    Args:
-        load: ``[L, E]`` float64 loads.
-        num_physical: ``P >= E``.
-    Returns:
-        ``[L, E]`` int64 counts, each row summing to ``P``.
-    """
-    layers, experts = load.shape
-    extra = num_physical - experts
-    counts = torch.ones(layers, experts, dtype=torch.int64)
-    if extra == 0:
-        return counts
-    if extra > experts:  # every expert is a candidate, and one may take all the extras
-        heavy, depth = load, extra
-        candidates = torch.arange(experts).expand(layers, -1)
-    else:
-        heavy, candidates = load.topk(extra, dim=1)  # [L, extra], heaviest first
-        # no expert gets more extras than the heaviest load over the extra-th largest allows
-        depth, kth = extra, heavy[:, -1]
-        if bool((kth > 0).all()):
-            depth = min(extra, int(float((heavy[:, 0] / kth).max())) + 1)
-    keys = (heavy[:, :, None] / torch.arange(1, depth + 1, dtype=load.dtype)).reshape(layers, -1)
-    chosen = candidates.gather(1, keys.topk(extra, dim=1).indices // depth)  # [L, extra] experts
-    return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
-
-
-def argsort_descending(values: torch.Tensor) -> torch.Tensor:
-    """``values.argsort(dim=1, descending=True, stable=True)``, faster for non-negative floats.
-
-    A non-negative float64's bits, read as an int64, order as the float does (``+ 0.0`` turns
-    -0.0 into 0.0 first), so a stable ascending sort of the negated bits is the same permutation,
-    and sorting int64 is cheaper. Anything else (a negative value, NaN) takes the float sort.
-
-    Args:
-        values: ``[L, N]`` float64.
-    Returns:
-        ``[L, N]`` int64.
-    """
-    if values.dtype == torch.float64 and bool((values >= 0).all()):
-        return (values + 0.0).view(torch.int64).neg_().argsort(dim=1, stable=True)
-    return values.argsort(dim=1, descending=True, stable=True)
-
-
-def pack_in_rounds(load: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Deal replicas onto GPUs in ``S`` rounds: each round gives the next ``G`` heaviest replicas,
-    heaviest first, to the GPUs from the lightest up, one each.
-
-    Args:
-        load: ``[L, E]`` float64; counts: ``[L, E]`` replica counts, rows summing to ``P``.
-        num_gpus: ``G``, dividing ``P``.
-    Returns:
-        phys2log ``[L, P]`` int64; GPU ``g`` holds slots ``[g * S, (g + 1) * S)``.
-    """
-    layers, _ = load.shape
-    num_physical = int(counts[0].sum())
-    per_gpu = num_physical // num_gpus
-    per_replica = load / counts
-    order = argsort_descending(per_replica)  # [L, E]
-    # each expert as many times as it has replicas (each row sums to P), heaviest replica first
-    replica_expert = order.flatten().repeat_interleave(counts.gather(1, order).flatten())
-    replica_expert = replica_expert.view(layers, num_physical)
-    replica_load = per_replica.gather(1, replica_expert)  # [L, P], descending
-    # round 0: all GPUs are empty, so GPU g takes the g-th heaviest replica
-    phys2log = torch.empty(layers, num_physical, dtype=torch.int64)
-    phys2log[:, ::per_gpu] = replica_expert[:, :num_gpus]
-    gpu_load = replica_load[:, :num_gpus].clone()
-    for r in range(1, per_gpu):
-        lightest = gpu_load.argsort(dim=1, stable=True)  # [L, G]
-        part = slice(r * num_gpus, (r + 1) * num_gpus)
-        phys2log.scatter_(1, lightest * per_gpu + r, replica_expert[:, part])
-        gpu_load.scatter_add_(1, lightest, replica_load[:, part])
-    return phys2log
-
-
-def plan_from_scratch(load: torch.Tensor, num_physical: int, num_gpus: int) -> torch.Tensor:
-    """The reference plan: :func:`replicate_greedy`, then replicas to GPUs heaviest first, each to
-    the lightest GPU with room. With two slots per GPU that is :func:`pack_in_rounds` (the same
-    assignment, cheaper); with more it is DeepSeek's :func:`balanced_packing` (as the global
-    form of the ``deepseek`` policy).
-
-    Args:
-        load: ``[L, E]``; num_physical: ``P``; num_gpus: ``G``.
-    Returns:
-        phys2log ``[L, P]`` int64.
-    """
-    load = load.to(torch.float64)
-    counts = replicate_greedy(load, num_physical)
-    if num_physical // num_gpus <= 2:
-        return pack_in_rounds(load, counts, num_gpus)
-    layers = load.shape[0]
-    order = (load / counts).argsort(dim=1, descending=True, stable=True)
-    ends = counts.gather(1, order).cumsum(dim=1)
-    position = torch.arange(num_physical).expand(layers, -1).contiguous()
-    replica_expert = order.gather(1, torch.searchsorted(ends, position, right=True))  # [L, P]
-    pack, rank = balanced_packing((load / counts).gather(1, replica_expert), num_gpus)
-    phys2log = torch.empty_like(replica_expert)
-    return phys2log.scatter_(1, pack * (num_physical // num_gpus) + rank, replica_expert)
-
-
-def counts_of(phys2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Replicas per expert. ``phys2log: [L, P]`` -> ``[L, E]`` int64."""
-    counts = torch.zeros(phys2log.shape[0], num_experts, dtype=torch.int64)
-    return counts.scatter_add_(1, phys2log, torch.ones_like(phys2log))
-
-
-def gpu_load_of(load: torch.Tensor, phys2log: torch.Tensor, counts: torch.Tensor,
-                num_gpus: int) -> torch.Tensor:
-    """Load per GPU, each expert's load split evenly over its replicas.
-
-    Args:
-        load: ``[L, E]`` float64; phys2log: ``[L, P]``; counts: ``[L, E]`` its replica counts.
-    Returns:
-        ``[L, G]`` float64.
-    """
-    return gpu_load_from((load / counts.clamp(min=1)).gather(1, phys2log), num_gpus)
-
-
-def gpu_load_from(slot_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Load per GPU from each slot's load. ``slot_load: [L, P]`` float64 -> ``[L, G]``."""
-    if slot_load.shape[1] == 2 * num_gpus:  # the same sum (of two), without a slow short reduction
-        return slot_load[:, 0::2] + slot_load[:, 1::2]
-    return slot_load.view(slot_load.shape[0], num_gpus, -1).sum(dim=2)
-
-
-def layer_balancedness(load: torch.Tensor, gpu_load: torch.Tensor) -> torch.Tensor:
-    """Mean over max GPU load per layer (1.0 for an idle layer), as
-    :func:`eplb.placement.balancedness`. ``load: [L, E]``, ``gpu_load: [L, G]`` -> ``[L]``."""
-    return balancedness(load.sum(dim=1) / gpu_load.shape[1], gpu_load.max(dim=1).values)
-
-
-def balancedness(mean: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-    """``mean / peak`` GPU load per layer, 1.0 where ``peak`` is 0. ``[L]``, ``[L]`` -> ``[L]``."""
-    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 
 class Change(NamedTuple):
     """One change per layer (see :func:`best_changes`); all ``[T, 1]``.
 
     act: bool, a change helps or is forced; forced: bool, it must be made; swap: bool, two slots
-    change; src: a slot on the most loaded GPU; dst: the slot that takes ``expert`` (a swap also
-    gives ``src`` the old expert of ``dst``); peak: the max GPU load before the change.
+    change; hot_slot: a slot on the most loaded GPU; slot: the slot that takes ``expert`` (a swap
+    also gives ``hot_slot`` the old expert of ``slot``); peak: the max GPU load before the change.
     """
 
     act: torch.Tensor
     forced: torch.Tensor
     swap: torch.Tensor
-    src: torch.Tensor
-    dst: torch.Tensor
+    hot_slot: torch.Tensor
+    slot: torch.Tensor
     expert: torch.Tensor
     peak: torch.Tensor
 
 
-class Going(NamedTuple):
+class OpenLayers(NamedTuple):
     """The layers a repair chain still works on, one row each (``T`` rows).
 
-    load: ``[T, E]`` float64; ref: ``[T, E]`` the reference's replica counts (float64); ceiling:
-    ``[T, 1, 1]`` the max GPU load at which a layer is done; limit: ``[T, 1]`` the reference's
-    heaviest replica; current: ``[T, P]`` the served placement; phys2log: ``[T, P]`` the chain's
-    state; counts: ``[T, E]`` its replica counts (float64, whole numbers); share: ``[T, E]``
-    ``load / counts``; slot: ``[T, P]`` the share of each slot's expert; gpu: ``[T, G]`` GPU
-    loads; peak: ``[T, 1]`` their max; hot: ``[T]`` its (first) GPU; changed: ``[T, P]`` bool,
-    ``phys2log != current``.
+    load: ``[T, E]`` float64; ref_counts: ``[T, E]`` the reference's replica counts (float64);
+    ceiling: ``[T, 1, 1]`` the max GPU load at which a layer is done; limit: ``[T, 1]`` the
+    reference's heaviest replica; current: ``[T, P]`` the served placement; phys2log: ``[T, P]``
+    the chain's state; counts: ``[T, E]`` its replica counts (float64, whole numbers); share:
+    ``[T, E]`` ``load / counts``; slot_share: ``[T, P]`` the share of each slot's expert;
+    gpu_load: ``[T, G]``; peak: ``[T, 1]`` its max; hot_gpu: ``[T]`` the (first) GPU at the max;
+    changed: ``[T, P]`` bool, ``phys2log != current``.
     """
 
     load: torch.Tensor
-    ref: torch.Tensor
+    ref_counts: torch.Tensor
     ceiling: torch.Tensor
     limit: torch.Tensor
     current: torch.Tensor
     phys2log: torch.Tensor
     counts: torch.Tensor
     share: torch.Tensor
-    slot: torch.Tensor
-    gpu: torch.Tensor
+    slot_share: torch.Tensor
+    gpu_load: torch.Tensor
     peak: torch.Tensor
-    hot: torch.Tensor
+    hot_gpu: torch.Tensor
     changed: torch.Tensor
 
 
@@ -291,189 +112,186 @@ def row_column(rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat // columns, flat % columns
 
 
-def best_changes(g: Going) -> Change:
-    """For each layer, one change for its most loaded GPU ``g``: the new expert of slot ``dst``,
-    and for a swap the new expert of slot ``src`` on ``g``.
+def best_changes(open_layers: OpenLayers) -> Change:
+    """For each layer, one change for its most loaded GPU ``h``: the new expert of slot ``slot``,
+    and for a swap the new expert of slot ``hot_slot`` on ``h``.
 
-    First, a replica that must move: an expert on ``g`` whose load per replica exceeds
-    ``limit`` (the reference's heaviest replica) cannot fit the reference way, so it takes a slot
-    of the expert with a spare replica (more than ``ref``) that is cheapest to give up, on
-    the most loaded GPU holding that expert (forced: 1 slot).
+    First, a replica that must move: an expert on ``h`` whose load per replica exceeds ``limit``
+    (the reference's heaviest replica) cannot fit the reference way, so it takes a slot of the
+    expert with a spare replica (more than ``ref_counts``) that is cheapest to give up, on the
+    most loaded GPU holding that expert (forced: 1 slot).
 
-    Otherwise the best of these candidates: swap a slot of ``g`` with a lighter slot on one of the
+    Otherwise the best of these candidates: swap a slot of ``h`` with a lighter slot on one of the
     ``LIGHT_GPUS`` least loaded GPUs (any GPU with at most ``ALL_TARGETS_UP_TO`` slots per GPU;
     2 slots change, counts unchanged), or turn a slot of one of the ``DONORS`` cheapest spare
-    replicas elsewhere into one more replica of an expert on ``g`` (1 slot). A candidate is scored
-    by the highest load among the GPUs it touches (for a split, the other GPUs holding the expert
-    that gives up a replica are charged with its heavier share: an upper bound). Those that bring
-    all of them under ``ceiling`` rank first, 1-slot ones before 2-slot ones, then by load shed;
-    the rest by load shed per slot changed. A candidate's slots are counted net of
-    the chain so far (:func:`net_costs`: a slot changed before costs nothing more, one given back
-    its current expert saves one). The caller checks the chosen change exactly.
+    replicas elsewhere into one more replica of an expert on ``h`` (a split: 1 slot). A candidate
+    is scored by the highest load among the GPUs it touches (for a split, the other GPUs holding
+    the expert that gives up a replica are charged with its heavier share: an upper bound). Those
+    that bring all of them under ``ceiling`` rank first, 1-slot ones before 2-slot ones, then by
+    load shed; the rest by load shed per slot changed. A candidate's slots are counted net of the
+    chain so far (:func:`cost_bias`: a slot changed before costs nothing more, one given back its
+    current expert saves one). The caller checks the chosen change exactly.
 
-    Candidates are ``[T, S, C + M]``: ``S`` slots of ``g`` times ``C`` swap targets, then ``M``
-    donor slots. The work is written out in few, large tensor operations, several of them in
-    place into two buffers (the touched load, then the load shed; and whether a candidate is
-    valid): on a CPU, at a few layers, each operation costs about as much as its arithmetic.
+    Shapes: ``T`` layers, ``S`` slots per GPU, ``C`` swap targets, ``W`` spare replicas listed,
+    ``M`` donors. Candidates are ``[T, S, C + M]``: each slot of ``h`` times the ``C`` swap
+    targets, then the ``M`` donor slots. Two ``[T, S, C + M]`` float64 buffers are filled in place:
+    ``candidate_load`` (the max load of the GPUs a candidate touches, then, in the same memory, the
+    load it sheds) and ``rank``.
 
     Args:
-        g: the layers (:class:`Going`).
+        open_layers: the layers (:class:`OpenLayers`).
     Returns:
         the :class:`Change` of each layer.
     """
-    layers, slots = g.phys2log.shape
-    num_gpus = g.gpu.shape[1]
-    experts = g.load.shape[1]
+    layers, slots = open_layers.phys2log.shape
+    num_gpus = open_layers.gpu_load.shape[1]
+    experts = open_layers.load.shape[1]
     per_gpu = slots // num_gpus
     inf = float("inf")
-    p2l, slot, gpu, peak = g.phys2log, g.slot, g.gpu, g.peak
-    hot = g.hot.unsqueeze(1)  # [T, 1]
-    peak3 = peak.unsqueeze(2)
-    source = gpu_slots(num_gpus, per_gpu).index_select(0, g.hot)  # [T, S] the slots of g
-    es, xs = p2l.gather(1, source), slot.gather(1, source)
+    phys2log, slot_share = open_layers.phys2log, open_layers.slot_share
+    gpu_load, peak = open_layers.gpu_load, open_layers.peak
+    hot_gpu = open_layers.hot_gpu.unsqueeze(1)  # [T, 1]
+    peak_3d = peak.unsqueeze(2)  # [T, 1, 1]
+    hot_slots = gpu_slots(num_gpus, per_gpu).index_select(0, open_layers.hot_gpu)  # [T, S]
+    hot_experts = phys2log.gather(1, hot_slots)  # [T, S]
+    hot_shares = slot_share.gather(1, hot_slots)  # [T, S]
 
-    # Swaps: d moves from g to the target slot's GPU. Targets are the slots of the lightest GPUs
-    # (a move must land below the peak; the lightest leave the most room). The GPU g itself has
-    # an infinite room (touched inf: never taken), one slot of the same expert d = 0 (not taken).
+    # Swaps: a hot slot's replica moves to the target slot's GPU and the target's comes back.
+    # Targets are the slots of the lightest GPUs (a move must land below the peak; the lightest
+    # leave the most room). The hot GPU itself gets an infinite load (never taken); a target of
+    # the same expert moves nothing (not taken).
     if per_gpu <= ALL_TARGETS_UP_TO or LIGHT_GPUS >= num_gpus:  # every GPU, in order (no sort)
-        light_load = gpu.scatter(1, hot, inf)
-        target, x, t_expert = lanes(slots).expand(layers, -1), slot, p2l
-        t_current, t_changed = g.current, g.changed
+        target_gpu_load = gpu_load.scatter(1, hot_gpu, inf)  # [T, G]
+        target_slots = lanes(slots).expand(layers, -1)  # [T, C = P]
+        target_shares, target_experts = slot_share, phys2log
+        target_current, target_changed = open_layers.current, open_layers.changed
     else:
-        light_load, light = gpu.topk(LIGHT_GPUS, dim=1, largest=False)  # [T, K]
-        light_load = light_load.masked_fill(light == hot, inf)
-        target = (light.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [T, C]
-        x, t_expert = slot.gather(1, target), p2l.gather(1, target)
-        t_current, t_changed = g.current.gather(1, target), g.changed.gather(1, target)
-    width = target.shape[1]
-    wide = max(1, min(slots, 2 * (slots - experts)))  # spare replicas listed
-    donors = min(wide, DONORS)
-    total = width + donors
-    # (the touched load of every candidate, then its load shed, in one buffer; a swap with d <= 0
-    # touches at least the peak: it sheds nothing, so it is not taken)
-    touched = torch.empty(layers, per_gpu, total, dtype=torch.float64)
-    swapped = touched.narrow(2, 0, width)
-    d = xs.unsqueeze(2) - x.unsqueeze(1)  # [T, S, C]
-    torch.add(light_load.view(layers, 1, -1, 1), d.view(layers, per_gpu, -1, per_gpu),
-              out=swapped.view(layers, per_gpu, -1, per_gpu))  # the room left on the target's GPU
-    torch.maximum(torch.sub(peak3, d, out=d), swapped, out=swapped)
+        target_gpu_load, light_gpus = gpu_load.topk(LIGHT_GPUS, dim=1, largest=False)  # [T, K]
+        target_gpu_load = target_gpu_load.masked_fill(light_gpus == hot_gpu, inf)
+        target_slots = (light_gpus.unsqueeze(2) * per_gpu + lanes(per_gpu)).view(layers, -1)  # [T, C]
+        target_shares = slot_share.gather(1, target_slots)
+        target_experts = phys2log.gather(1, target_slots)
+        target_current = open_layers.current.gather(1, target_slots)
+        target_changed = open_layers.changed.gather(1, target_slots)
+    num_targets = target_slots.shape[1]
+    num_spare = max(1, min(slots, 2 * (slots - experts)))  # spare replicas listed
+    num_donors = min(num_spare, DONORS)
+    num_candidates = num_targets + num_donors
+    candidate_load = torch.empty(layers, per_gpu, num_candidates, dtype=torch.float64)
+    swap_load = candidate_load.narrow(2, 0, num_targets)  # [T, S, C]
+    moved = hot_shares.unsqueeze(2) - target_shares.unsqueeze(1)  # [T, S, C] load sent away
+    # the target's GPU after the swap (targets come GPU by GPU, S slots each)...
+    torch.add(target_gpu_load.view(layers, 1, -1, 1), moved.view(layers, per_gpu, -1, per_gpu),
+              out=swap_load.view(layers, per_gpu, -1, per_gpu))
+    # ...and the hot GPU after it; a swap with moved <= 0 touches at least the peak (sheds nothing)
+    torch.maximum(torch.sub(peak_3d, moved, out=moved), swap_load, out=swap_load)
 
-    # Splits: a slot off g whose expert a has a spare replica becomes one more replica of b = es;
-    # a's other holders take its heavier share. Donors: those cheapest to give up, from the slots
-    # of experts with more than one replica (at most 2 (P - E), listed in slot order from column
-    # 1, column 0 taking the others; then padded with a slot of g, which never gives up its
-    # replica: inf).
-    counts = g.counts
-    one_less = g.load / (counts - 1).clamp_(min=1)  # [T, E] the share with one replica fewer
-    multi = counts.gather(1, p2l) > 1  # [T, P]
-    spare = source.narrow(1, 0, 1).expand(-1, wide + 1).clone().scatter_(
-        1, multi.cumsum(dim=1).mul_(multi), lanes(slots).expand(layers, -1)).narrow(1, 1, wide)
-    spare_expert = p2l.gather(1, spare)  # [T, W]
-    spare_gpu = slot_gpu(num_gpus, per_gpu).take(spare)
-    spare_load = gpu.gather(1, spare_gpu)
-    spare_share = slot.gather(1, spare)
-    holders = other_holder(spare, spare_expert, spare_load, one_less)
-    holders += one_less.gather(1, spare_expert) - spare_share
-    holders.masked_fill_(spare_gpu == hot, inf)
-    left = spare_load - spare_share
-    pick = torch.maximum(holders, left).topk(donors, dim=1, largest=False).indices  # [T, M]
-    donor = spare.gather(1, pick)
-    new_share = g.load.gather(1, es) / (counts.gather(1, es) + 1)  # [T, S]
-    split = touched.narrow(2, width, donors)
-    torch.maximum(torch.maximum((peak - (xs - new_share)).unsqueeze(2),
-                                left.gather(1, pick).unsqueeze(1) + new_share.unsqueeze(2)),
-                  holders.gather(1, pick).unsqueeze(1), out=split)
+    # Splits: a slot off h whose expert a has a spare replica becomes one more replica of a hot
+    # expert b; a's other holders take its heavier share. Donors are those cheapest to give up,
+    # from the slots of experts with more than one replica (at most 2 (P - E), listed in slot order
+    # from column 1, column 0 taking the others; then padded with a hot slot, which never gives up
+    # its replica: inf).
+    counts = open_layers.counts
+    share_one_fewer = open_layers.load / (counts - 1).clamp_(min=1)  # [T, E]
+    has_spare = counts.gather(1, phys2log) > 1  # [T, P]
+    spare_slots = hot_slots.narrow(1, 0, 1).expand(-1, num_spare + 1).clone().scatter_(
+        1, has_spare.cumsum(dim=1).mul_(has_spare), lanes(slots).expand(layers, -1)
+    ).narrow(1, 1, num_spare)  # [T, W]
+    spare_experts = phys2log.gather(1, spare_slots)  # [T, W]
+    spare_gpus = slot_gpu(num_gpus, per_gpu).take(spare_slots)
+    spare_gpu_load = gpu_load.gather(1, spare_gpus)
+    spare_shares = slot_share.gather(1, spare_slots)
+    # the other GPUs holding the donor's expert, each with its heavier share
+    other_gpu_load = other_holder(spare_slots, spare_experts, spare_gpu_load, share_one_fewer)
+    other_gpu_load += share_one_fewer.gather(1, spare_experts) - spare_shares
+    other_gpu_load.masked_fill_(spare_gpus == hot_gpu, inf)
+    donor_gpu_after = spare_gpu_load - spare_shares  # before it takes the hot expert
+    donor_pick = torch.maximum(other_gpu_load, donor_gpu_after).topk(
+        num_donors, dim=1, largest=False).indices  # [T, M]
+    donor_slots = spare_slots.gather(1, donor_pick)
+    split_share = open_layers.load.gather(1, hot_experts) / (counts.gather(1, hot_experts) + 1)  # [T, S]
+    split_load = candidate_load.narrow(2, num_targets, num_donors)  # [T, S, M]
+    torch.maximum(torch.maximum((peak - (hot_shares - split_share)).unsqueeze(2),
+                                donor_gpu_after.gather(1, donor_pick).unsqueeze(1)
+                                + split_share.unsqueeze(2)),
+                  other_gpu_load.gather(1, donor_pick).unsqueeze(1), out=split_load)
     # (an expert giving a replica to itself changes nothing: not taken)
-    split.masked_fill_(es.unsqueeze(2) == spare_expert.gather(1, pick).unsqueeze(1), inf)
+    split_load.masked_fill_(hot_experts.unsqueeze(2) == spare_experts.gather(1, donor_pick).unsqueeze(1),
+                            inf)
 
     # Rank: a change that brings every GPU it touches under the ceiling first, fewer slots first,
-    # then more load shed (bias + shed, bias = 10 - cost); otherwise the load shed per slot changed
-    # (at least a quarter of a slot).
-    under = touched <= g.ceiling
-    shed = torch.sub(peak3, touched, out=touched).div_(peak3.clamp(min=1e-300))  # <= 1
-    valid = shed > TINY
-    bias = cost_bias(es, g.current.gather(1, source), g.changed.gather(1, source), t_expert,
-                     t_current, t_changed, g.current.gather(1, donor), g.changed.gather(1, donor))
-    top = bias.to(torch.float64)
-    per_slot = (10 - bias).to(torch.float64).clamp_(min=0.25)
-    rank = torch.div(shed, per_slot, out=per_slot)
-    rank = torch.where(under, top.add_(shed), rank, out=rank)
-    rank = torch.where(valid, rank, NO_RANK, out=rank)
-    best, index = rank.view(layers, -1).max(dim=1, keepdim=True)  # [T, 1]
-    row, column = (part.take(index) for part in row_column(per_gpu, total))
-    gain = shed.view(layers, -1).gather(1, index) * peak
-    swap = column < width
-    act = (best > NO_RANK) & (gain > peak * 1e-9)
-    src = source.gather(1, row)
-    dst = torch.cat([target, donor], dim=1).gather(1, column)
-    new_expert = es.gather(1, row)
+    # then more load shed (bias + shed, bias = 10 - net slots); otherwise the load shed per slot
+    # changed (at least a quarter of a slot).
+    under_ceiling = candidate_load <= open_layers.ceiling
+    shed = torch.sub(peak_3d, candidate_load, out=candidate_load).div_(peak_3d.clamp(min=1e-300))  # <= 1
+    sheds_some = shed > TINY
+    bias = cost_bias(hot_experts, open_layers.current.gather(1, hot_slots),
+                     open_layers.changed.gather(1, hot_slots), target_experts, target_current,
+                     target_changed, open_layers.current.gather(1, donor_slots),
+                     open_layers.changed.gather(1, donor_slots))
+    rank_under = bias.to(torch.float64)
+    rank = (10 - bias).to(torch.float64).clamp_(min=0.25)  # net slots changed, at least 1/4
+    rank = torch.div(shed, rank, out=rank)
+    rank = torch.where(under_ceiling, rank_under.add_(shed), rank, out=rank)
+    rank = torch.where(sheds_some, rank, NO_RANK, out=rank)
+    best_rank, best = rank.view(layers, -1).max(dim=1, keepdim=True)  # [T, 1]
+    hot_index, candidate = (part.take(best) for part in row_column(per_gpu, num_candidates))
+    gain = shed.view(layers, -1).gather(1, best) * peak
+    swap = candidate < num_targets
+    act = (best_rank > NO_RANK) & (gain > peak * 1e-9)
+    hot_slot = hot_slots.gather(1, hot_index)
+    slot = torch.cat([target_slots, donor_slots], dim=1).gather(1, candidate)
+    expert = hot_experts.gather(1, hot_index)
 
     # The forced replica overrides.
-    excess, at = (xs - g.limit).max(dim=1, keepdim=True)
-    forced = excess > g.limit * 1e-9
+    excess, heaviest = (hot_shares - open_layers.limit).max(dim=1, keepdim=True)
+    forced = excess > open_layers.limit * 1e-9
     if not bool(forced.any()):
-        return Change(act, forced, swap, src, dst, new_expert, peak)
-    grow = es.gather(1, at)
-    donor_load, donor_expert = torch.where(counts > g.ref, one_less, NO_LOAD).min(dim=1, keepdim=True)
-    forced &= (donor_load < NO_LOAD) & (donor_expert != grow)
-    # (a donor has a spare replica, so all of its slots are listed)
-    forced_slot = spare.gather(1, torch.where(spare_expert == donor_expert, spare_load, MINUS_ONE)
-                               .argmax(dim=1, keepdim=True))
-    return Change(act | forced, forced, swap > forced, src, torch.where(forced, forced_slot, dst),
-                  torch.where(forced, grow, new_expert), peak)
+        return Change(act, forced, swap, hot_slot, slot, expert, peak)
+    grow = hot_experts.gather(1, heaviest)
+    giver_share, giver = torch.where(counts > open_layers.ref_counts, share_one_fewer,
+                                     NO_LOAD).min(dim=1, keepdim=True)
+    forced &= (giver_share < NO_LOAD) & (giver != grow)
+    # (the giver has a spare replica, so all of its slots are listed: take the one on its most
+    # loaded GPU)
+    forced_slot = spare_slots.gather(1, torch.where(spare_experts == giver, spare_gpu_load, MINUS_ONE)
+                                     .argmax(dim=1, keepdim=True))
+    return Change(act | forced, forced, swap > forced, hot_slot, torch.where(forced, forced_slot, slot),
+                  torch.where(forced, grow, expert), peak)
 
 
-def cost_bias(es: torch.Tensor, s_current: torch.Tensor, s_changed: torch.Tensor,
-              t_expert: torch.Tensor, t_current: torch.Tensor, t_changed: torch.Tensor,
-              d_current: torch.Tensor, d_changed: torch.Tensor) -> torch.Tensor:
-    """``10 -`` :func:`net_costs`, as int8, from the candidates' slots.
+def cost_bias(source_expert: torch.Tensor, source_current: torch.Tensor, source_changed: torch.Tensor,
+              target_expert: torch.Tensor, target_current: torch.Tensor, target_changed: torch.Tensor,
+              donor_current: torch.Tensor, donor_changed: torch.Tensor) -> torch.Tensor:
+    """``10 -`` the net slots changed by each candidate of :func:`best_changes`, as int8.
 
-    A swap changes 2 slots, less each one changed before (``changed``), less each one given back
-    its current expert; a split changes 1, less the same for its donor slot.
+    A swap of source slot ``s`` with target slot ``t`` sets ``s`` to ``t``'s expert and ``t`` to
+    ``s``'s; a split sets donor slot ``t`` to ``s``'s expert. Counted against the current
+    placement, net of the chain so far: a swap changes 2 slots, less each one changed before
+    (``changed``), less each one given back its current expert; a split changes 1, less the same
+    for its donor slot. So a swap with a slot changed earlier (closing a cycle) costs 1, not 2.
+    (int8 and ``10 -``: the ranking adds the bias to the load shed as is, one small buffer.)
 
     Args:
-        es, s_current, s_changed: ``[T, S]`` the source slots' experts in the chain's state and
-        in the current placement, and whether they differ; t_expert, t_current, t_changed:
-        ``[T, C]`` the same for the swap targets; d_current, d_changed: ``[T, M]`` for the donor
-        slots (whose experts in the state are not needed).
+        source_expert, source_current, source_changed: ``[T, S]`` the hot GPU's slots: their
+            experts in the chain's state and in the current placement, and whether they differ.
+        target_expert, target_current, target_changed: ``[T, C]`` the same for the swap targets.
+        donor_current, donor_changed: ``[T, M]`` for the donor slots (their experts in the state
+            are not needed).
     Returns:
         ``[T, S, C + M]`` int8 (8..12).
     """
-    layers, per_gpu = es.shape
-    width, donors = t_current.shape[1], d_current.shape[1]
-    bias = torch.empty(layers, per_gpu, width + donors, dtype=torch.int8)
-    swap, split = bias.narrow(2, 0, width), bias.narrow(2, width, donors)
-    torch.add(s_changed.view(torch.int8).unsqueeze(2), (t_changed.view(torch.int8) + 8).unsqueeze(1),
-              out=swap)
-    swap += t_expert.unsqueeze(1) == s_current.unsqueeze(2)
-    swap += es.unsqueeze(2) == t_current.unsqueeze(1)
-    torch.add((d_changed.view(torch.int8) + 9).unsqueeze(1), es.unsqueeze(2) == d_current.unsqueeze(1),
-              out=split)
+    layers, per_gpu = source_expert.shape
+    num_targets, num_donors = target_current.shape[1], donor_current.shape[1]
+    bias = torch.empty(layers, per_gpu, num_targets + num_donors, dtype=torch.int8)
+    swap, split = bias.narrow(2, 0, num_targets), bias.narrow(2, num_targets, num_donors)
+    torch.add(source_changed.view(torch.int8).unsqueeze(2),
+              (target_changed.view(torch.int8) + 8).unsqueeze(1), out=swap)
+    swap += target_expert.unsqueeze(1) == source_current.unsqueeze(2)
+    swap += source_expert.unsqueeze(2) == target_current.unsqueeze(1)
+    torch.add((donor_changed.view(torch.int8) + 9).unsqueeze(1),
+              source_expert.unsqueeze(2) == donor_current.unsqueeze(1), out=split)
     return bias
-
-
-def net_costs(phys2log: torch.Tensor, current: torch.Tensor, source: torch.Tensor,
-              target: torch.Tensor, donor: torch.Tensor, es: torch.Tensor) -> torch.Tensor:
-    """Slots changed against ``current`` after each candidate of :func:`best_changes`, minus before.
-
-    A swap of source slot ``s`` (expert ``es``) with target slot ``t`` (expert ``et``) sets
-    ``s`` to ``et`` and ``t`` to ``es``; a split sets donor slot ``t`` to ``es``. A slot that the
-    chain changed before costs nothing more when it changes again, and one given back its current
-    expert saves one: so a swap with a slot changed earlier (a cycle) costs 1, not 2. (The chain
-    uses :func:`cost_bias`, ``10 -`` these.)
-
-    Args:
-        phys2log: ``[L, P]`` the chain's state; current: ``[L, P]`` the served placement;
-        source: ``[L, S]`` slots of the hot GPU; target: ``[L, C]`` swap targets; donor:
-        ``[L, M]`` split slots; es: ``[L, S]`` the experts of ``source``.
-    Returns:
-        ``[L, S, C + M]`` float64 (whole numbers from -2 to 2).
-    """
-    changed = phys2log != current
-    bias = cost_bias(es, current.gather(1, source), changed.gather(1, source),
-                     phys2log.gather(1, target), current.gather(1, target),
-                     changed.gather(1, target), current.gather(1, donor), changed.gather(1, donor))
-    return 10.0 - bias.to(torch.float64)
 
 
 def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
@@ -497,12 +315,6 @@ def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
                                                     "amax").gather(1, expert)
     return torch.where(is_first, second, top)
 
-
-def score_of(mean: list[float], peak: list[float]) -> list[float]:
-    """:func:`balancedness` on Python floats (the same arithmetic), for a few layers."""
-    return [m / max(p, 1e-300) if p > 0 else 1.0 for m, p in zip(mean, peak)]
-
-
 class Chain(NamedTuple):
     """A repair chain as options per layer (option 0 is the current placement).
 
@@ -515,7 +327,6 @@ class Chain(NamedTuple):
     rows: list[list[int]]
     scores: list[list[float]]
     moves: list[list[int]]
-
 
 def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor,
                  gpu_load: torch.Tensor, steps: int, goal: float, ceiling: torch.Tensor,
@@ -536,9 +347,9 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         the :class:`Chain`: each layer's states in order, one per step it made a change.
     """
     layers, num_gpus = gpu_load.shape
-    mean = (load.sum(dim=1) / num_gpus).tolist()
+    mean = load.sum(dim=1) / num_gpus  # [L] mean GPU load
     peak = gpu_load.max(dim=1).values
-    first = score_of(mean, peak.tolist())
+    first = mean_over_peak(mean, peak).tolist()
     chain = Chain(current, [[layer] for layer in range(layers)], [[s] for s in first],
                   [[0] for _ in range(layers)])
     last = first[:]
@@ -552,27 +363,28 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
     t_share = t_load / t_counts.clamp(min=1)
     t_gpu = gpu_load[going]
     t_max = t_gpu.max(dim=1)
-    g = Going(t_load, ref_counts[going].to(torch.float64), ceiling[going].view(-1, 1, 1),
-              limit[going].unsqueeze(1), t_current, t_current, t_counts, t_share,
-              t_share.gather(1, t_current), t_gpu, t_max.values.unsqueeze(1), t_max.indices,
-              torch.zeros_like(t_current, dtype=torch.bool))
+    t_mean = mean[going]
+    open_layers = OpenLayers(t_load, ref_counts[going].to(torch.float64), ceiling[going].view(-1, 1, 1),
+                              limit[going].unsqueeze(1), t_current, t_current, t_counts, t_share,
+                              t_share.gather(1, t_current), t_gpu, t_max.values.unsqueeze(1),
+                              t_max.indices, torch.zeros_like(t_current, dtype=torch.bool))
     found, offset = [current], layers
     for _ in range(steps):
         if not ids or math.fsum(last) / layers >= goal:
             break
-        change = best_changes(g)
-        swap, dst, expert = change.swap, change.dst, change.expert
-        gone = g.phys2log.gather(1, dst)  # [T, 1] the expert dst gives up
-        new_p2l = g.phys2log.scatter(1, torch.where(swap, change.src, dst), gone)
-        new_p2l.scatter_(1, dst, expert)
+        change = best_changes(open_layers)
+        swap, slot, expert = change.swap, change.slot, change.expert
+        gone = open_layers.phys2log.gather(1, slot)  # [T, 1] the expert the slot gives up
+        new_p2l = open_layers.phys2log.scatter(1, torch.where(swap, change.hot_slot, slot), gone)
+        new_p2l.scatter_(1, slot, expert)
         split = (~swap).to(torch.float64)
-        new_counts = g.counts.scatter_add(1, gone, -split).scatter_add_(1, expert, split)
-        new_share = g.load / new_counts.clamp(min=1)
+        new_counts = open_layers.counts.scatter_add(1, gone, -split).scatter_add_(1, expert, split)
+        new_share = open_layers.load / new_counts.clamp(min=1)
         new_slot = new_share.gather(1, new_p2l)
-        new_gpu = gpu_load_from(new_slot, num_gpus)
+        new_gpu = sum_per_gpu(new_slot, num_gpus)
         new_max = new_gpu.max(dim=1)
         new_peak = new_max.values.tolist()
-        changed = new_p2l != g.current
+        changed = new_p2l != open_layers.current
         # progress: a lower max, or as high a max on fewer GPUs (a twin of the hot GPU remains);
         # a forced replica may raise the max for a step
         acts = change.act.view(-1).tolist()
@@ -580,9 +392,10 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
                 in zip(acts, change.forced.view(-1).tolist(), new_peak, peaks)]
         level = [act and new == old for act, new, old in zip(acts, new_peak, peaks)]
         if any(level):
-            fewer = (new_gpu >= change.peak).sum(dim=1) < (g.gpu >= change.peak).sum(dim=1)
+            fewer = ((new_gpu >= change.peak).sum(dim=1)
+                     < (open_layers.gpu_load >= change.peak).sum(dim=1))
             keep = [k or (lv and f) for k, lv, f in zip(keep, level, fewer.tolist())]
-        scores = score_of([mean[layer] for layer in ids], new_peak)
+        scores = mean_over_peak(t_mean, new_max.values).tolist()
         moved = changed.sum(dim=1).tolist()
         stay = []
         for i, (layer, kept) in enumerate(zip(ids, keep)):
@@ -598,297 +411,20 @@ def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor
         if not stay:
             break
         if len(stay) == len(ids):
-            g = g._replace(phys2log=new_p2l, counts=new_counts, share=new_share, slot=new_slot,
-                           gpu=new_gpu, peak=new_max.values.unsqueeze(1), hot=new_max.indices,
-                           changed=changed)
+            open_layers = open_layers._replace(
+                phys2log=new_p2l, counts=new_counts, share=new_share, slot_share=new_slot,
+                gpu_load=new_gpu, peak=new_max.values.unsqueeze(1), hot_gpu=new_max.indices,
+                changed=changed)
             peaks = new_peak
             continue
         ids = [ids[i] for i in stay]
         peaks = [new_peak[i] for i in stay]
         at = torch.tensor(stay, dtype=torch.int64)
+        t_mean = t_mean.index_select(0, at)
         new_gpu = new_gpu.index_select(0, at)
         new_max = new_gpu.max(dim=1)  # (the same as selecting its rows)
-        g = Going(*(t.index_select(0, at) for t in (
-            g.load, g.ref, g.ceiling, g.limit, g.current, new_p2l, new_counts, new_share,
-            new_slot)), new_gpu, new_max.values.unsqueeze(1), new_max.indices,
-            changed.index_select(0, at))
+        open_layers = OpenLayers(*(t.index_select(0, at) for t in (
+            open_layers.load, open_layers.ref_counts, open_layers.ceiling, open_layers.limit,
+            open_layers.current, new_p2l, new_counts, new_share, new_slot)),
+            new_gpu, new_max.values.unsqueeze(1), new_max.indices, changed.index_select(0, at))
     return chain._replace(states=torch.cat(found))
-
-
-def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """:func:`match_gpus`, then :func:`keep_slots`: the aligned plan ``[L, P]``."""
-    contents, _ = match_gpus(plan, current, num_gpus)
-    layers, slots = plan.shape
-    return keep_slots(contents, current.view(layers, num_gpus, -1)).view(layers, slots)
-
-
-def match_gpus(plan: torch.Tensor, current: torch.Tensor,
-               num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renumber ``plan``'s GPUs and order each GPU's slots so that as many slots as possible keep
-    their current expert. GPUs are matched greedily by shared experts (each plan GPU proposes to
-    the current GPU it shares most with; a contested GPU takes the proposer sharing most; three
-    rounds; the rest paired in order); within a GPU, experts that stay keep their slot. Shared
-    experts are counted over (plan slot, current slot) pairs of the same expert, so the work
-    grows with the slots, not with GPUs squared.
-
-    Args:
-        plan: ``[L, P]``; current: ``[L, P]``; num_gpus: ``G``.
-    Returns:
-        ``[L, G, S]``: the contents of each current GPU's match (``plan``'s GPUs permuted; order
-        the slots with :func:`keep_slots`), and ``[L]`` the slots that :func:`keep_slots` will
-        change (``P`` minus the experts each matched pair of GPUs shares).
-    """
-    layers, slots = plan.shape
-    per_gpu = slots // num_gpus
-    plan_copy, cur_copy = copy_index(plan, num_gpus), copy_index(current, num_gpus)
-    order = current.sort(dim=1, stable=True).indices  # current slots by expert
-    # the current slots of each plan slot's expert: order[left : left + count] (expert ids < P)
-    held_by = counts_of(current, slots)
-    left = (held_by.cumsum(dim=1) - held_by).gather(1, plan)  # [L, P]
-    many = held_by.gather(1, plan).flatten()  # [L * P]
-    # one entry per (plan slot, current slot of its expert): plan slot ``one`` (flat), its
-    # ``within``-th current slot ``at_slot`` (flat)
-    one = torch.repeat_interleave(many)
-    within = torch.arange(one.shape[0]) - (many.cumsum(dim=0) - many).index_select(0, one)
-    row = torch.div(one, slots, rounding_mode="floor")
-    at_slot = order.flatten().index_select(0, left.flatten().index_select(0, one) + within
-                                           + row * slots) + row * slots
-    # the k-th copy of an expert on a plan GPU pairs with the k-th copy on a current GPU, so
-    # a pair of GPUs shares the size of their multisets' intersection
-    held = cur_copy.flatten().index_select(0, at_slot) == plan_copy.flatten().index_select(0, one)
-    # (layer, plan GPU, current GPU) = (one // P, one % P // S, at_slot % P // S)
-    key = ((one // per_gpu) * num_gpus + (at_slot % slots) // per_gpu)[held]
-    pair, shared = torch.unique(key, return_counts=True)  # (layer, plan GPU, current GPU), count
-    plan_id, cur_id = pair // num_gpus, (pair // (num_gpus * num_gpus)) * num_gpus + pair % num_gpus
-    # bids: more shared first, then the same GPU number, then the lower plan GPU, then the lower
-    # current GPU; unique per plan GPU and per current GPU
-    plan_gpu_id, cur_gpu_id = plan_id % num_gpus, pair % num_gpus
-    bid = ((shared * 2 + (plan_gpu_id == cur_gpu_id).long()) * num_gpus
-           + (num_gpus - 1 - plan_gpu_id)) * num_gpus + (num_gpus - 1 - cur_gpu_id)
-    none = torch.full((layers * num_gpus,), -1, dtype=torch.int64)
-    match = none.clone()  # plan GPU -> current GPU, -1 while unmatched
-    taken = none.clone()  # current GPU -> plan GPU, -1 while free
-    for _ in range(3):
-        free = (match.gather(0, plan_id) < 0) & (taken.gather(0, cur_id) < 0)
-        if not bool(free.any()):
-            break
-        offer = torch.where(free, bid, -1)
-        propose = free & (offer == none.scatter_reduce(0, plan_id, offer, "amax").gather(0, plan_id))
-        offer = torch.where(propose, bid, -1)
-        won = propose & (offer == none.scatter_reduce(0, cur_id, offer, "amax").gather(0, cur_id))
-        # at most one win per plan GPU and per current GPU; the others offer -1
-        match.scatter_reduce_(0, plan_id, torch.where(won, cur_gpu_id, -1), "amax")
-        taken.scatter_reduce_(0, cur_id, torch.where(won, plan_gpu_id, -1), "amax")
-    match, taken = match.view(layers, num_gpus), taken.view(layers, num_gpus)
-    # pair the rest in order
-    left_plan = (match < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    left_cur = (taken < 0).to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    first = torch.arange(num_gpus) < (match < 0).sum(dim=1, keepdim=True)  # [L, G]
-    match.scatter_(1, left_plan, torch.where(first, left_cur, match.gather(1, left_plan)))
-    # contents of plan GPU i go to current GPU match[i]
-    contents = torch.empty(layers, num_gpus, per_gpu, dtype=plan.dtype)
-    contents.scatter_(1, match[:, :, None].expand(-1, -1, per_gpu), plan.view(layers, num_gpus, per_gpu))
-    # slots that keep their expert: per matched pair of GPUs, the experts they share
-    matched = match.view(-1).gather(0, plan_id) == cur_gpu_id
-    kept = torch.zeros(layers, dtype=torch.int64).scatter_add_(
-        0, pair // (num_gpus * num_gpus), torch.where(matched, shared, 0))
-    return contents, slots - kept
-
-
-def copy_index(phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Which copy of its expert on its GPU each slot holds (0 for the first, 1 for a second...).
-
-    ``phys2log: [L, P]`` -> ``[L, P]`` int64.
-    """
-    layers, slots = phys2log.shape
-    on_gpu = phys2log.view(layers, num_gpus, -1)  # [L, G, S]
-    if on_gpu.shape[2] == 2:  # (the same count, without a slow short reduction)
-        second = (on_gpu[:, :, 1:] == on_gpu[:, :, :1]).long()
-        return torch.cat([torch.zeros_like(second), second], dim=2).view(layers, slots)
-    same = on_gpu[:, :, :, None] == on_gpu[:, :, None, :]  # [L, G, S, S]
-    return (same & earlier_than(same.shape[-1])).sum(dim=3).view(layers, slots)
-
-
-@functools.lru_cache(maxsize=32)
-def earlier_than(n: int) -> torch.Tensor:
-    """``[n, n]`` bool, ``[i, j]`` true where ``j < i``; made once (read-only)."""
-    return torch.ones(n, n, dtype=torch.bool).tril(-1)
-
-
-def keep_slots(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Order each GPU's new experts so those it already holds stay in their slots.
-
-    Args:
-        new: ``[L, G, S]`` the experts each GPU will hold (any order); old: ``[L, G, S]`` now.
-    Returns:
-        ``[L, G, S]``: a permutation of each ``new[l, g]``, equal to ``old`` where possible.
-    """
-    per_gpu = new.shape[2]
-    used = torch.zeros_like(new, dtype=torch.bool)  # new items placed in a kept slot
-    kept = torch.zeros_like(old, dtype=torch.bool)
-    for s in range(per_gpu):
-        same = (new == old[:, :, s:s + 1]) & ~used  # [L, G, S]
-        hit = same.any(dim=2)
-        first = same.to(torch.int8).argmax(dim=2, keepdim=True)
-        used.scatter_(2, first, hit[:, :, None] | used.gather(2, first))
-        kept[:, :, s] = hit
-    out = torch.where(kept, old, torch.zeros_like(old))
-    # the remaining new items, in order, fill the remaining slots in order
-    src = (~used).to(torch.int8).argsort(dim=2, descending=True, stable=True)
-    dst = (~kept).to(torch.int8).argsort(dim=2, descending=True, stable=True)
-    fill = torch.arange(per_gpu) < (~kept).sum(dim=2, keepdim=True)
-    values = new.gather(2, src)
-    out.scatter_(2, dst, torch.where(fill, values, out.gather(2, dst)))
-    return out
-
-
-def choose_states(scores: list[list[float]], moves: list[list[int]], goal_sum: float,
-                  max_moves: int) -> list[int]:
-    """Pick one option per layer: reach ``goal_sum`` of balancedness with the fewest moves.
-
-    Each layer's options (option 0 moves nothing) are reduced to their upper hull; increments are
-    taken by balancedness gained per slot moved, best first, until the sum reaches ``goal_sum``.
-    With ``max_moves > 0`` an increment that would pass the cap is skipped (and that layer's later
-    increments with it).
-
-    Args:
-        scores: per layer, the balancedness of each option; moves: per layer, its slots changed.
-    Returns:
-        the chosen option index per layer.
-    """
-    total = sum(layer[0] for layer in scores)
-    heap: list[tuple[float, int, int]] = []
-    hulls: list[list[int]] = []
-    for layer, (score, move) in enumerate(zip(scores, moves)):
-        hull = [0]
-        for k in sorted(range(1, len(score)), key=lambda k: (move[k], -score[k])):
-            if score[k] <= score[hull[-1]] or move[k] <= move[hull[-1]]:
-                continue
-            while len(hull) >= 2:  # drop a point under the segment from its neighbours
-                a, b = hull[-2], hull[-1]
-                if (score[b] - score[a]) * (move[k] - move[a]) <= (score[k] - score[a]) * (move[b] - move[a]):
-                    hull.pop()
-                else:
-                    break
-            hull.append(k)
-        hulls.append(hull)
-        if len(hull) > 1:
-            heapq.heappush(heap, (-(score[hull[1]] - score[0]) / (move[hull[1]] - move[0]), layer, 1))
-    chosen = [0] * len(scores)
-    spent = 0
-    while heap and total < goal_sum:
-        _, layer, step = heapq.heappop(heap)
-        hull, score, move = hulls[layer], scores[layer], moves[layer]
-        a, b = hull[step - 1], hull[step]
-        cost = move[b] - move[a]
-        if max_moves and spent + cost > max_moves:
-            continue
-        spent += cost
-        total += score[b] - score[a]
-        chosen[layer] = b
-        if step + 1 < len(hull):
-            c = hull[step + 1]
-            heapq.heappush(heap, (-(score[c] - score[b]) / (move[c] - move[b]), layer, step + 1))
-    return chosen
-
-
-def rebalance_stable(load: torch.Tensor, num_physical: int, num_gpus: int,
-                     current: torch.Tensor | None = None, max_moves: int = 0,
-                     tolerance: float = DEFAULT_TOLERANCE, steps: int = 0) -> torch.Tensor:
-    """The stable policy (see the module docstring).
-
-    Args:
-        load: ``[L, E]`` expert loads over a window.
-        num_physical: ``P``; num_gpus: ``G``, dividing ``P``.
-        current: ``[L, P]`` the placement served now, or None: then the plan is the from-scratch
-            reference (:func:`plan_from_scratch`) and ``max_moves`` does not apply.
-        max_moves: at most this many slots change (0: no cap).
-        tolerance: how far below the reference's mean balancedness the plan may stay.
-        steps: local-search steps per layer (0: ``DEFAULT_STEPS``).
-    Returns:
-        phys2log ``[L, P]`` int64 with every expert present in every layer. When the current
-        placement already reaches the target it is returned unchanged (no slot moves).
-    """
-    # Inference mode runs the same arithmetic with less bookkeeping per tensor operation (the plan
-    # is many small ones); the result is copied out as an ordinary tensor.
-    with torch.inference_mode():
-        plan = stable_plan(load, num_physical, num_gpus, current, max_moves, tolerance,
-                           steps or DEFAULT_STEPS)
-    return plan.clone()
-
-
-def stable_plan(load: torch.Tensor, num_physical: int, num_gpus: int, current: torch.Tensor | None,
-                max_moves: int, tolerance: float, steps: int) -> torch.Tensor:
-    """:func:`rebalance_stable`'s work (same arguments and result)."""
-    load = load.to(torch.float64)
-    layers, experts = load.shape
-    reference = plan_from_scratch(load, num_physical, num_gpus)
-    if current is None:
-        return reference
-    current = current.to(torch.int64)
-    ref_counts = counts_of(reference, experts)
-    ref_load = gpu_load_of(load, reference, ref_counts, num_gpus)
-    ref_score = layer_balancedness(load, ref_load)
-    goal = float(ref_score.mean()) - tolerance
-    counts = counts_of(current, experts)
-    gpu_load = gpu_load_of(load, current, counts, num_gpus)
-    if float(layer_balancedness(load, gpu_load).mean()) >= goal - 1e-12:  # (the slack absorbs
-        return current.clone()  # summation-order rounding)
-    ceiling = ref_load.max(dim=1).values * (1 + SLACK)
-    limit = (load / ref_counts).max(dim=1).values  # the reference's heaviest replica
-    chain = repair_chain(load, current, counts, gpu_load, steps, goal, ceiling, ref_counts, limit)
-    states = chain.states
-    # layers whose chain stays above the ceiling: offer a repack and the aligned reference there
-    best = [max(scores) for scores in chain.scores]
-    if math.fsum(best) / layers < goal:
-        short = [layer for layer, (b, r) in enumerate(zip(best, ref_score.tolist()))
-                 if b * (1 + SLACK) < r * (1 - 1e-9)]
-        if short:
-            rows = torch.tensor(short)
-            contents, moved = match_gpus(reference[rows], current[rows], num_gpus)
-            states = offer_repacks(load, current, dict(zip(short, moved.tolist())), num_gpus,
-                                   ceiling, limit, chain, states)
-            for i, (layer, m) in enumerate(zip(short, moved.tolist())):
-                chain.rows[layer].append(states.shape[0] + i)
-                chain.scores[layer].append(float(ref_score[layer]))
-                chain.moves[layer].append(m)
-    chosen = choose_states(chain.scores, chain.moves, goal * layers, max_moves)
-    picks = [rows[k] for rows, k in zip(chain.rows, chosen)]
-    found = states.shape[0]
-    plan = states[[0 if pick >= found else pick for pick in picks]]
-    aligned = [(layer, pick - found) for layer, pick in enumerate(picks) if pick >= found]
-    if aligned:  # the slots of the aligned reference are ordered only where it is chosen
-        at, of = (torch.tensor(part) for part in zip(*aligned))
-        plan[at] = keep_slots(contents[of], current[at].view(len(aligned), num_gpus, -1)).flatten(1)
-    return plan
-
-
-def offer_repacks(load: torch.Tensor, current: torch.Tensor, aligned_moves: dict[int, int],
-                  num_gpus: int, ceiling: torch.Tensor, limit: torch.Tensor, chain: Chain,
-                  states: torch.Tensor) -> torch.Tensor:
-    """Add a :func:`eplb.coordinator.repack.repack_layer` plan as an option of each listed layer
-    where one is found that changes at most ``REPACK_AT_MOST`` of the slots the aligned
-    reference changes there.
-
-    Args:
-        load: ``[L, E]`` float64; current: ``[L, P]``; aligned_moves: ``{layer: slots the aligned
-        reference changes}``; ceiling: ``[L]`` max GPU load; limit: ``[L]`` max load per replica;
-        chain: its ``rows``, ``scores`` and ``moves`` get the new options; states: ``[N, P]``.
-    Returns:
-        ``states`` with the repacked layers' plans appended (``[N + K, P]``).
-    """
-    most = {layer: int(REPACK_AT_MOST * moves) for layer, moves in aligned_moves.items()}
-    found = repack_layers(load, current, most, num_gpus, ceiling, limit)
-    moves = {layer: int((plan != current[layer]).sum()) for layer, plan in found.items()}
-    offered = [layer for layer in found if moves[layer] <= REPACK_AT_MOST * aligned_moves[layer]]
-    if not offered:
-        return states
-    plans = torch.stack([found[layer] for layer in offered])  # [K, P]
-    rows = torch.tensor(offered)
-    scores = layer_balancedness(load[rows], gpu_load_of(load[rows], plans,
-                                                        counts_of(plans, load.shape[1]), num_gpus))
-    for i, (layer, score) in enumerate(zip(offered, scores.tolist())):
-        chain.rows[layer].append(states.shape[0] + i)
-        chain.scores[layer].append(score)
-        chain.moves[layer].append(moves[layer])
-    return torch.cat([states, plans])
