@@ -10,21 +10,20 @@ from hypothesis import strategies as st
 from eplb.placement.policy.replicate import replicate_heaviest
 
 
-def one_at_a_time(load: torch.Tensor, num_physical: int) -> tuple[list[list[int]], list[list[int]]]:
+def one_at_a_time(load: torch.Tensor, num_physical: int) -> list[list[int]]:
     """The rule as stated, the oracle: ``P - E`` steps, each giving a replica to the first expert
     with the highest ``load / count`` (computed in ``load``'s dtype, as the policies do).
-    Returns the expert of each extra replica in order and which copy it is, per row."""
+    Returns the expert of each extra replica in order, per row."""
     rows, experts = load.shape
     counts = torch.ones(rows, experts, dtype=torch.int64)
-    extra, copy = [[] for _ in range(rows)], [[] for _ in range(rows)]
+    extra: list[list[int]] = [[] for _ in range(rows)]
     for _ in range(num_physical - experts):
         for row in range(rows):
             key = (load[row] / counts[row]).tolist()
             best = max(range(experts), key=lambda e: (key[e], -e))
             extra[row].append(best)
-            copy[row].append(int(counts[row, best]))
             counts[row, best] += 1
-    return extra, copy
+    return extra
 
 
 @settings(max_examples=120, deadline=None)
@@ -39,8 +38,7 @@ def test_one_top_k_gives_the_one_at_a_time_replicas_in_their_order(experts, extr
         if kind == "sparse":  # idle experts
             load = load * (torch.rand(3, experts, generator=gen) < 0.5)
     replicas = replicate_heaviest(load, experts + extra)
-    want_extra, want_copy = one_at_a_time(load, experts + extra)
-    assert replicas.extra.tolist() == want_extra and replicas.copy.tolist() == want_copy
+    assert replicas.extra.tolist() == one_at_a_time(load, experts + extra)
     assert replicas.counts.sum(dim=1).tolist() == [experts + extra] * 3
     assert torch.equal(replicas.counts, torch.ones(3, experts, dtype=torch.int64).scatter_add_(
         1, replicas.extra, torch.ones_like(replicas.extra)))
@@ -49,5 +47,4 @@ def test_one_top_k_gives_the_one_at_a_time_replicas_in_their_order(experts, extr
 def test_the_worked_example_of_deepseeks_replicate_experts() -> None:
     replicas = replicate_heaviest(torch.tensor([[10.0, 1.0, 4.0]]), 6)
     assert replicas.extra.tolist() == [[0, 0, 2]]  # 10 > 4, then 5 > 4, then 4 > 3.3
-    assert replicas.copy.tolist() == [[1, 2, 1]]
     assert replicas.counts.tolist() == [[3, 1, 2]]

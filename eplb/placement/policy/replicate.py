@@ -4,13 +4,14 @@ load per replica. Every policy (greedy, deepseek, and stable's reference plan) u
 DeepSeek's ``replicate_experts`` gives the ``P - E`` extras in ``P - E`` sequential steps. Here
 the same extras, in the same order, come from one top-k: the ``m``-th extra of expert ``e`` is
 given when ``load[e] / m`` is the highest load per replica left, so the extras are the ``P - E``
-largest keys ``load[e] / m`` (``m >= 1``), ties going to the lower expert (as ``argmax`` does
-step by step), and their order is the order the sequential steps give them in.
+largest keys ``load[e] / m`` (``m >= 1``) in order, equal keys going to the lower expert (as
+``argmax`` does step by step; a sort settles ties, only where there are any).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,13 +21,10 @@ class Replicas(NamedTuple):
     """The result of :func:`replicate_heaviest`, for ``X`` rows of ``n`` experts.
 
     extra: ``[X, P - n]`` int64, the expert of each extra replica in the order given (DeepSeek's
-    ``phy2log[:, n:]``); copy: ``[X, P - n]`` int64, which copy of its expert each extra is (1 for
-    the second replica, DeepSeek's ``replica_rank[:, n:]``); counts: ``[X, n]`` int64 replicas per
-    expert, rows summing to ``P``.
+    ``phy2log[:, n:]``); counts: ``[X, n]`` int64 replicas per expert, rows summing to ``P``.
     """
 
     extra: torch.Tensor
-    copy: torch.Tensor
     counts: torch.Tensor
 
 
@@ -48,46 +46,50 @@ def replicate_heaviest(load: torch.Tensor, num_physical: int) -> Replicas:
     counts = torch.ones(rows, experts, dtype=torch.int64)
     if extra == 0:
         empty = torch.empty(rows, 0, dtype=torch.int64)
-        return Replicas(empty, empty.clone(), counts)
+        return Replicas(empty, counts)
     depth = extra  # the most extras one expert may get
-    if extra > experts:  # every expert is a candidate
+    if extra >= experts:  # every expert is a candidate
         candidates = torch.arange(experts).expand(rows, -1)
+        heavy = load
     else:
         # Only the ``extra`` heaviest experts (ties: the lower first) can get one: each of them
         # offers a key (its load) at least as large as any other expert's. Neither can an expert
         # get more extras than the heaviest load over the ``extra``-th heaviest allows.
-        by_load = load.argsort(dim=1, descending=True, stable=True)[:, :extra]
-        heavy = load.gather(1, by_load)
+        heavy, candidates = load.topk(extra + 1, dim=1)  # [X, extra + 1] (one more: to see a tie)
+        if bool((heavy[:, extra] == heavy[:, extra - 1]).any()):  # a tie at the boundary:
+            candidates = load.argsort(dim=1, descending=True, stable=True)  # the lower expert first
+        heavy, candidates = heavy[:, :extra], candidates[:, :extra]  # heaviest first
         kth = heavy[:, -1].double()
         if bool((kth > 0).all()):
             ratio = float((heavy[:, 0].double() / kth).max())
             if math.isfinite(ratio):  # (+ 2: the keys are rounded in load's dtype)
                 depth = min(extra, int(ratio) + 2)
-        candidates = by_load.sort(dim=1).values  # in expert order: flat order breaks ties
     divisor = torch.arange(1, depth + 1, dtype=load.dtype)
-    keys = (load.gather(1, candidates)[:, :, None] / divisor).flatten(1)  # [X, C * depth]
-    picked = top_keys(keys, extra)  # [X, extra] flat indices, in the order given
+    keys = (heavy[:, :, None] / divisor).flatten(1)  # [X, C * depth]: candidate c, depth m
+    # (candidates heaviest first: top-k is fastest on keys nearly in order)
+    picked = top_keys(keys, extra, lambda: (candidates[:, :, None] * depth
+                                            + torch.arange(depth)).flatten(1))
     expert = candidates.gather(1, torch.div(picked, depth, rounding_mode="floor"))
-    copy = picked % depth + 1
     counts.scatter_add_(1, expert, torch.ones_like(expert))
-    return Replicas(expert, copy, counts)
+    return Replicas(expert, counts)
 
 
-def top_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest keys of each row, largest first, ties by lower index (a stable
-    descending sort's first ``k``), from one top-k.
+def top_keys(keys: torch.Tensor, k: int, tiebreak: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The ``k`` largest keys of each row, largest first, equal keys by ``tiebreak`` (lower
+    first): one top-k, and only where keys tie, a sort.
 
     Args:
         keys: ``[X, N]`` floats; k: ``<= N``.
+        tiebreak: makes ``[X, N]`` int64, distinct within a row (called only on a tie).
     Returns:
         ``[X, k]`` int64 column indices.
     """
-    values = keys.topk(k, dim=1).values
-    boundary = values[:, -1:]  # [X, 1] the k-th largest value
-    above = keys > boundary  # all taken
-    tied = keys == boundary  # the lowest-index ones taken until k
-    room = k - above.sum(dim=1, keepdim=True)
-    take = above | (tied & (tied.cumsum(dim=1) <= room))
-    index = take.nonzero()[:, 1].view(keys.shape[0], k)  # in column order
-    order = keys.gather(1, index).argsort(dim=1, descending=True, stable=True)
-    return index.gather(1, order)
+    if k < keys.shape[1]:  # one more than k: a tie at the boundary shows
+        values, index = keys.topk(k + 1, dim=1)  # largest first, ties in no particular order
+    else:
+        values, index = keys.sort(dim=1, descending=True)
+    if not bool((values[:, 1:] == values[:, :-1]).any()):
+        return index[:, :k]  # no two keys tie: top-k's order is the one
+    by_tiebreak = tiebreak().argsort(dim=1)
+    ordered = keys.gather(1, by_tiebreak).argsort(dim=1, descending=True, stable=True)[:, :k]
+    return by_tiebreak.gather(1, ordered)
