@@ -22,7 +22,7 @@ import hashlib
 
 import torch
 
-from eplb.demo.workload import drift_windows, noise_windows, planner_load
+from eplb.demo.workload import drift_windows, noise_windows, planner_load, random_placement
 from eplb.placement.copy_plan import changed_layers, plan_copies
 from eplb.placement.planner import POLICIES, PlannerSpec, plan_rebalance
 from eplb.placement.rules import default_placement
@@ -57,15 +57,6 @@ def copy_line(name: str, old: torch.Tensor, new: torch.Tensor, gpus: int, ranks_
     for plan in plans:
         digest.update(repr((plan.layer, plan.recvs, plan.local_copies)).encode())
     return f"{name} copy {digest.hexdigest()}"
-
-
-def random_placement(layers: int, experts: int, physical: int, gen: torch.Generator) -> torch.Tensor:
-    """Every expert once, the other slots random, shuffled per layer. ``[L, P]`` int64."""
-    rows = []
-    for _ in range(layers):
-        row = torch.cat([torch.arange(experts), torch.randint(experts, (physical - experts,), generator=gen)])
-        rows.append(row[torch.randperm(physical, generator=gen)])
-    return torch.stack(rows)
 
 
 def main() -> None:

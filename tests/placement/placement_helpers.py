@@ -7,18 +7,20 @@ other test directory uses, so two test directories cannot shadow each other's he
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 
 from eplb.placement.policy.stable.align import keep_slots, match_gpus
 from eplb.placement.policy.stable.chain import cost_bias
 
 
-def random_placement(layers: int, experts: int, physical: int, gen: torch.Generator) -> torch.Tensor:
-    """A valid ``[L, P]`` placement: every expert once, the extra slots random, shuffled."""
-    rows = []
-    for _ in range(layers):
-        row = torch.cat([torch.arange(experts), torch.randint(experts, (physical - experts,), generator=gen)])
-        rows.append(row[torch.randperm(physical, generator=gen)])
-    return torch.stack(rows)
+@st.composite
+def shapes(draw) -> tuple[int, int, int, int]:
+    """``(L, E, P, G)``: 1-8 GPUs, 1-24 experts, up to 3 more slots per GPU than needed, 1-4 layers."""
+    gpus = draw(st.integers(1, 8))
+    experts = draw(st.integers(1, 24))
+    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
+    layers = draw(st.integers(1, 4))
+    return layers, experts, per_gpu * gpus, gpus
 
 
 def align_to_current(plan: torch.Tensor, current: torch.Tensor, num_gpus: int) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,14 +15,8 @@ from eplb.placement.planner import POLICIES, PlannerSpec, plan_placement, plan_r
 from eplb.placement.policy.replicate import replicate_heaviest
 from eplb.placement.rules import InvalidPlacement, default_placement, validate_placement
 
-
-@st.composite
-def shapes(draw):
-    gpus = draw(st.integers(1, 8))
-    experts = draw(st.integers(1, 24))
-    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
-    layers = draw(st.integers(1, 4))
-    return layers, experts, per_gpu * gpus, gpus
+sys.path.insert(0, str(Path(__file__).parent))
+from placement_helpers import shapes  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.demo.workload import drift_windows, noise_windows, planner_load
+from eplb.demo.workload import drift_windows, noise_windows, planner_load, random_placement
 from eplb.placement.load import overall_balancedness
 from eplb.placement.planner import PlannerSpec, plan_placement, plan_rebalance
 from eplb.placement.policy.deepseek import rebalance_deepseek
@@ -23,18 +23,9 @@ from eplb.placement.policy.stable.reference import argsort_descending, plan_from
 from eplb.placement.rules import default_placement, validate_placement
 
 sys.path.insert(0, str(Path(__file__).parent))
-from placement_helpers import align_to_current, net_costs, random_placement  # noqa: E402
+from placement_helpers import align_to_current, net_costs, shapes  # noqa: E402
 
 STABLE = PlannerSpec("stable")
-
-
-@st.composite
-def shapes(draw):
-    gpus = draw(st.integers(1, 8))
-    experts = draw(st.integers(1, 24))
-    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
-    layers = draw(st.integers(1, 4))
-    return layers, experts, per_gpu * gpus, gpus
 
 
 @settings(max_examples=100, deadline=None)
