@@ -315,6 +315,7 @@ def other_holder(slot: torch.Tensor, expert: torch.Tensor, gpu: torch.Tensor,
                                                     "amax").gather(1, expert)
     return torch.where(is_first, second, top)
 
+
 class Chain(NamedTuple):
     """A repair chain as options per layer (option 0 is the current placement).
 
@@ -327,6 +328,7 @@ class Chain(NamedTuple):
     rows: list[list[int]]
     scores: list[list[float]]
     moves: list[list[int]]
+
 
 def repair_chain(load: torch.Tensor, current: torch.Tensor, counts: torch.Tensor,
                  gpu_load: torch.Tensor, steps: int, goal: float, ceiling: torch.Tensor,
