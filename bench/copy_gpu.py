@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
-from eplb.worker_hook.copy_plan import plan_copies  # noqa: E402
+from eplb.placement.copy_plan import plan_copies  # noqa: E402
 
 def distances(pattern: str, count: int, world: int) -> list[int]:
     """For each of ``count`` moving slots of a rank, how many ranks before it its source is."""

@@ -22,7 +22,7 @@ and drift, the same number of steps, one rebalance triggered at ``--rebalance-at
                   layers, so the wire runs beside the engine's step.
 
 All modes copy with ``eplb.worker_hook.copy_exec.CopyExecutor`` (on a process group of its own) and plan with
-``eplb.coordinator.planner.plan_placement`` (--policy), so they differ only in when and where they
+``eplb.placement.planner.plan_placement`` (--policy), so they differ only in when and where they
 plan, agree and copy. The baseline, stop-the-world and async modes count with their own device
 tensor (one ``index_add_`` per layer, as ``record()`` does). Step time is wall time from the end of
 one step to the end of the next, the end marked by ``torch.cuda.synchronize()``: that sync is the
@@ -73,10 +73,11 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from copy_gpu import ceiling as measure_ceiling, sync  # noqa: E402
 from decode_engine import Shape, StandInMoE  # noqa: E402
-from eplb.coordinator.planner import POLICIES, PlannerSpec, plan_placement  # noqa: E402
-from eplb.placement import default_placement, overall_balancedness, placement_hash  # noqa: E402
+from eplb.placement.planner import POLICIES, PlannerSpec, plan_placement  # noqa: E402
+from eplb.placement.load import overall_balancedness  # noqa: E402
+from eplb.placement.rules import default_placement, placement_hash  # noqa: E402
 from eplb.worker_hook.copy_exec import CopyExecutor  # noqa: E402
-from eplb.worker_hook.copy_plan import changed_layers, chunk_layers  # noqa: E402
+from eplb.placement.copy_plan import changed_layers, chunk_layers  # noqa: E402
 
 MODES = ("no-rebalance", "stop-the-world", "async", "sidecar", "sidecar-ahead")
 MODE_TITLES = {"no-rebalance": "no rebalance", "stop-the-world": "stop-the-world",
@@ -901,7 +902,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers-per-step", type=int, default=1,
                    help="layers per copy chunk (async and sidecar)")
     p.add_argument("--policy", choices=POLICIES, default="deepseek",
-                   help="placement policy of every mode (eplb.coordinator.planner)")
+                   help="placement policy of every mode (eplb.placement.planner)")
     p.add_argument("--async-margin", type=int, default=2,
                    help="async mode: each rank proposes its current step + this as begin step")
     p.add_argument("--no-async-prefetch", dest="async_prefetch", action="store_false",

@@ -29,9 +29,10 @@ import time
 
 import torch
 
-from eplb.coordinator.planner import PlannerSpec, plan_placement
+from eplb.placement.planner import PlannerSpec, plan_placement
 from eplb.demo.workload import drift_windows, noise_windows, planner_load
-from eplb.placement import default_placement, overall_balancedness
+from eplb.placement.load import overall_balancedness
+from eplb.placement.rules import default_placement
 
 L, E, P, GROUPS = 58, 256, 288, 8
 NOISE_SIGMA = 0.1

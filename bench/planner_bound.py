@@ -71,7 +71,7 @@ over the total. ``target`` is lowered by 1e-9 for float summation order.
 
 Checks the script asserts: every exact ``M_l(k)`` comes with its changes; the placement they give
 is rebuilt and validated, changes at most ``k`` slots and has, by
-``eplb.placement.balancedness``, exactly the balancedness found (to 1e-12) and no more than the
+``eplb.placement.load.balancedness``, exactly the balancedness found (to 1e-12) and no more than the
 loose bound; every layer of the plan the starting policy actually makes next (stable's from
 stable's state, deepseek's from deepseek's) reaches no more than ``B_l`` of its own number of
 changed slots; and the window bound is at most that plan's moves when it reaches the target.
@@ -102,10 +102,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.coordinator.planner import PlannerSpec, plan_placement
+from eplb.placement.planner import PlannerSpec, plan_placement
 from eplb.demo.workload import drift_windows, planner_load
-from eplb.placement import (balancedness, default_placement, gpu_loads, overall_balancedness,
-                            replica_counts, validate_placement)
+from eplb.placement.load import balancedness, gpu_loads, overall_balancedness, replica_counts
+from eplb.placement.rules import default_placement, validate_placement
 
 L, E, P, GROUPS = 58, 256, 288, 8
 #: The balance goal of issue 4: stable >= deepseek - this (absolute).

@@ -429,7 +429,7 @@ def plot_history(history: list[dict[str, Any]], status: dict[str, Any], path: Pa
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from eplb.coordinator.planner import PlannerSpec
+    from eplb.placement.planner import PlannerSpec
     from eplb.offline_plan import PlanInputError, plan_offline
 
     try:

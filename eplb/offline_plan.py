@@ -32,10 +32,10 @@ from typing import Any, Sequence
 
 import torch
 
-from eplb.coordinator.planner import PlannerSpec, plan_placement
-from eplb.placement import (InvalidPlacement, default_placement, overall_balancedness,
-                            validate_placement)
-from eplb.worker_hook.copy_plan import plan_copies
+from eplb.placement.planner import PlannerSpec, plan_placement
+from eplb.placement.load import overall_balancedness
+from eplb.placement.rules import InvalidPlacement, default_placement, validate_placement
+from eplb.placement.copy_plan import plan_copies
 
 #: what ``--load`` accepts, quoted in every error about an input file
 LOAD_FORMATS = ("expected a .pt, .json or .npy file holding expert load [L, E] or [steps, L, E] "

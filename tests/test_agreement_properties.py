@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
-from eplb.placement import placement_hash, validate_placement
+from eplb.placement.rules import placement_hash, validate_placement
 from eplb.proto import Abort, Commit, Plan, PlanAck, Prepare, Promise, Refuse
 from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement, WorkerState
 

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from eplb.coordinator.policy_deepseek import rebalance_deepseek
-from eplb.placement import balancedness, default_placement, validate_placement
+from eplb.placement.policy.deepseek import rebalance_deepseek
+from eplb.placement.load import balancedness
+from eplb.placement.rules import default_placement, validate_placement
 
 EXAMPLE = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
            [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]

@@ -35,8 +35,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from eplb.coordinator.agreement import AgreementTimeouts
 from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist,
                                      SendTo)
-from eplb.coordinator.planner import PlanResult
-from eplb.placement import default_placement
+from eplb.placement.planner import PlanResult
+from eplb.placement.rules import default_placement
 from eplb.proto import Counts, Hello
 from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement
 

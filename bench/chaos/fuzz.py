@@ -59,7 +59,7 @@ import zmq
 from eplb.control_client import ControlError, control_call
 from eplb.demo.cluster import LocalCluster, http_get, start_demo_cluster
 from eplb.paths import control_endpoint, workers_endpoint
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import ControlRequest, NodeHeartbeat, NodeHello, ProtocolError, decode, encode
 from eplb.proto.messages import MESSAGE_TYPES, PROTOCOL_VERSION
 

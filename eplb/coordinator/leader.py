@@ -22,9 +22,9 @@ import torch
 
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
 from eplb.coordinator.decision_log import EpochDecided, EpochEnded, EpochStarted, LogRecord
-from eplb.coordinator.planner import PlannerSpec, PlanResult
-from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
-                            validate_placement)
+from eplb.placement.planner import PlannerSpec, PlanResult
+from eplb.placement.load import overall_balancedness
+from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
 from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, OutcomeQuery, Plan,
                         PlanAck, Promise, Refuse)
 

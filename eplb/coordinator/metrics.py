@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from eplb import __version__
 from eplb.coordinator.leader import LeaderCore
-from eplb.placement import balancedness
+from eplb.placement.load import balancedness
 
 log = logging.getLogger("eplb.sidecar")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from eplb.config import Option, Setting, format_value
 from eplb.coordinator.agreement import AgreementTimeouts
 from eplb.coordinator.leader import LeaderConfig
-from eplb.coordinator.planner import POLICIES, PlannerSpec
+from eplb.placement.planner import POLICIES, PlannerSpec
 from eplb.coordinator.sidecar import SidecarConfig
 from eplb.paths import default_run_dir
 

@@ -44,7 +44,7 @@ from eplb.coordinator.metrics import SHUTDOWN_REASON, SidecarMetrics
 from eplb.coordinator.peer_auth import (INSECURE_WARNING, PEER_MAXMSGSIZE, PEER_RCVHWM, PLAIN,
                                         LinkMonitor, NodeAuthenticator, PeerKey, Unauthenticated,
                                         check_claim, check_envelope, peer_of, plain_tcp_refusal)
-from eplb.coordinator.planner import plan_rebalance
+from eplb.placement.planner import plan_rebalance
 from eplb.coordinator.worker_registry import (Admit, Impostor, Verdict, WorkerRegistry,
                                               rank_of_identity, relayed_hello_conflict)
 from eplb.curve import CurveKeyError, CurveKeys, load_keys, node_name
@@ -997,4 +997,4 @@ def set_planner_threads(threads: int) -> None:
 
 def _warm_up() -> None:
     """Runs in the planner's process at start: the imports are done before the first plan."""
-    import eplb.coordinator.planner  # noqa: F401
+    import eplb.placement.planner  # noqa: F401

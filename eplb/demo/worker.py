@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from eplb.demo.workload import popularity, route
-from eplb.placement import default_placement, gpu_loads, placement_hash
+from eplb.placement.load import gpu_loads
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.worker_hook import HookError, WorkerHook
 from eplb.worker_hook.copy_exec import CopyExecutor
 

@@ -91,3 +91,17 @@ def noise_windows(base: torch.Tensor, windows: int, seed: int, sigma: float = 0.
         load = load * step.to(load.dtype)
         out.append(load.clone())
     return out
+
+
+def random_placement(layers: int, experts: int, physical: int, gen: torch.Generator) -> torch.Tensor:
+    """A valid placement to plan from (the planner's tests and bench/plan_fingerprint.py): every
+    expert once, the other ``P - E`` slots random experts, each layer shuffled.
+
+    Returns:
+        ``[L, P]`` int64.
+    """
+    rows = []
+    for _ in range(layers):
+        row = torch.cat([torch.arange(experts), torch.randint(experts, (physical - experts,), generator=gen)])
+        rows.append(row[torch.randperm(physical, generator=gen)])
+    return torch.stack(rows)

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
-from eplb.placement import tensor_bytes
+from eplb.placement.rules import tensor_bytes
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "REFUSE_CANNOT_COPY", "ProtocolError", "FrameTooLarge", "MalformedFrame",
@@ -182,7 +182,7 @@ def _counts(value: Any, name: str) -> torch.Tensor:
 
 def _placement(value: Any, name: str) -> torch.Tensor:
     """A placement tensor ``[L, P]``; its rules beyond dtype/shape are checked by the receiver,
-    which knows E and G (eplb.placement.validate_placement)."""
+    which knows E and G (eplb.placement.rules.validate_placement)."""
     return _tensor(value, name, ("int16", "int32", "int64"), 2).to(torch.int64)
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb.placement import InvalidPlacement, placement_hash, validate_placement
-from eplb.worker_hook.copy_plan import changed_layers, chunk_layers, plan_copies
+from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
+from eplb.placement.copy_plan import changed_layers, chunk_layers, plan_copies
 from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message,
                         OutcomeQuery, Plan, PlanAck, Prepare, Promise, Refuse)
 

@@ -1,7 +1,7 @@
 """Run a copy plan over ``torch.distributed`` point-to-point operations.
 
 The worker hook calls a :class:`CopyExecutor` at the agreed step for each chunk of layers. The
-plan comes from :mod:`eplb.worker_hook.copy_plan` (pure, the same on every rank); this module only
+plan comes from :mod:`eplb.placement.copy_plan` (pure, the same on every rank); this module only
 moves bytes. Per layer:
 
 1. stage (clone) the OLD contents of the local slots that a local copy reads and this layer
@@ -45,7 +45,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from eplb.worker_hook.copy_plan import LayerCopyPlan, LocalCopy, PeerOp, plan_copies
+from eplb.placement.copy_plan import LayerCopyPlan, LocalCopy, PeerOp, plan_copies
 
 # How often the host polls a CUDA copy for completion: it spins (yielding the GIL) for the first
 # _SPIN_S seconds, then sleeps _POLL_S between polls.

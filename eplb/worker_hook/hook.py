@@ -29,7 +29,7 @@ import zmq
 
 from eplb.paths import (RunDirError, RunDirMissing, check_run_dir, default_run_dir,
                         group_access_from_env, workers_endpoint)
-from eplb.placement import default_placement, validate_placement
+from eplb.placement.rules import default_placement, validate_placement
 from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
                         ProtocolError, Rejoin, Welcome, decode, encode)
 from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState

@@ -17,8 +17,8 @@ import torch
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
 from eplb.coordinator.decision_log import EpochDecided, EpochStarted
 from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist
-from eplb.coordinator.planner import PlanResult
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.planner import PlanResult
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import Abort, Commit, Counts, Done, Hello, Plan, PlanAck, Prepare, Promise, Refuse
 
 L, E, P = 3, 4, 8

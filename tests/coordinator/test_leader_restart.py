@@ -14,8 +14,8 @@ from eplb.coordinator.decision_log import (DecisionLog, DecisionLogError, EpochD
                                            EpochStarted, read_log)
 from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist,
                                      SendTo)
-from eplb.coordinator.planner import PlanResult
-from eplb.placement import default_placement
+from eplb.placement.planner import PlanResult
+from eplb.placement.rules import default_placement
 from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, OutcomeQuery, Plan, PlanAck,
                         Promise)
 

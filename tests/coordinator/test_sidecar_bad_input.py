@@ -16,7 +16,7 @@ import zmq
 from eplb.control_client import ControlError, control_call
 from eplb.demo.cluster import LocalCluster
 from eplb.paths import control_endpoint, workers_endpoint
-from eplb.placement import default_placement, tensor_bytes
+from eplb.placement.rules import default_placement, tensor_bytes
 from eplb.proto import (Counts, Heartbeat, Hello, NodeHeartbeat, PlanAck, Relay, decode, encode)
 from eplb.worker_hook import WorkerHook
 

@@ -18,11 +18,11 @@ if importlib.util.find_spec("vllm") is None:  # found, not imported: the workers
     raise ImportError("vLLM is not installed; ./dev test installs its EPLB code from "
                       "requirements-engines.txt (the tests fail rather than skip without it)")
 
-from eplb.coordinator.planner import PlannerSpec  # noqa: E402
+from eplb.placement.planner import PlannerSpec  # noqa: E402
 from eplb.demo.cluster import LocalCluster, free_port  # noqa: E402
 from eplb.engines.vllm import merge_load_files  # noqa: E402
 from eplb.offline_plan import plan_offline, read_load, read_placement  # noqa: E402
-from eplb.placement import placement_hash  # noqa: E402
+from eplb.placement.rules import placement_hash  # noqa: E402
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 REPO = Path(__file__).resolve().parents[2]

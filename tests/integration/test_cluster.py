@@ -16,7 +16,7 @@ import torch
 
 from eplb.control_client import control_call
 from eplb.demo.cluster import LocalCluster, read_events, start_demo_cluster
-from eplb.placement import placement_hash
+from eplb.placement.rules import placement_hash
 
 WORKERS_PER_NODE = 2
 WORLD = 4

@@ -23,7 +23,7 @@ import zmq
 from eplb.control_client import control_call
 from eplb.demo.cluster import LocalCluster
 from eplb.paths import workers_endpoint
-from eplb.placement import default_placement
+from eplb.placement.rules import default_placement
 from eplb.proto import Commit, Heartbeat, Hello, Plan, Prepare, Welcome, decode, encode
 from eplb.worker_hook import HookError, WorkerHook
 

@@ -60,7 +60,7 @@ def test_workers_rejoin_after_a_follower_and_then_the_leader_restart(cluster, de
     restart(cluster, 0)  # the leader: every rank must join again, with its current placement
     cluster.wait_ready(30)
     status = cluster.wait_for(lambda s: s["workers"] == [0, 1], 30, "both ranks joined the new leader")
-    from eplb.placement import placement_hash
+    from eplb.placement.rules import placement_hash
 
     assert status["placement_hash"] == placement_hash(hooks[0].phys2log)
     commit()

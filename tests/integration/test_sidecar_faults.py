@@ -14,7 +14,7 @@ import torch
 
 from eplb.control_client import control_call
 from eplb.demo.cluster import LocalCluster, read_events, start_demo_cluster, wait_until
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 
 WORKERS_PER_NODE, WORLD = 2, 4
 LAYERS, EXPERTS, PHYSICAL = 4, 16, 24  # the demo worker's defaults

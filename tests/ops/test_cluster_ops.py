@@ -19,7 +19,7 @@ from eplb.coordinator.metrics import SHUTDOWN_REASON
 from eplb.demo.cluster import (LocalCluster, read_events, scrape_metrics,
                                start_demo_cluster, wait_until)
 from eplb.paths import control_endpoint
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 
 WORKERS_PER_NODE, WORLD = 2, 4
 LAYERS, EXPERTS, PHYSICAL = 4, 16, 24  # the demo worker's defaults

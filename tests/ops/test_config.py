@@ -12,7 +12,7 @@ import pytest
 from eplb.config import ConfigError, render_toml
 from eplb.coordinator.cli import build_parser, config_from_argv, load_settings
 from eplb.coordinator.options import BY_NAME, OPTIONS, parse_http
-from eplb.coordinator.planner import POLICIES
+from eplb.placement.planner import POLICIES
 
 BASE = ["--node-rank", "0", "--num-nodes", "2", "--leader", "tcp://127.0.0.1:5555"]
 

@@ -21,7 +21,7 @@ from eplb.coordinator.peer_auth import MAX_PEER_BYTES, MAX_PEER_PARTS, check_env
 from eplb.curve import CurveKeyError, load_keys
 from eplb.demo.cluster import LocalCluster, free_port, http_get, wait_until
 from eplb.paths import workers_endpoint
-from eplb.placement import default_placement
+from eplb.placement.rules import default_placement
 from eplb.proto import (ControlRequest, FrameTooLarge, Hello, MalformedFrame, NodeHeartbeat,
                         NodeHello, Plan, Relay, WorkerLeft, decode, encode)
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import (MAX_FRAME_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, Abort, Bye, Commit, ControlReply,
                         ControlRequest, Counts, Done, FrameTooLarge, Heartbeat, Hello,
                         InvalidField, MalformedFrame, NodeAcks, NodeCounts, NodeDone, NodeHeartbeat,
@@ -128,7 +128,7 @@ def test_missing_and_extra_fields_are_invalid() -> None:
 
 def counts_frame(values: list[float], dtype: str, shape: list[int]) -> bytes:
     t = torch.tensor(values, dtype=getattr(torch, dtype))
-    from eplb.placement import tensor_bytes
+    from eplb.placement.rules import tensor_bytes
 
     d = raw(COUNTS_EXAMPLE)
     d["counts"] = {"dtype": dtype, "shape": shape, "data": tensor_bytes(t)}

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eplb.placement import validate_placement
+from eplb.placement.rules import validate_placement
 from eplb.worker_hook.copy_exec import CopyError, CopyExecutor
-from eplb.worker_hook.copy_plan import changed_layers, chunk_layers, plan_copies
+from eplb.placement.copy_plan import changed_layers, chunk_layers, plan_copies
 
 RUN_DEADLINE_S = 90.0  # a whole spawned run, start-up included; far above the normal few seconds
 

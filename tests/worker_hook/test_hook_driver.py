@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from eplb.paths import workers_endpoint
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import (Abort, Commit, Counts, Done, Hello, Heartbeat, OutcomeQuery, Plan, PlanAck,
                         Prepare, Promise,
                         Welcome, decode, encode)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb.placement import default_placement, placement_hash
-from eplb.worker_hook.copy_plan import plan_copies
+from eplb.placement.rules import default_placement, placement_hash
+from eplb.placement.copy_plan import plan_copies
 from eplb.proto import Abort, Commit, Done, Plan, PlanAck, Prepare, Promise, Refuse
 from eplb.worker_hook.agreement import (
     CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState, chunk_changed_layers,

@@ -1,73 +1,29 @@
-"""Placement planning: pure functions over tensors (no I/O, no state).
+"""Placement planning: pick a policy, plan, and decide whether the plan is worth moving experts.
 
-Three policies. ``stable`` (the default, :mod:`eplb.coordinator.policy_stable`) starts from the
-placement served now and changes as few slots as it can while reaching the balancedness of a
-from-scratch plan (within a small tolerance), optionally under a cap on slots changed. ``greedy``
-gives each redundant slot to the expert with the highest load per replica, then packs replicas onto
-GPUs heaviest first, each to the least-loaded GPU that still has a free slot. ``deepseek`` is
-DeepSeek's EPLB algorithm (:mod:`eplb.coordinator.policy_deepseek`). ``greedy`` and ``deepseek``
-plan from scratch and ignore the current placement.
+Pure functions over tensors (no I/O, no state); the sidecar runs :func:`plan_rebalance` in a
+process pool, by this module path. Three policies (:mod:`eplb.placement.policy`). ``stable`` (the
+default) starts from the placement served now and changes as few slots as it can while reaching
+the balancedness of a from-scratch plan (within a small tolerance), optionally under a cap on
+slots changed. ``greedy`` gives each redundant slot to the expert with the highest load per
+replica, then packs replicas onto GPUs heaviest first, each to the least-loaded GPU that still has
+a free slot. ``deepseek`` is DeepSeek's EPLB algorithm. ``greedy`` and ``deepseek`` plan from
+scratch and ignore the current placement. Unlike vLLM's one ``rebalance_experts``, the planner
+also predicts the gain (balancedness before and after, on the same window) and skips a rebalance
+not worth its copies: moving experts costs decode steps, so the decision belongs with the plan.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass
 
 import torch
 
-from eplb.coordinator.policy_deepseek import rebalance_deepseek
-from eplb.coordinator.policy_stable import rebalance_stable
-from eplb.placement import overall_balancedness, validate_placement
-
-
-def replicate_heaviest(load: torch.Tensor, num_physical: int) -> torch.Tensor:
-    """How many replicas each expert gets: one each, then one more to the max load-per-replica.
-
-    Args:
-        load: ``[L, E]`` non-negative loads.
-        num_physical: ``P >= E`` slots per layer.
-    Returns:
-        ``[L, E]`` int64 replica counts, each row summing to ``P``.
-    """
-    layers, experts = load.shape
-    replicas = torch.ones(layers, experts, dtype=torch.int64)
-    load = load.to(torch.float64)
-    rows = torch.arange(layers)
-    for _ in range(num_physical - experts):
-        heaviest = (load / replicas).argmax(dim=1)  # [L]
-        replicas[rows, heaviest] += 1
-    return replicas
-
-
-def pack_replicas(load: torch.Tensor, replicas: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Place replicas on GPUs: heaviest replica first, to the least-loaded GPU with a free slot.
-
-    Args:
-        load: ``[L, E]``; replicas: ``[L, E]`` replica counts, rows summing to ``P``.
-        num_gpus: ``G``, with ``P % G == 0``.
-    Returns:
-        phys2log ``[L, P]`` int64; GPU ``g`` holds slots ``[g * P/G, (g+1) * P/G)``.
-    """
-    layers, experts = load.shape
-    num_physical = int(replicas[0].sum())
-    per_gpu = num_physical // num_gpus
-    phys2log = torch.empty(layers, num_physical, dtype=torch.int64)
-    for layer in range(layers):
-        per_replica = (load[layer].to(torch.float64) / replicas[layer]).tolist()
-        items = [(-per_replica[e], e) for e in range(experts) for _ in range(int(replicas[layer, e]))]
-        items.sort()
-        heap = [(0.0, g) for g in range(num_gpus)]  # (gpu load, gpu)
-        filled = [0] * num_gpus
-        for neg_load, expert in items:
-            gpu_load, gpu = heapq.heappop(heap)
-            phys2log[layer, gpu * per_gpu + filled[gpu]] = expert
-            filled[gpu] += 1
-            if filled[gpu] < per_gpu:
-                heapq.heappush(heap, (gpu_load - neg_load, gpu))
-    return phys2log
-
+from eplb.placement.load import overall_balancedness
+from eplb.placement.policy.deepseek import rebalance_deepseek
+from eplb.placement.policy.greedy import rebalance_greedy
+from eplb.placement.policy.stable.plan import rebalance_stable
+from eplb.placement.rules import validate_placement
 
 POLICIES = ("stable", "greedy", "deepseek")
 
@@ -77,7 +33,7 @@ class PlannerSpec:
     """Which policy plans, and the cluster shape it needs.
 
     ``stable``: keep the current placement where it can, change the fewest slots that reach the
-    from-scratch plan's balancedness (:func:`eplb.coordinator.policy_stable.rebalance_stable`);
+    from-scratch plan's balancedness (:func:`eplb.placement.policy.stable.plan.rebalance_stable`);
     without a current placement it plans from scratch.
     ``greedy``: replicate the heaviest experts, pack replicas onto GPUs (one global pass).
     ``deepseek``: DeepSeek's EPLB (groups to nodes, replicas within nodes, replicas to GPUs),
@@ -123,7 +79,7 @@ def plan_placement(load: torch.Tensor, num_physical: int, num_gpus: int,
     elif spec.policy == "deepseek":
         phys2log = rebalance_deepseek(load, num_physical, spec.num_groups, spec.num_nodes, num_gpus)
     else:
-        phys2log = pack_replicas(load, replicate_heaviest(load, num_physical), num_gpus)
+        phys2log = rebalance_greedy(load, num_physical, num_gpus)
     validate_placement(phys2log, load.shape[1], num_physical, num_gpus)
     return phys2log
 

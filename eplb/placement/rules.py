@@ -1,9 +1,9 @@
-"""Expert placements: validation, defaults, fingerprints and balancedness.
+"""The rules a placement obeys: validation, the default placement, a fingerprint.
 
 A placement is ``phys2log: [L, P]`` (integer): physical slot ``p`` of layer ``l`` holds logical
 expert ``phys2log[l, p]``. With ``G`` GPUs (the EP size), rank ``r`` owns slots
 ``[r * P / G, (r + 1) * P / G)``. Every logical expert ``0 <= e < E`` appears at least once in
-every layer (DESIGN.md §3, invariant I5).
+every layer (DESIGN.md §3, invariant I5). Loads and balancedness are in :mod:`eplb.placement.load`.
 """
 
 from __future__ import annotations
@@ -84,46 +84,3 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
     t = tensor.detach().cpu().contiguous()
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
-
-
-def replica_counts(phys2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Replicas of each logical expert. Returns ``[L, E]`` int64."""
-    counts = torch.zeros(phys2log.shape[0], num_experts, dtype=torch.int64)
-    counts.scatter_add_(1, phys2log.long(), torch.ones_like(phys2log, dtype=torch.int64))
-    return counts
-
-
-def gpu_loads(load: torch.Tensor, phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Load each GPU would see, each expert's load split evenly over its replicas.
-
-    Args:
-        load: ``[L, E]`` expert selections (any real dtype).
-        phys2log: ``[L, P]`` placement.
-        num_gpus: ``G``.
-    Returns:
-        ``[L, G]`` float64 load per GPU.
-    """
-    load = load.to(torch.float64)
-    replicas = replica_counts(phys2log, load.shape[1]).to(torch.float64)
-    per_replica = load / replicas.clamp(min=1)
-    slot_load = per_replica.gather(1, phys2log.long())  # [L, P]
-    return slot_load.reshape(phys2log.shape[0], num_gpus, -1).sum(dim=2)
-
-
-def balancedness(load: torch.Tensor, phys2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Mean GPU load over max GPU load, per layer (1.0 is perfect; an idle layer counts as 1.0).
-
-    Args:
-        load: ``[L, E]``; phys2log: ``[L, P]``; num_gpus: ``G``.
-    Returns:
-        ``[L]`` float64.
-    """
-    per_gpu = gpu_loads(load, phys2log, num_gpus)
-    peak = per_gpu.max(dim=1).values
-    mean = per_gpu.mean(dim=1)
-    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
-
-
-def overall_balancedness(load: torch.Tensor, phys2log: torch.Tensor, num_gpus: int) -> float:
-    """Balancedness averaged over layers, the single number SGLang and vLLM report."""
-    return float(balancedness(load, phys2log, num_gpus).mean())

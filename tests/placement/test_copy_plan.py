@@ -1,4 +1,4 @@
-"""Property tests of the pure copy planner (eplb.worker_hook.copy_plan)."""
+"""Property tests of the pure copy planner (eplb.placement.copy_plan)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.placement import validate_placement
-from eplb.worker_hook.copy_plan import (LayerCopyPlan, changed_layers, chunk_layers, plan_copies,
-                                        plan_layer)
+from eplb.placement.copy_plan import (LayerCopyPlan, changed_layers, chunk_layers, plan_copies,
+                                      plan_layer)
+from eplb.placement.rules import validate_placement
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

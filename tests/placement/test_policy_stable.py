@@ -4,39 +4,28 @@ of load, and fewer moves than deepseek on a drifting load."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.planner import PlannerSpec, plan_placement, plan_rebalance
-from eplb.coordinator.policy_deepseek import rebalance_deepseek
-from eplb.coordinator.policy_stable import (DEFAULT_TOLERANCE, align_to_current,
-                                            argsort_descending, keep_slots, net_costs,
-                                            other_holder, plan_from_scratch, rebalance_stable,
-                                            replicate_greedy)
-from eplb.demo.workload import drift_windows, noise_windows, planner_load
-from eplb.placement import default_placement, overall_balancedness, validate_placement
+from eplb.demo.workload import drift_windows, noise_windows, planner_load, random_placement
+from eplb.placement.load import overall_balancedness
+from eplb.placement.planner import PlannerSpec, plan_placement, plan_rebalance
+from eplb.placement.policy.deepseek import rebalance_deepseek
+from eplb.placement.policy.stable.align import keep_slots
+from eplb.placement.policy.stable.chain import other_holder
+from eplb.placement.policy.stable.plan import DEFAULT_TOLERANCE, rebalance_stable
+from eplb.placement.policy.stable.reference import argsort_descending, plan_from_scratch
+from eplb.placement.rules import default_placement, validate_placement
+
+sys.path.insert(0, str(Path(__file__).parent))
+from placement_helpers import align_to_current, net_costs, shapes  # noqa: E402
 
 STABLE = PlannerSpec("stable")
-
-
-def random_placement(layers: int, experts: int, physical: int, gen: torch.Generator) -> torch.Tensor:
-    """A valid ``[L, P]`` placement: every expert once, the extra slots random, shuffled."""
-    rows = []
-    for _ in range(layers):
-        row = torch.cat([torch.arange(experts), torch.randint(experts, (physical - experts,), generator=gen)])
-        rows.append(row[torch.randperm(physical, generator=gen)])
-    return torch.stack(rows)
-
-
-@st.composite
-def shapes(draw):
-    gpus = draw(st.integers(1, 8))
-    experts = draw(st.integers(1, 24))
-    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
-    layers = draw(st.integers(1, 4))
-    return layers, experts, per_gpu * gpus, gpus
 
 
 @settings(max_examples=100, deadline=None)
@@ -211,28 +200,6 @@ def test_net_costs_are_the_change_in_slots_moved_of_each_candidate(layers, exper
                 else:  # split: the donor slot takes src's expert
                     after[int(donor[layer, c - 5])] = state[layer, src]
                 assert float(got[layer, i, c]) == int((after != current[layer]).sum()) - before
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 12), st.integers(0, 20), st.integers(0, 2**31 - 1), st.booleans())
-def test_replica_counts_are_the_sequential_greedy_ones(experts, extra, seed, sparse) -> None:
-    """One top-k over the P - E heaviest experts gives the loads per replica that giving one
-    replica at a time to the highest load per replica gives (the same counts but for ties)."""
-    gen = torch.Generator().manual_seed(seed)
-    load = (torch.randn(3, experts, generator=gen).exp() * 100).round().double()
-    if sparse:
-        load = load * (torch.rand(3, experts, generator=gen) < 0.5)
-    counts = replicate_greedy(load, experts + extra)
-    assert counts.sum(dim=1).tolist() == [experts + extra] * 3 and bool((counts >= 1).all())
-    for layer in range(3):
-        greedy = [1] * experts
-        for _ in range(extra):
-            heaviest = max(range(experts), key=lambda e: float(load[layer, e]) / greedy[e])
-            greedy[heaviest] += 1
-        keys = sorted(float(load[layer, e]) / m for e in range(experts) for m in range(1, greedy[e]))
-        ours = sorted(float(load[layer, e]) / m for e in range(experts)
-                      for m in range(1, int(counts[layer, e])))
-        assert ours == keys
 
 
 @settings(max_examples=60, deadline=None)

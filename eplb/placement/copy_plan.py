@@ -5,7 +5,10 @@ A placement is ``phys2log: [L, P]``; with ``G`` ranks, rank ``r`` owns the physi
 At the agreed step every rank switches from ``old`` to ``new`` by copying expert weights.
 
 Every rank calls these functions with the same inputs and gets the same global plan, so each
-send has its receive without any message being exchanged. Rules for one layer:
+send has its receive without any message being exchanged. (vLLM's EPLB works out a
+rank's sends and receives inside the function that runs them; here the whole plan is a value apart
+from the executor, so it is tested without a process group, costed by offline planning
+(``eplbctl plan``), and split into batches that every rank runs in the same order.) Rules for one layer:
 
 - a slot whose expert does not change is never touched;
 - a slot whose new expert is already on the rank in the OLD placement is filled by a local copy

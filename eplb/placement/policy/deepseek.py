@@ -1,5 +1,6 @@
-"""The `deepseek` placement policy: DeepSeek's published EPLB algorithm, written anew as pure,
-layer-vectorized tensor functions.
+"""The ``deepseek`` placement policy: DeepSeek's published EPLB algorithm, written anew as pure,
+layer-vectorized tensor functions (replica counts by the rule every policy shares,
+:func:`~eplb.placement.policy.replicate.replicate_heaviest`: DeepSeek's ``replicate_experts``).
 
 Hierarchical form (``num_nodes`` divides ``num_groups``): pack expert groups onto nodes, replicate
 the heaviest experts within each node, then pack the replicas onto the node's GPUs. With one node
@@ -12,6 +13,8 @@ cost grows with the number of items, not with the number of layers.
 from __future__ import annotations
 
 import torch
+
+from eplb.placement.policy.replicate import replicate_heaviest
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,34 +51,6 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
         load[row, pack] += weight[row, item]
         count[row, pack] += 1
     return pack_index, rank_in_pack
-
-
-def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Give ``num_physical - n`` extra replicas, one at a time, to the expert with the highest
-    load per replica.
-
-    Args:
-        weight: ``[X, n]`` expert loads.
-        num_physical: replicas per row, ``>= n``.
-    Returns:
-        phy2log ``[X, num_physical]`` (expert of each replica: the first ``n`` are experts 0..n-1),
-        replica_rank ``[X, num_physical]`` (which copy of its expert each replica is) and
-        counts ``[X, n]`` (replicas per expert), all int64.
-    """
-    rows, experts = weight.shape
-    if num_physical < experts:
-        raise ValueError(f"{num_physical} replicas cannot hold {experts} experts")
-    row = torch.arange(rows)
-    phy2log = torch.arange(num_physical, dtype=torch.int64).expand(rows, -1).clone()
-    replica_rank = torch.zeros(rows, num_physical, dtype=torch.int64)
-    counts = torch.ones(rows, experts, dtype=torch.int64)
-    weight = weight.float()
-    for i in range(experts, num_physical):
-        chosen = (weight / counts).argmax(dim=-1)  # [X]
-        phy2log[:, i] = chosen
-        replica_rank[:, i] = counts[row, chosen]
-        counts[row, chosen] += 1
-    return phy2log, replica_rank, counts
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -119,7 +94,10 @@ def rebalance_hierarchical(weight: torch.Tensor, num_physical: int, num_groups: 
 
     # 2. Replicas within each node (rows: layer x node).
     mlog_load = weight.gather(-1, mlog2log).view(-1, experts_per_node)  # [L*nodes, E/nodes]
-    phy2mlog, _, mlog_count = replicate_experts(mlog_load, physical_per_node)
+    replicas = replicate_heaviest(mlog_load, physical_per_node)
+    originals = torch.arange(experts_per_node).expand(mlog_load.shape[0], -1)
+    phy2mlog = torch.cat([originals, replicas.extra], dim=1)  # [L*nodes, P/nodes]
+    mlog_count = replicas.counts
 
     # 3. Replicas to the node's GPUs.
     phy_load = (mlog_load / mlog_count).gather(-1, phy2mlog)  # [L*nodes, P/nodes]

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.planner import PlannerSpec, plan_rebalance
-from eplb.coordinator.policy_deepseek import (balanced_packing, rebalance_deepseek,
-                                              replicate_experts)
-from eplb.placement import default_placement, validate_placement
+from eplb.placement.planner import PlannerSpec, plan_rebalance
+from eplb.placement.policy.deepseek import balanced_packing, rebalance_deepseek
+from eplb.placement.rules import default_placement, validate_placement
 
 
 def test_reproduces_the_worked_example_of_deepseeks_readme() -> None:
@@ -55,13 +54,6 @@ def test_vectorized_packing_matches_the_row_by_row_reference(rows, packs, per_pa
         assert torch.bincount(pack[r], minlength=packs).tolist() == [per_pack] * packs
         if len(set(weight[r].tolist())) == weight.shape[1]:  # no ties: identical assignment
             assert pack[r].tolist() == ref_pack and rank[r].tolist() == ref_rank
-
-
-def test_replication_gives_extra_replicas_to_the_highest_load_per_replica() -> None:
-    phy2log, replica_rank, counts = replicate_experts(torch.tensor([[10.0, 1.0, 4.0]]), 6)
-    assert phy2log.tolist() == [[0, 1, 2, 0, 0, 2]]  # 10 > 4, then 5 > 4, then 4 > 3.3
-    assert replica_rank.tolist() == [[0, 0, 0, 1, 2, 1]]
-    assert counts.tolist() == [[3, 1, 2]]
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,9 +1,10 @@
-"""Targeted repacking: bring every GPU of a layer under a ceiling by changing few slots.
+"""Phase 4 of the ``stable`` policy, first option: targeted repacking, which brings every GPU of a
+layer under a ceiling by changing few slots.
 
-The `stable` policy's repair chain (:mod:`eplb.coordinator.policy_stable`) fixes one hot GPU per
-step, which suits a drift that disturbs a few experts. When many experts' loads move a little at
-once (sampling noise, a slow trend), dozens of GPUs of a layer are over the ceiling at the same
-time, and the chain runs out of steps or cycles. :func:`repack_layer` treats those layers as a
+The repair chain (:mod:`.chain`) fixes one hot GPU per step, which suits a drift that disturbs a
+few experts. When many experts' loads move a little at once (sampling noise, a slow trend), dozens
+of GPUs of a layer are over the ceiling at the same time, and the chain runs out of steps or
+cycles. :func:`repack_layer` treats those layers as a
 whole instead:
 
 1. **Replica counts.** Each expert gets at least the replicas it needs for its load per replica

@@ -1,4 +1,4 @@
-"""Targeted repacking (eplb.coordinator.repack): what it returns keeps every expert, stays under
+"""Targeted repacking (eplb.placement.policy.stable.repack): what it returns keeps every expert, stays under
 the ceiling and the replica limit, and changes only what it must."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.repack import counts_within_limit, needed, repack_layer
-from eplb.coordinator.policy_stable import plan_from_scratch
-from eplb.placement import gpu_loads, replica_counts
+from eplb.placement.load import gpu_loads, replica_counts
+from eplb.placement.policy.stable.reference import plan_from_scratch
+from eplb.placement.policy.stable.repack import counts_within_limit, needed, repack_layer
 
 
 def loads_of(load: list[float], plan: list[int], num_gpus: int) -> list[float]:

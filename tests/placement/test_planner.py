@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.coordinator.planner import (POLICIES, PlannerSpec, plan_placement, plan_rebalance,
-                                      replicate_heaviest)
-from eplb.placement import (InvalidPlacement, balancedness, default_placement, gpu_loads,
-                            overall_balancedness, validate_placement)
+from eplb.placement.load import balancedness, gpu_loads, overall_balancedness
+from eplb.placement.planner import POLICIES, PlannerSpec, plan_placement, plan_rebalance
+from eplb.placement.policy.replicate import replicate_heaviest
+from eplb.placement.rules import InvalidPlacement, default_placement, validate_placement
 
-
-@st.composite
-def shapes(draw):
-    gpus = draw(st.integers(1, 8))
-    experts = draw(st.integers(1, 24))
-    per_gpu = draw(st.integers(-(-experts // gpus), -(-experts // gpus) + 3))
-    layers = draw(st.integers(1, 4))
-    return layers, experts, per_gpu * gpus, gpus
+sys.path.insert(0, str(Path(__file__).parent))
+from placement_helpers import shapes  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
@@ -30,7 +27,7 @@ def test_plans_are_valid_for_random_shapes_and_loads(shape, seed) -> None:
     load = (torch.randn(layers, experts, generator=gen).exp() * 100).round()
     phys2log = plan_placement(load, physical, gpus)
     validate_placement(phys2log, experts, physical, gpus, layers)
-    assert replicate_heaviest(load, physical).sum(dim=1).tolist() == [physical] * layers
+    assert replicate_heaviest(load, physical).counts.sum(dim=1).tolist() == [physical] * layers
 
 
 def test_plan_beats_default_placement_on_skewed_load() -> None:
