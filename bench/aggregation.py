@@ -33,7 +33,7 @@ import torch
 
 from eplb.coordinator.aggregate import NodeAggregator, SendUp, node_counts_for_window
 from eplb.coordinator.leader import LeaderConfig, LeaderCore, WorkerInfo
-from eplb.placement import default_placement
+from eplb.placement.rules import default_placement
 from eplb.proto import Counts, NodeCounts, decode, encode
 
 L, E, P = 58, 256, 288  # DeepSeek-V3: 58 MoE layers, 256 routed experts, 32 redundant slots

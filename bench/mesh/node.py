@@ -34,7 +34,7 @@ def num_physical(world: int) -> int:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from eplb.placement import placement_hash
+    from eplb.placement.rules import placement_hash
     from eplb.proto import Abort, Commit
     from eplb.worker_hook import WorkerHook
 

@@ -55,7 +55,7 @@ class Broadcast:
 
 @dataclass(frozen=True)
 class ComputePlan:
-    """Run :func:`eplb.coordinator.planner.plan_rebalance` off the event loop, then call
+    """Run :func:`eplb.placement.planner.plan_rebalance` off the event loop, then call
     :meth:`LeaderCore.on_plan_result` with ``request_id``. ``load: [L, E]``, ``current: [L, P]``."""
 
     request_id: int

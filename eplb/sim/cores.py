@@ -23,8 +23,8 @@ import torch
 from eplb.coordinator.agreement import AgreementTimeouts, Phase
 from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist,
                                      SendTo)
-from eplb.coordinator.planner import PlannerSpec, PlanResult, plan_rebalance
-from eplb.placement import default_placement
+from eplb.placement.planner import PlannerSpec, PlanResult, plan_rebalance
+from eplb.placement.rules import default_placement
 from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, Refuse, decode,
                         encode)
 from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement, WorkerState

@@ -8,7 +8,7 @@ import torch
 from eplb.coordinator.aggregate import (AggregatorConfig, NodeAggregator, PassThrough, SendUp,
                                         expand, node_counts_for_window)
 from eplb.coordinator.leader import LeaderConfig, LeaderCore
-from eplb.placement import default_placement, placement_hash
+from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import (Abort, Bye, Commit, Counts, Done, Heartbeat, Hello, NodeAcks, NodeCounts,
                         NodeDone, NodePromises, OutcomeQuery, Plan, PlanAck, Prepare, Promise, Refuse,
                         decode, encode)

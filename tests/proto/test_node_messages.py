@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import torch
 
-from eplb.placement import tensor_bytes
+from eplb.placement.rules import tensor_bytes
 from eplb.proto import (MAX_NODE_RANKS, InvalidField, MalformedFrame, NodeAcks, NodeCounts, NodeDone,
                         NodePromises, decode, encode)
 
