@@ -279,7 +279,7 @@ class WorkerHook:
         self._agreement.held(time.perf_counter() - started)
         return actions
 
-    def _carry_out(self, action: Action, step: int) -> None:
+    def _carry_out(self, action: Prefetch | StartChunk | LandChunk, step: int) -> None:
         """Hand one scheduled action to the copy engine and report the result to the agreement
         (DONE or DONE(error) go to the sidecar)."""
         chunk = action.chunk
