@@ -21,9 +21,10 @@ it keeps asking for the outcome (:meth:`~WorkerAgreement.outcome_query`): a side
 restarted may have lost the COMMIT or ABORT, and the leader's decision log answers.
 
 The copy schedule of a committed epoch with ``n`` chunks and an engine of pipeline depth ``d``
-(:class:`~eplb.worker_hook.copy_engine.CopyEngine`), counting calls from S on (one per step):
+(:class:`~eplb.worker_hook.copy_engine.CopyEngine`); ``S + i`` is the ``i``-th call at or past S
+(one per step):
 
-* before S: ``Prefetch`` chunk 0, once;
+* after the COMMIT arrived and before S: ``Prefetch`` chunk 0, once;
 * ``d = 0``: at ``S + i``, ``LandChunk`` i (a copy in one call), then ``Prefetch`` chunk i + 1;
 * ``d >= 1``: at ``S + i``, ``LandChunk`` of the oldest chunk in flight when ``d`` are in
   flight or all ``n`` are started, then ``StartChunk`` i (when i < n): chunk i starts at
