@@ -181,18 +181,23 @@ class Ctx:
 
 
 class EngineCopy:
-    """The sidecar modes' ``copy_fn``: copies through :meth:`Ctx.apply_copy` and, when the copy
-    engine has one, offers ``prefetch`` (the hook looks for that attribute); with ``ahead`` also
-    ``start``, so the hook sends each chunk a step before it lands."""
+    """The sidecar modes' copy engine (a :class:`~eplb.worker_hook.copy_engine.CopyEngine`):
+    lands through :meth:`Ctx.apply_copy`, prefetches when the copier can; with ``ahead`` its
+    pipeline depth is 1 (the hook sends each chunk a step before it lands), else 0 (each chunk
+    copied in one call at its step)."""
 
     def __init__(self, ctx: Ctx, ahead: bool = False) -> None:
         self.ctx = ctx
-        if ctx.can_prefetch:
-            self.prefetch = ctx.prefetch
-        if ahead:
-            self.start = ctx.start
+        self.pipeline_depth = 1 if ahead else 0
 
-    def __call__(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
+    def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        if self.ctx.can_prefetch:
+            self.ctx.prefetch(epoch, layers, old, new)
+
+    def start(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
+        self.ctx.start(epoch, layers, old, new)
+
+    def land(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
         return self.ctx.apply_copy(epoch, layers, old, new)
 
 

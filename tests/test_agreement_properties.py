@@ -24,10 +24,16 @@ The network and the workers run in one of two kinds of world, drawn per example:
 Checked after every rule and at the end:
 
 * I1, all-or-none, in its literal form: for every decode step ``t``, every worker that ran ``t``
-  ran it with the same placement. Also: no copy without COMMIT, none in an aborted epoch, chunk
-  ``i`` is copied right before step ``S + i`` (so chunk 0 at S itself), chunks are the changed
-  layers in order, ``layers_per_chunk`` at a time, and nobody passes S in a committed epoch
-  without having copied.
+  ran it with the same placement. Also: no copy work (prefetch, start, landing) before the COMMIT
+  reached the worker, none in an aborted epoch, chunks are the changed layers in order,
+  ``layers_per_chunk`` at a time, and nobody passes S in a committed epoch without having issued
+  chunk 0 at S.
+* The start-ahead schedule, for the pipeline depth ``d`` of the workers' copy engine (drawn per
+  example: 0, 1 or 2) and ``n`` chunks: chunk ``i`` starts at ``S + i`` and lands at
+  ``S + i + min(d, n)`` (at depth 0 it is copied in one call at ``S + i``), never landed before
+  started, at most ``d`` in flight,
+  every chunk landed before DONE, nothing scheduled after a failed start or landing
+  (``tests/machine_support.py`` holds these checks, shared with the restart machine).
 * I2: every live leader phase has a finite deadline, and a tick at it ends the epoch; a worker
   holding at S is always explained by an outcome still unknown to the leader, or by a COMMIT /
   ABORT for it that is still in flight or was lost; with no loss every hold ends.
@@ -50,7 +56,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
 from eplb.placement.rules import placement_hash, validate_placement
 from eplb.proto import Abort, Commit, Plan, PlanAck, Prepare, Promise, Refuse
-from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement, WorkerState
+from eplb.worker_hook.agreement import CopyChunk, WorkerAgreement, WorkerState
+from tests.machine_support import RankCopies, checked, copy_kinds, holds
 
 L, E = 3, 4
 EPOCH = 5
@@ -94,6 +101,7 @@ class World:
     copy_failures: bool
     tick_sizes: tuple[float, ...]
     drain_period: int              # rounds between deliveries to the leader at the end
+    pipeline_depth: int            # the workers' copy engine: steps from a chunk's start to landing
 
 
 @st.composite
@@ -145,7 +153,8 @@ def worlds(draw) -> World:
                  layers_per_chunk=draw(st.integers(1, 3)), margin=margin, steps_per_second=sps,
                  timeouts=timeouts, start_steps=tuple(start), nice=nice, delay_bound=bound,
                  fast=fast, loss=loss, leaving=leaving, copy_failures=copy_failures,
-                 tick_sizes=tick_sizes, drain_period=draw(st.sampled_from([1, 3, 8])))
+                 tick_sizes=tick_sizes, drain_period=draw(st.sampled_from([1, 3, 8])),
+                 pipeline_depth=draw(st.sampled_from([0, 1, 1, 2])))
 
 
 @dataclass
@@ -173,20 +182,6 @@ def why(reason: str) -> str:
     return ""
 
 
-def checked(method):
-    """Mark the machine broken while a rule or invariant runs, so that a failure in it is not
-    overwritten by a consequential one in ``teardown``."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self.broken = True
-        result = method(self, *args, **kwargs)
-        self.broken = False
-        return result
-
-    return wrapper
-
-
 # --- the machine --------------------------------------------------------------------------------
 
 class AgreementNetwork(RuleBasedStateMachine):
@@ -204,6 +199,7 @@ class AgreementNetwork(RuleBasedStateMachine):
              f"K={world.delay_bound} fast={world.fast} loss={world.loss} leaving={world.leaving} "
              f"copy_failures={world.copy_failures} margin={world.margin} "
              f"sps={world.steps_per_second} lpc={world.layers_per_chunk} "
+             f"depth={world.pipeline_depth} "
              f"valid={world.plan_valid} start={world.start_steps}\n"
              f"current={world.current.tolist()}\nplan={world.plan.tolist()}")
         self.world = world
@@ -213,7 +209,11 @@ class AgreementNetwork(RuleBasedStateMachine):
                          plan_hash=placement_hash(world.plan), layers_per_chunk=world.layers_per_chunk)
         self.leader = EpochAgreement(self.plan, frozenset(range(n)), world.margin,
                                      world.steps_per_second, self.now, world.timeouts)
-        self.workers = [WorkerAgreement(r, E, n, world.current) for r in range(n)]
+        self.workers = [WorkerAgreement(r, E, n, world.current,
+                                        pipeline_depth=world.pipeline_depth) for r in range(n)]
+        self.engines = [RankCopies(w, functools.partial(self.before_copy_work, r))
+                        for r, w in enumerate(self.workers)]
+        self.commit_delivered = [False] * n
         self.next_step = list(world.start_steps)
         self.stopped = [False] * n             # left the group, or its engine stopped
         self.left = [False] * n
@@ -223,7 +223,10 @@ class AgreementNetwork(RuleBasedStateMachine):
         self.any_loss = False
         self.any_hold = False
         self.expected_chunks = changed_chunks(world.current, world.plan, world.layers_per_chunk)
+        # (step, chunk index, layers) of every landing; (step, kind, chunk index) of all work
         self.copies: list[list[tuple[int, int, tuple[int, ...]]]] = [[] for _ in range(n)]
+        self.work: list[list[tuple[int, str, int]]] = [[] for _ in range(n)]
+        self.copy_failed = [False] * n
         self.ran: dict[int, tuple[int, tuple[int, ...]]] = {}  # step -> (worker, placement)
         self.replies_to_plan: list[list[object]] = [[] for _ in range(n)]
         self.sent: list[tuple[object, Phase, Phase]] = []  # (message, phase before, phase after)
@@ -259,6 +262,8 @@ class AgreementNetwork(RuleBasedStateMachine):
         w = self.workers[i]
         started = self.next_step[i] - 1  # the step the decode loop has started
         replies = w.on_message(item.msg, started)
+        if isinstance(item.msg, Commit) and item.msg.epoch == EPOCH:
+            self.commit_delivered[i] = True
         if isinstance(item.msg, Plan):
             self.replies_to_plan[i] += replies
         for reply in replies:
@@ -270,7 +275,7 @@ class AgreementNetwork(RuleBasedStateMachine):
         the messages that must beat the workers to S; PROMISE, COMMIT and the rest may take any
         time, which only makes the workers hold at S."""
         w = self.world
-        if self.stopped[i] or isinstance(self.workers[i].action_at(self.next_step[i]), Hold):
+        if self.stopped[i] or holds(self.workers[i], self.next_step[i]):
             return False
         if w.delay_bound is None or i == w.fast:
             return True
@@ -279,44 +284,38 @@ class AgreementNetwork(RuleBasedStateMachine):
                    for channel in self.to_worker + self.to_leader for item in channel
                    if isinstance(item.msg, (Plan, PlanAck, Prepare)))
 
-    def run_one_step(self, i: int, fail_copy: bool = False) -> bool:
-        """One iteration of worker ``i``'s decode loop; False if it holds."""
+    def run_one_step(self, i: int, fail: type | None = None) -> bool:
+        """One iteration of worker ``i``'s decode loop; False if it holds or its copy failed.
+        ``fail``: the first :class:`StartChunk` or :class:`LandChunk` of this step fails."""
         w, step = self.workers[i], self.next_step[i]
-        action = w.action_at(step)
-        if isinstance(action, Hold):
+        if holds(w, step):
             self.any_hold = True
-            assert action.epoch == EPOCH and action.step == self.leader.switch_step == step
+            (hold,) = w.actions_at(step)
+            assert hold.epoch == EPOCH and hold.step == self.leader.switch_step == step
             return False
-        if isinstance(action, CopyChunk):
-            self.on_copy_chunk(i, step, action)
-            if fail_copy:
-                for reply in w.copy_failed(action, "simulated copy error"):
-                    self.to_leader[i].append(InFlight(reply, self.stamp()))
-                self.stopped[i] = True  # DESIGN §4.7: the engine stops, it never serves again
-                self.to_worker[i].clear()
-                return False
-            before = w.phys2log.clone()
-            for reply in w.chunk_copied(action, bytes_received=1, seconds=0.0):
-                self.to_leader[i].append(InFlight(reply, self.stamp()))
-            rows = list(action.layers)
-            others = [layer for layer in range(L) if layer not in rows]
-            assert torch.equal(w.phys2log[rows], self.world.plan[rows]), "chunk rows not switched"
-            assert torch.equal(w.phys2log[others], before[others]), "rows outside the chunk moved"
+        ran, replies = self.engines[i].run_step(step, fail)
+        for reply in replies:
+            self.to_leader[i].append(InFlight(reply, self.stamp()))
+        if not ran:  # a copy failed: DESIGN §4.7, the engine stops, it never serves again
+            self.copy_failed[i] = self.stopped[i] = True
+            self.to_worker[i].clear()
+            return False
         self.record_step(i, step)
         self.next_step[i] = step + 1
         return True
 
-    def on_copy_chunk(self, i: int, step: int, chunk: CopyChunk) -> None:
-        # I1: copies only in a committed epoch, chunk k right before step S + k.
-        assert self.leader.phase in COMMITTED_PHASES, f"copy in phase {self.leader.phase}"
-        assert any(isinstance(m, Commit) for m, _, _ in self.sent), "copy without COMMIT"
-        assert chunk.epoch == EPOCH
-        s = self.leader.switch_step
-        assert step == s + chunk.index, f"rank {i} copies chunk {chunk.index} at step {step}, S={s}"
+    def before_copy_work(self, i: int, kind: str, step: int, chunk: CopyChunk) -> None:
+        """I1: copy work only in a committed epoch whose COMMIT reached this worker, on the
+        expected chunks (the schedule itself is checked by :class:`RankCopies`)."""
+        assert self.leader.phase in COMMITTED_PHASES, f"{kind} in phase {self.leader.phase}"
+        assert any(isinstance(m, Commit) for m, _, _ in self.sent), f"{kind} without COMMIT"
+        assert self.commit_delivered[i], f"rank {i}: {kind} before the COMMIT reached it"
+        assert chunk.epoch == EPOCH and self.workers[i].switch_step == self.leader.switch_step
         assert chunk.num_chunks == len(self.expected_chunks)
         assert chunk.layers == self.expected_chunks[chunk.index]
-        assert len(self.copies[i]) == chunk.index, "a chunk skipped or repeated"
-        self.copies[i].append((step, chunk.index, chunk.layers))
+        self.work[i].append((step, kind, chunk.index))
+        if kind == "land":
+            self.copies[i].append((step, chunk.index, chunk.layers))
 
     def record_step(self, i: int, step: int) -> None:
         """I1 literally: every worker that runs step ``step`` runs it on the same placement."""
@@ -385,10 +384,7 @@ class AgreementNetwork(RuleBasedStateMachine):
         for _ in range(burst):
             if not self.may_advance(i):
                 break
-            fail = (self.world.copy_failures
-                    and isinstance(self.workers[i].action_at(self.next_step[i]), CopyChunk)
-                    and data.draw(st.booleans(), label="copy fails"))
-            if not self.run_one_step(i, fail_copy=fail):
+            if not self.run_one_step(i, self.draw_failure(i, data)):
                 break
 
     @precondition(lambda self: any(self.may_advance(i) for i in self.live()))
@@ -401,6 +397,14 @@ class AgreementNetwork(RuleBasedStateMachine):
         for _ in range(30):
             if not self.may_advance(i) or not self.run_one_step(i):
                 break
+
+    def draw_failure(self, i: int, data) -> type | None:
+        """In a world with copy failures: whether the start or landing worker ``i`` is about to
+        carry out fails (:class:`StartChunk`, :class:`LandChunk` or None)."""
+        kinds = copy_kinds(self.workers[i], self.next_step[i])
+        if not (self.world.copy_failures and kinds):
+            return None
+        return data.draw(st.sampled_from([None, *kinds]), label=f"copy on rank {i} fails at")
 
     def racing(self) -> list[int]:
         return [i for i in self.live() if self.may_advance(i)
@@ -427,10 +431,7 @@ class AgreementNetwork(RuleBasedStateMachine):
         """Every decode loop that may runs one step (EP ranks move roughly together)."""
         for i in self.live():
             if self.may_advance(i):
-                fail = (self.world.copy_failures
-                        and isinstance(self.workers[i].action_at(self.next_step[i]), CopyChunk)
-                        and data.draw(st.booleans(), label=f"copy on rank {i} fails"))
-                self.run_one_step(i, fail_copy=fail)
+                self.run_one_step(i, self.draw_failure(i, data))
 
     @rule(data=st.data())
     @checked
@@ -482,10 +483,10 @@ class AgreementNetwork(RuleBasedStateMachine):
     @checked
     def all_or_none(self) -> None:
         ag = self.leader
-        if any(self.copies) or any(w.state is WorkerState.COPYING for w in self.workers):
+        if any(self.work) or any(w.state is WorkerState.COPYING for w in self.workers):
             assert ag.phase in COMMITTED_PHASES
         if ag.phase is Phase.ABORTED:
-            assert not any(self.copies), "a worker copied in an aborted epoch"
+            assert not any(self.work), "copy work (prefetch, start, landing) in an aborted epoch"
             for w in self.workers:
                 assert w.state in (WorkerState.IDLE, WorkerState.PLANNED, WorkerState.PROMISED)
                 assert torch.equal(w.phys2log, self.world.current)
@@ -493,11 +494,25 @@ class AgreementNetwork(RuleBasedStateMachine):
             s = ag.switch_step
             for i, w in enumerate(self.workers):
                 if self.next_step[i] > s:
-                    assert self.copies[i] and self.copies[i][0][0] == s, (
-                        f"rank {i} passed S={s} of a committed epoch without copying at S")
+                    issued = [x for x in self.work[i] if x[1] != "prefetch"]
+                    assert issued and issued[0][0] == s and issued[0][2] == 0, (
+                        f"rank {i} passed S={s} of a committed epoch without issuing chunk 0 "
+                        f"at S: {self.work[i]}")
         for i, w in enumerate(self.workers):
             if not self.copies[i]:  # (a plan without changes finishes at COMMIT, and equals it)
                 assert torch.equal(w.phys2log, self.world.current), f"rank {i} switched unseen"
+
+    @invariant()
+    @checked
+    def pipeline_is_bounded(self) -> None:
+        """At most ``d`` chunks started and not landed; nothing scheduled after a failed copy."""
+        for i, engine in enumerate(self.engines):
+            e = engine.epoch(EPOCH)
+            if e is not None:
+                assert 0 <= e.in_flight() <= self.world.pipeline_depth, e
+                assert len(e.lands) <= len(e.starts) or self.world.pipeline_depth == 0
+            assert self.copy_failed[i] == engine.failed
+            engine.check_quiet_after_failure(self.next_step[i])
 
     @invariant()
     @checked
@@ -506,9 +521,9 @@ class AgreementNetwork(RuleBasedStateMachine):
         the leader has not decided, or its decision is in flight, or was lost."""
         ag = self.leader
         for i in self.live():
-            action = self.workers[i].action_at(self.next_step[i])
-            if not isinstance(action, Hold):
+            if not holds(self.workers[i], self.next_step[i]):
                 continue
+            (action,) = self.workers[i].actions_at(self.next_step[i])
             self.any_hold = True
             assert ag.phase is not Phase.PLANNED
             if ag.phase is Phase.PREPARING:
@@ -591,7 +606,7 @@ class AgreementNetwork(RuleBasedStateMachine):
         self.invalid_plans_are_refused()
         for i in self.live():
             w = self.workers[i]
-            if isinstance(w.action_at(self.next_step[i]), Hold):
+            if holds(w, self.next_step[i]):
                 assert self.any_loss, f"I2: rank {i} holds forever although nothing was lost"
                 assert any(isinstance(m, (Commit, Abort)) for m in self.dropped_to_worker[i]), (
                     f"I2: rank {i} holds forever, yet no COMMIT/ABORT to it was lost")
@@ -600,8 +615,15 @@ class AgreementNetwork(RuleBasedStateMachine):
             for i, w in enumerate(self.workers):
                 if not self.stopped[i] or i in ag.done:
                     assert torch.equal(w.phys2log, self.world.plan), f"rank {i} not on the plan"
+                    s = ag.switch_step
+                    d = min(self.world.pipeline_depth, len(self.expected_chunks))
                     assert self.copies[i] == [
-                        (ag.switch_step + k, k, layers) for k, layers in enumerate(self.expected_chunks)]
+                        (s + k + d, k, layers) for k, layers in enumerate(self.expected_chunks)]
+                    if self.expected_chunks:
+                        e = self.engines[i].epoch(EPOCH)
+                        assert (e.starts, e.lands) == self.engines[i].expected(
+                            EPOCH, self.expected_chunks)
+                        assert e.done
         if not self.world.plan_valid:
             assert ag.phase is Phase.ABORTED
             if not self.any_loss and not any(self.left):
@@ -681,18 +703,20 @@ def test_every_worker_switches_at_s_or_nobody_does(race):
                 layers_per_chunk=per_chunk)
     leader = EpochAgreement(plan, frozenset(range(num_gpus)), margin, 0.0, 0.0)
     workers = [WorkerAgreement(r, E, num_gpus, current) for r in range(num_gpus)]
+    engines = [RankCopies(w) for w in workers]
     next_step = [a + 1 for a in acked]  # worker r has started step acked[r]
     ran: dict[int, tuple[int, tuple[int, ...]]] = {}
     first_copy: dict[int, int] = {}
 
     def run(r: int, until: int) -> None:
         while next_step[r] < until:
-            action = workers[r].action_at(next_step[r])
-            if isinstance(action, Hold):
+            ok, replies = engines[r].run_step(next_step[r])
+            if not ok:
                 return
-            if isinstance(action, CopyChunk):
-                first_copy.setdefault(r, next_step[r])
-                to_leader.extend(workers[r].chunk_copied(action, 0, 0.0))
+            to_leader.extend(replies)
+            e = engines[r].epoch(EPOCH)
+            if e is not None and e.lands:
+                first_copy.setdefault(r, e.lands[0][0])
             mine = fingerprint(workers[r].phys2log)
             other = ran.setdefault(next_step[r], (r, mine))
             assert other[1] == mine, f"I1: step {next_step[r]} run on two placements"

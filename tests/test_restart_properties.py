@@ -17,14 +17,16 @@ nodes: node 0 holds the leader, node 1 a follower sidecar. Hypothesis picks the 
 * a promised rank **asks for the outcome** (the hook does so every heartbeat).
 
 Checked: I1 in its literal form (every rank that runs decode step ``t`` runs it on the same
-placement) across every crash, every restart and every epoch; and, after a final calm phase
+placement) across every crash, every restart and every epoch; the start-ahead copy schedule of
+every epoch on every rank, for the pipeline depth drawn per example (``tests/machine_support.py``:
+chunk ``i`` starts at ``S + i`` and lands ``min(d, n)`` steps later, in order, never more than
+``d`` in flight, all landed before DONE); and, after a final calm phase
 (no loss, the leader alive, queries answered), no rank is left holding and every rank serves the
 placement the leader adopted — no engine instance is lost to one sidecar fault.
 """
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 
 import torch
@@ -38,7 +40,8 @@ from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, Leade
 from eplb.placement.planner import PlanResult
 from eplb.placement.rules import default_placement
 from eplb.proto import Counts, Hello
-from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement
+from eplb.worker_hook.agreement import WorkerAgreement
+from tests.machine_support import RankCopies, checked, holds
 
 L, E, P = 3, 4, 8
 TIMEOUTS = AgreementTimeouts(ack_s=2.0, promise_s=2.0, done_s=1e6)  # done: wait for the ranks
@@ -63,26 +66,16 @@ def fingerprint(phys2log: torch.Tensor) -> tuple[int, ...]:
     return tuple(phys2log.flatten().tolist())
 
 
-def checked(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self.broken = True
-        result = method(self, *args, **kwargs)
-        self.broken = False
-        return result
-
-    return wrapper
-
-
 class RestartNetwork(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.broken = True
 
-    @initialize(num_gpus=st.sampled_from([2, 4]), plan=plans(), margin=st.integers(2, 6))
+    @initialize(num_gpus=st.sampled_from([2, 4]), plan=plans(), margin=st.integers(2, 6),
+                depth=st.sampled_from([0, 1, 2]))
     @checked
-    def setup(self, num_gpus: int, plan: torch.Tensor, margin: int) -> None:
-        note(f"G={num_gpus} margin={margin} plan={plan.tolist()}")
+    def setup(self, num_gpus: int, plan: torch.Tensor, margin: int, depth: int) -> None:
+        note(f"G={num_gpus} margin={margin} depth={depth} plan={plan.tolist()}")
         self.n = num_gpus
         self.node = [0 if r < num_gpus // 2 else 1 for r in range(num_gpus)]
         self.plan = plan
@@ -90,8 +83,9 @@ class RestartNetwork(RuleBasedStateMachine):
                                    interval_steps=10 ** 9)
         self.disk: list = []
         self.now = 0.0
-        self.workers = [WorkerAgreement(r, E, num_gpus, default_placement(L, E, P))
-                        for r in range(num_gpus)]
+        self.workers = [WorkerAgreement(r, E, num_gpus, default_placement(L, E, P),
+                                        pipeline_depth=depth) for r in range(num_gpus)]
+        self.engines = [RankCopies(w) for w in self.workers]
         self.next_step = [5] * num_gpus
         self.to_worker: list[deque] = [deque() for _ in range(num_gpus)]
         self.to_leader: list[deque] = [deque() for _ in range(num_gpus)]
@@ -153,13 +147,11 @@ class RestartNetwork(RuleBasedStateMachine):
 
     def run_step(self, r: int) -> bool:
         w, step = self.workers[r], self.next_step[r]
-        action = w.action_at(step)
-        if isinstance(action, Hold):
+        ran, replies = self.engines[r].run_step(step)
+        if not ran:
             return False
-        if isinstance(action, CopyChunk):
-            replies = w.chunk_copied(action, 1, 0.0)
-            if self.reachable(r):  # a DONE sent while its sidecar is dead is lost
-                self.to_leader[r].extend(replies)
+        if self.reachable(r):  # a DONE sent while its sidecar is dead is lost
+            self.to_leader[r].extend(replies)
         mine = fingerprint(w.phys2log)
         other = self.ran.setdefault(step, (r, mine))
         assert other[1] == mine, (f"I1 broken at step {step}: rank {other[0]} ran it on "
@@ -283,8 +275,7 @@ class RestartNetwork(RuleBasedStateMachine):
                 self.run_step(r)
             self.now += 0.1
             self.execute(self.leader.on_tick(self.now))
-        holding = [r for r in range(self.n)
-                   if isinstance(self.workers[r].action_at(self.next_step[r]), Hold)]
+        holding = [r for r in range(self.n) if holds(self.workers[r], self.next_step[r])]
         assert not holding, f"ranks {holding} still hold: the instance would be lost"
         assert not self.leader.unsafe_reason, self.leader.unsafe_reason
         assert self.leader.agreement is None, f"epoch still in flight: {self.leader.status()}"

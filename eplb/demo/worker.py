@@ -85,17 +85,19 @@ class EventLog:
 
 
 class TrackedCopier:
-    """The demo's ``copy_fn``: a :class:`CopyExecutor` that notes, per call, whether it started
-    transfers (``start``) or landed them (the copy call) in the step the loop last set."""
+    """The demo's copy engine (a :class:`~eplb.worker_hook.copy_engine.CopyEngine`): a
+    :class:`CopyExecutor` that notes, per call, whether it started transfers (``start``) or
+    landed them (``land``) in the step the loop last set."""
 
     def __init__(self, copier: CopyExecutor) -> None:
         self.copier = copier
+        self.pipeline_depth = copier.pipeline_depth
         self.step = -1
         self.work: list[str] = []  # "start" / "land", in call order
 
-    def __call__(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
+    def land(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor):
         self.work.append("land")
-        return self.copier(epoch, layers, old, new)
+        return self.copier.land(epoch, layers, old, new)
 
     def prefetch(self, epoch: int, layers: list[int], old: torch.Tensor, new: torch.Tensor) -> None:
         self.copier.prefetch(epoch, layers, old, new)

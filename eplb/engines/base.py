@@ -31,9 +31,10 @@ class EngineMaps(Protocol):
 
 
 class MapSwitchingCopy:
-    """A :data:`~eplb.worker_hook.hook.CopyFn` that copies weights with ``executor`` and then
-    switches ``maps`` for the layers that landed. Passes ``prefetch`` and ``start`` through, so
-    the hook starts transfers a step ahead and prepares the maps with the first prefetch.
+    """A :class:`~eplb.worker_hook.copy_engine.CopyEngine` that copies weights with ``executor``
+    and then switches ``maps`` for the layers that landed. Has the executor's pipeline depth and
+    passes ``prefetch`` and ``start`` through, so the hook starts transfers a step ahead and the
+    maps are prepared with the first prefetch (or start).
 
     Args:
         executor: copies the expert weights (the engine's own parameters).
@@ -43,6 +44,7 @@ class MapSwitchingCopy:
     def __init__(self, executor: CopyExecutor, maps: EngineMaps) -> None:
         self.executor = executor
         self.maps = maps
+        self.pipeline_depth = executor.pipeline_depth
         self._prepared_epoch: int | None = None  # one epoch has one new placement
 
     def _prepare(self, epoch: int, new: torch.Tensor) -> None:
@@ -59,10 +61,10 @@ class MapSwitchingCopy:
         self._prepare(epoch, new)
         self.executor.start(epoch, layers, old, new)
 
-    def __call__(self, epoch: int, layers: list[int], old: torch.Tensor,
-                 new: torch.Tensor) -> ChunkStats:
+    def land(self, epoch: int, layers: list[int], old: torch.Tensor,
+             new: torch.Tensor) -> ChunkStats:
         self._prepare(epoch, new)
-        stats = self.executor(epoch, layers, old, new)
+        stats = self.executor.land(epoch, layers, old, new)
         self.maps.apply(epoch, list(layers))
         return stats
 

@@ -1,6 +1,7 @@
 """Run a copy plan over ``torch.distributed`` point-to-point operations.
 
-The worker hook calls a :class:`CopyExecutor` at the agreed step for each chunk of layers. The
+The worker hook calls a :class:`CopyExecutor` at the agreed steps for each chunk of layers: it is
+a :class:`~eplb.worker_hook.copy_engine.CopyEngine` of pipeline depth 1. The
 plan comes from :mod:`eplb.placement.copy_plan` (pure, the same on every rank); this module only
 moves bytes. Per layer:
 
@@ -23,7 +24,8 @@ once per call (allowed: this happens only at the agreed steps).
 Steps 1 and 2 touch no weight (the transfers land in buffers), so :meth:`CopyExecutor.start` can
 issue a chunk's transfers one step before the call that lands them: the wire then runs beside the
 engine's step, and the call at the next step only unpacks. The hook does this at agreed steps
-only (chunk ``i`` starts at ``S + i`` and lands at ``S + i + 1``), so every rank issues the same
+only (chunk ``i`` starts at ``S + i`` and lands at ``S + i + 1``, as the worker's agreement
+schedules for ``pipeline_depth = 1``), so every rank issues the same
 P2P ops at the same point of its step. With a process group of its own the copy overlaps the
 engine's collectives; on the engine's group NCCL runs it before them, in the same order on every
 rank. Every wait has a deadline
@@ -182,8 +184,18 @@ class CopyExecutor:
         self._prefetched: dict[tuple[int, int], _Prepared] = {}
         self._in_flight: dict[tuple[int, int], _Prepared] = {}
 
+    #: :class:`~eplb.worker_hook.copy_engine.CopyEngine`: a chunk started at step ``S + i``
+    #: lands at ``S + i + 1``.
+    pipeline_depth = 1
+
     def __call__(self, epoch: int, layers: list[int], old: torch.Tensor,
                  new: torch.Tensor) -> ChunkStats:
+        """Switch the slots of ``layers`` from ``old`` to ``new`` (the same as :meth:`land`; a
+        CopyExecutor is also a plain one-call ``copy_fn``)."""
+        return self.land(epoch, layers, old, new)
+
+    def land(self, epoch: int, layers: list[int], old: torch.Tensor,
+             new: torch.Tensor) -> ChunkStats:
         """Switch the slots of ``layers`` from ``old`` to ``new``.
 
         Layers that :meth:`prefetch` prepared for this epoch and the same placements skip the

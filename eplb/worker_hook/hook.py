@@ -7,9 +7,10 @@ no collective, no socket (invariant I3). A background thread owns the ZeroMQ soc
 sidecar and answers the protocol; the decode thread hands it work through a queue and a pipe.
 
 The exception is the agreed switch step S of an epoch and the steps after it: at S
-:meth:`on_step` waits (with a timeout) if the outcome is still unknown, and from S on it calls the
-engine's ``copy_fn`` for one chunk of layers per step, which may run P2P transfers (see
-:data:`CopyFn` for the order when the copy_fn can start a chunk's transfers a step ahead).
+:meth:`on_step` waits (with a timeout) if the outcome is still unknown, and from S on it starts
+and lands chunks of layers through the engine's copy engine, which may run P2P transfers. Which
+chunk, when, is the :class:`~eplb.worker_hook.agreement.WorkerAgreement`'s decision (its
+``actions_at``); the hook carries the actions out and reports back, and decides nothing.
 """
 
 from __future__ import annotations
@@ -32,24 +33,11 @@ from eplb.paths import (RunDirError, RunDirMissing, check_run_dir, default_run_d
 from eplb.placement.rules import default_placement, validate_placement
 from eplb.proto import (Abort, Bye, Commit, Counts, Heartbeat, Hello, Message, Plan, Prepare,
                         ProtocolError, Rejoin, Welcome, decode, encode)
-from eplb.worker_hook.agreement import CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState
+from eplb.worker_hook.agreement import (Action, CopyChunk, Hold, LandChunk, Prefetch, StartChunk,
+                                        WorkerAgreement)
+from eplb.worker_hook.copy_engine import CopyEngine, CopyFn, as_copy_engine
 
 log = logging.getLogger("eplb.worker")
-
-#: ``copy_fn(epoch, layers, old, new)``: make every local slot of ``layers`` hold its expert under
-#: ``new`` (``old``/``new`` are full ``[L, P]`` placements). May return a stats object with
-#: ``bytes_received``; raising marks the rank unsafe. If it also has a method
-#: ``prefetch(epoch, layers, old, new)`` (as :class:`~eplb.worker_hook.copy_exec.CopyExecutor`
-#: has), the hook calls it on the decode thread once a chunk is known to come: for the first chunk
-#: on the first step after the commit arrives (when that is before S), for each later chunk right
-#: after the previous one. It must not wait for the device; its errors are logged and ignored.
-#: If it also has ``start(epoch, layers, old, new)`` (as ``CopyExecutor`` has), chunks run one step
-#: later and in two halves: at step ``S + i`` the hook calls ``start`` for chunk ``i`` (the
-#: transfers go out and run beside that step), and at ``S + i + 1`` the copy call lands them and
-#: the chunk's layers switch; the last chunk switches at ``S + n``. Errors of ``start`` are copy
-#: errors.
-CopyFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], object]
-
 
 #: Host buffers for counts snapshots in flight to the socket thread.
 _SNAPSHOT_BUFFERS = 4
@@ -88,8 +76,11 @@ class WorkerHook:
         num_layers: ``L`` MoE layers; num_experts: ``E`` logical experts; num_physical: ``P``
             slots per layer (``P % G == 0``).
         phys2log: ``[L, P]`` the placement served now; defaults to :func:`default_placement`.
-        copy_fn: the engine's copy callback (see :data:`CopyFn`). Without one the rank cannot
-            take part in an epoch that moves its layers, so it is required in production.
+        copy_fn: the engine's weight copies: a :class:`~eplb.worker_hook.copy_engine.CopyEngine`
+            (a :class:`~eplb.worker_hook.copy_exec.CopyExecutor` is one), or a plain
+            :data:`~eplb.worker_hook.copy_engine.CopyFn` callable that copies a chunk in one
+            call. Without one the rank cannot take part in an epoch that moves its layers, so it
+            is required in production.
         device: where the counters live (the engine's device).
         count_ids: the ids :meth:`record` and :meth:`add_counts` take: ``"logical"`` experts in
             ``[0, E)``, or ``"physical"`` slots in ``[0, P)`` as engines pass them after routing
@@ -112,7 +103,7 @@ class WorkerHook:
 
     def __init__(self, rank: int, world_size: int, num_layers: int, num_experts: int,
                  num_physical: int, phys2log: torch.Tensor | None = None, *,
-                 copy_fn: CopyFn | None = None, device: str | torch.device = "cpu",
+                 copy_fn: CopyEngine | CopyFn | None = None, device: str | torch.device = "cpu",
                  node: int = 0, run_dir: str | Path | None = None, bytes_per_expert: int = 0,
                  flush_every: int = 64, heartbeat_s: float = 0.5, hold_timeout_s: float = 30.0,
                  on_event: Callable[[Message], None] | None = None,
@@ -130,11 +121,7 @@ class WorkerHook:
         self.num_layers, self.num_experts, self.num_physical = num_layers, num_experts, num_physical
         self.device = torch.device(device)
         self.copy_fn = copy_fn
-        self._prefetch = getattr(copy_fn, "prefetch", None)
-        self._prefetched: tuple[int, int] | None = None  # (epoch, chunk index)
-        self._start = getattr(copy_fn, "start", None)
-        self._started: tuple[int, int] | None = None  # (epoch, chunk index) in flight
-        self._start_seconds = 0.0  # host time of the start call of the chunk in flight
+        self._engine = as_copy_engine(copy_fn)
         self.flush_every = max(1, flush_every)
         self.heartbeat_s = heartbeat_s
         self.hold_timeout_s = hold_timeout_s
@@ -151,7 +138,8 @@ class WorkerHook:
             raise HookError(f"rank {rank}: will not connect: {exc}") from None
 
         self._agreement = WorkerAgreement(rank, num_experts, world_size, phys2log.cpu(),
-                                          bytes_per_expert, can_copy=copy_fn is not None)
+                                          bytes_per_expert, can_copy=copy_fn is not None,
+                                          pipeline_depth=self._engine.pipeline_depth)
         self._lock = threading.Lock()
         self._outcome = threading.Condition(self._lock)
         self._step = 0
@@ -234,7 +222,8 @@ class WorkerHook:
 
     def on_step(self, step: int) -> None:
         """Call at the start of decode step ``step`` (steps only go up). Usually returns at once;
-        at the agreed switch step it may wait for the outcome and runs the copies of one chunk.
+        at the agreed switch step it may wait for the outcome, and from there on it starts and
+        lands the chunks the agreement schedules.
 
         Raises:
             HoldTimeout, CopyFailed: the rank must stop serving (DESIGN.md §4.7).
@@ -244,25 +233,11 @@ class WorkerHook:
         started = time.perf_counter()
         with self._lock:
             self._step = step
-            action = self._agreement.action_at(step)
-            if isinstance(action, Hold):
-                action = self._hold(action, started)
-        if isinstance(action, CopyChunk):
-            lands = self._start is None or (action.epoch, action.index) == self._started
-            if lands and self.count_ids == "physical":
-                self._snapshot_counts(step, force=True)  # counted under the maps of before
-            if self._start is None:
-                self._copy(action)
-            elif (action.epoch, action.index) != self._started:
-                self._start_chunk(action)  # step S: chunk 0 goes out, nothing switches yet
-            else:
-                self._copy(action)
-                with self._lock:
-                    upcoming = self._agreement.upcoming_chunk()
-                if upcoming is not None:
-                    self._start_chunk(upcoming)
-        if self._prefetch is not None and self._agreement.state is WorkerState.COPYING:
-            self._prefetch_upcoming()
+            actions = self._agreement.actions_at(step)
+            if actions and isinstance(actions[0], Hold):
+                actions = self._hold(actions[0], started)
+        for action in actions:
+            self._carry_out(action, step)
         if step - self._flushed_at >= self.flush_every:
             self._snapshot_counts(step)
         elapsed = time.perf_counter() - started
@@ -283,13 +258,14 @@ class WorkerHook:
     def state(self) -> str:
         return self._agreement.state.value
 
-    def _hold(self, hold: Hold, started: float) -> Proceed | CopyChunk:
-        """Wait (lock held, released while waiting) for the outcome of the promised epoch."""
+    def _hold(self, hold: Hold, started: float) -> tuple[Action, ...]:
+        """Wait (lock held, released while waiting) for the outcome of the promised epoch;
+        the actions at this step once it is known."""
         deadline = started + self.hold_timeout_s
         log.info("rank %d: holding at step %d for the outcome of epoch %d", self.rank, hold.step,
                  hold.epoch)
-        action = self._agreement.action_at(self._step)
-        while isinstance(action, Hold):
+        actions = self._agreement.actions_at(self._step)
+        while actions and isinstance(actions[0], Hold):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 self._failure = HoldTimeout(
@@ -299,39 +275,50 @@ class WorkerHook:
                 log.critical("%s", self._failure)
                 raise self._failure
             self._outcome.wait(remaining)
-            action = self._agreement.action_at(self._step)
+            actions = self._agreement.actions_at(self._step)
         self._agreement.held(time.perf_counter() - started)
-        return action
+        return actions
 
-    def _copy(self, chunk: CopyChunk) -> None:
+    def _carry_out(self, action: Prefetch | StartChunk | LandChunk, step: int) -> None:
+        """Hand one scheduled action to the copy engine and report the result to the agreement
+        (DONE or DONE(error) go to the sidecar)."""
+        chunk = action.chunk
+        layers = list(chunk.layers)
         started = time.perf_counter()
-        try:
-            if self.copy_fn is None:
-                raise RuntimeError("no copy_fn was given to WorkerHook, so weights cannot move")
-            stats = self.copy_fn(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
-        except Exception as exc:  # any engine error: this rank's maps are now suspect
-            self._fail(chunk, exc)
-        seconds = time.perf_counter() - started + self._start_seconds
-        self._start_seconds = 0.0
-        received = int(getattr(stats, "bytes_received", 0) or 0)
-        with self._lock:
-            replies = self._agreement.chunk_copied(chunk, received, seconds)
-            self._counted_under = self._agreement.phys2log.clone()
-        log.debug("rank %d epoch %d: chunk %d/%d (layers %s) copied in %.2f ms", self.rank,
-                  chunk.epoch, chunk.index + 1, chunk.num_chunks, list(chunk.layers), seconds * 1e3)
-        self._send_from_decode_thread(replies)
-
-    def _start_chunk(self, chunk: CopyChunk) -> None:
-        """Issue ``chunk``'s transfers (``copy_fn.start``); the next step's copy call lands them."""
-        started = time.perf_counter()
-        self._started = self._prefetched = (chunk.epoch, chunk.index)
-        try:
-            self._start(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
-        except Exception as exc:  # a half-issued transfer leaves the peers unmatched
-            self._fail(chunk, exc)
-        self._start_seconds = time.perf_counter() - started
-        log.debug("rank %d epoch %d: chunk %d/%d (layers %s) started", self.rank, chunk.epoch,
-                  chunk.index + 1, chunk.num_chunks, list(chunk.layers))
+        if isinstance(action, Prefetch):
+            try:
+                self._engine.prefetch(chunk.epoch, layers, chunk.old, chunk.new)
+            except Exception as exc:  # noqa: BLE001 - the chunk is prepared when it starts/lands
+                log.warning("rank %d epoch %d: prefetch of chunk %d failed (%s: %s); it will be "
+                            "prepared at its step", self.rank, chunk.epoch, chunk.index,
+                            type(exc).__name__, exc)
+            with self._lock:
+                self._agreement.prefetched(chunk)
+        elif isinstance(action, StartChunk):
+            try:
+                self._engine.start(chunk.epoch, layers, chunk.old, chunk.new)
+            except Exception as exc:  # a half-issued transfer leaves the peers unmatched
+                self._fail(chunk, exc)
+            with self._lock:
+                self._agreement.chunk_started(chunk, time.perf_counter() - started)
+            log.debug("rank %d step %d epoch %d: chunk %d/%d (layers %s) started", self.rank,
+                      step, chunk.epoch, chunk.index + 1, chunk.num_chunks, layers)
+        elif isinstance(action, LandChunk):
+            if self.count_ids == "physical":
+                self._snapshot_counts(step, force=True)  # counted under the maps of before
+            try:
+                stats = self._engine.land(chunk.epoch, layers, chunk.old, chunk.new)
+            except Exception as exc:  # any engine error: this rank's maps are now suspect
+                self._fail(chunk, exc)
+            seconds = time.perf_counter() - started
+            received = int(getattr(stats, "bytes_received", 0) or 0)
+            with self._lock:
+                replies = self._agreement.chunk_landed(chunk, received, seconds)
+                self._counted_under = self._agreement.phys2log.clone()
+            log.debug("rank %d step %d epoch %d: chunk %d/%d (layers %s) landed in %.2f ms",
+                      self.rank, step, chunk.epoch, chunk.index + 1, chunk.num_chunks, layers,
+                      seconds * 1e3)
+            self._send_from_decode_thread(replies)
 
     def _fail(self, chunk: CopyChunk, exc: Exception) -> NoReturn:
         """Mark the rank unsafe after a failed copy of ``chunk``, report DONE(error), raise."""
@@ -342,20 +329,6 @@ class WorkerHook:
         log.critical("%s", self._failure)
         self._send_from_decode_thread(replies)
         raise self._failure from exc
-
-    def _prefetch_upcoming(self) -> None:
-        """Let the copy engine prepare the next chunk of the committed epoch, once per chunk."""
-        with self._lock:
-            chunk = self._agreement.upcoming_chunk()
-        if chunk is None or (chunk.epoch, chunk.index) == self._prefetched:
-            return
-        self._prefetched = (chunk.epoch, chunk.index)
-        try:
-            self._prefetch(chunk.epoch, list(chunk.layers), chunk.old, chunk.new)
-        except Exception as exc:  # noqa: BLE001 - the copy at its step plans again and reports
-            log.warning("rank %d epoch %d: prefetch of chunk %d failed (%s: %s); it will be "
-                        "prepared at its step", self.rank, chunk.epoch, chunk.index,
-                        type(exc).__name__, exc)
 
     def _new_snapshot_buffer(self) -> torch.Tensor:
         return torch.zeros(self.num_layers, self._id_count + 2, dtype=torch.int64,

@@ -241,13 +241,19 @@ def test_physical_counts_become_logical_under_the_placement_served_when_counted(
 
 
 class RecordingCopier:
-    """A copy_fn with ``prefetch``: records the order of the calls the hook makes."""
+    """A CopyEngine of pipeline depth 0 (each chunk copied in one call at its step) that
+    prefetches: records the order of the calls the hook makes."""
+
+    pipeline_depth = 0
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, list[int]]] = []
 
-    def __call__(self, epoch, layers, old, new) -> None:
+    def land(self, epoch, layers, old, new) -> None:
         self.calls.append(("copy", epoch, list(layers)))
+
+    def start(self, epoch, layers, old, new) -> None:
+        raise AssertionError("depth 0: start is never scheduled")
 
     def prefetch(self, epoch, layers, old, new) -> None:
         assert torch.equal(old, default_placement(L, E, P)) or layers == [2]
@@ -287,7 +293,9 @@ def test_a_committed_epoch_prefetches_each_chunk_once_before_its_step(side, tmp_
 
 
 class StartingCopier(RecordingCopier):
-    """A copy_fn that can also start a chunk's transfers a step ahead."""
+    """A CopyEngine of pipeline depth 1: starts a chunk's transfers a step ahead."""
+
+    pipeline_depth = 1
 
     def start(self, epoch, layers, old, new) -> None:
         self.calls.append(("start", epoch, list(layers)))
@@ -360,6 +368,22 @@ def test_a_failed_start_marks_the_rank_unsafe_and_reports_done_error(side, tmp_p
             hook.on_step(4)
     finally:
         hook.close()
+
+
+class PrefetchOnly:
+    """The old duck type: a callable with an optional ``prefetch``, no CopyEngine."""
+
+    def __call__(self, epoch, layers, old, new) -> None:
+        pass
+
+    def prefetch(self, epoch, layers, old, new) -> None:
+        pass
+
+
+def test_a_copy_fn_with_prefetch_but_no_copy_engine_is_refused_not_downgraded(tmp_path) -> None:
+    """It would silently lose its prefetch (and start) otherwise."""
+    with pytest.raises(TypeError, match="PrefetchOnly has prefetch but is no CopyEngine"):
+        WorkerHook(0, 1, L, E, P, copy_fn=PrefetchOnly(), run_dir=tmp_path)
 
 
 def test_a_refusal_for_now_is_followed_by_a_hello_about_each_second(side, tmp_path: Path) -> None:

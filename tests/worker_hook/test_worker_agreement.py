@@ -10,7 +10,8 @@ from eplb.placement.rules import default_placement, placement_hash
 from eplb.placement.copy_plan import plan_copies
 from eplb.proto import Abort, Commit, Done, Plan, PlanAck, Prepare, Promise, Refuse
 from eplb.worker_hook.agreement import (
-    CopyChunk, Hold, Proceed, WorkerAgreement, WorkerState, chunk_changed_layers,
+    CopyChunk, Hold, LandChunk, Prefetch, StartChunk, WorkerAgreement, WorkerState,
+    chunk_changed_layers,
 )
 
 L, E, P, G = 4, 4, 8, 2
@@ -69,7 +70,7 @@ def test_a_valid_plan_is_acked_with_the_current_step_and_changes_no_placement():
     assert out == [PlanAck(rank=RANK, epoch=EPOCH, step=11)]
     assert w.state is WorkerState.PLANNED and w.epoch == EPOCH
     assert torch.equal(w.phys2log, current_placement())
-    assert w.action_at(12) == Proceed()
+    assert w.actions_at(12) == ()
 
 
 def test_the_worker_keeps_its_own_copy_of_the_initial_placement():
@@ -109,7 +110,7 @@ def test_an_invalid_plan_is_refused_and_changes_nothing(plan):
     assert isinstance(w.on_message(Prepare(epoch=EPOCH, step=S), 12)[0], Refuse)
     assert w.on_message(Commit(epoch=EPOCH, step=S), 12) == []
     for step in range(12, S + 5):
-        assert w.action_at(step) == Proceed()
+        assert w.actions_at(step) == ()
     assert worker_state(w) == before
 
 
@@ -120,7 +121,7 @@ def test_a_plan_while_promised_or_copying_is_refused_as_busy():
     assert len(out) == 1 and isinstance(out[0], Refuse) and "busy" in out[0].reason
     assert out[0].epoch == EPOCH + 1
     assert worker_state(w) == state
-    assert w.action_at(S) == Hold(epoch=EPOCH, step=S)
+    assert w.actions_at(S) == (Hold(epoch=EPOCH, step=S),)
 
     w.on_message(Commit(epoch=EPOCH, step=S), 17)
     state = worker_state(w)
@@ -145,10 +146,10 @@ def test_refuse_when_the_current_step_is_at_or_past_s(step):
     assert out == [Refuse(rank=RANK, epoch=EPOCH, step=step, reason=out[0].reason)]
     assert str(S) in out[0].reason
     assert w.state is WorkerState.PLANNED, "a refusal promises nothing"
-    assert w.action_at(step + 1) == Proceed()
+    assert w.actions_at(step + 1) == ()
     # A COMMIT that somehow arrives anyway is ignored: no copies without a promise.
     assert w.on_message(Commit(epoch=EPOCH, step=S), step + 1) == []
-    assert w.action_at(step + 2) == Proceed()
+    assert w.actions_at(step + 2) == ()
 
 
 def test_prepare_without_a_plan_or_for_another_epoch_is_refused():
@@ -158,32 +159,43 @@ def test_prepare_without_a_plan_or_for_another_epoch_is_refused():
     w = planned()
     out = w.on_message(Prepare(epoch=EPOCH + 1, step=S), 5)
     assert len(out) == 1 and isinstance(out[0], Refuse) and out[0].epoch == EPOCH + 1
-    assert w.state is WorkerState.PLANNED and w.action_at(S) == Proceed()
+    assert w.state is WorkerState.PLANNED and w.actions_at(S) == ()
 
 
 # --- the hold at S ------------------------------------------------------------------------------
 
 def test_a_promised_worker_proceeds_below_s_and_holds_at_s():
     w = promised(step=S - 3)
-    assert w.action_at(S - 2) == Proceed()
-    assert w.action_at(S - 1) == Proceed()
-    assert w.action_at(S) == Hold(epoch=EPOCH, step=S)
-    assert w.action_at(S) == Hold(epoch=EPOCH, step=S), "asking again changes nothing"
-    assert w.action_at(S + 1) == Hold(epoch=EPOCH, step=S)
+    assert w.actions_at(S - 2) == ()
+    assert w.actions_at(S - 1) == ()
+    assert w.actions_at(S) == (Hold(epoch=EPOCH, step=S),)
+    assert w.actions_at(S) == (Hold(epoch=EPOCH, step=S),), "asking again changes nothing"
+    assert w.actions_at(S + 1) == (Hold(epoch=EPOCH, step=S),)
     assert torch.equal(w.phys2log, current_placement())
 
 
 # --- COMMIT and the copies ----------------------------------------------------------------------
 
+def holds(w: WorkerAgreement, step: int) -> bool:
+    return any(isinstance(a, Hold) for a in w.actions_at(step))
+
+
+def copy_work(w: WorkerAgreement, step: int) -> list:
+    """The actions at ``step`` that touch the copy engine."""
+    return [a for a in w.actions_at(step) if isinstance(a, (Prefetch, StartChunk, LandChunk))]
+
+
 def run_copies(w: WorkerAgreement, first_step: int) -> tuple[list[CopyChunk], list]:
-    """Drive the decode loop from ``first_step`` until the worker stops asking for copies."""
+    """Drive the decode loop from ``first_step`` (the depth-0 schedule: one landing per step)
+    until the worker stops asking for copies."""
     chunks, replies, step = [], [], first_step
     while True:
-        action = w.action_at(step)
-        if not isinstance(action, CopyChunk):
+        lands = [a.chunk for a in w.actions_at(step) if isinstance(a, LandChunk)]
+        if not lands:
             return chunks, replies
-        chunks.append(action)
-        replies += w.chunk_copied(action, bytes_received=100 * (action.index + 1), seconds=0.25)
+        (chunk,) = lands
+        chunks.append(chunk)
+        replies += w.chunk_landed(chunk, bytes_received=100 * (chunk.index + 1), seconds=0.25)
         step += 1
 
 
@@ -192,33 +204,38 @@ def test_commit_copies_exactly_the_changed_layers_in_chunks_from_s():
     w = promised(plan_for(new, layers_per_chunk=2))
     assert w.on_message(Commit(epoch=EPOCH, step=S), S - 3) == []
     assert w.state is WorkerState.COPYING and w.pending_done
-    # Below S nothing is copied and the old placement serves.
-    assert w.action_at(S - 2) == Proceed() and w.action_at(S - 1) == Proceed()
+    # Below S nothing is copied (chunk 0 is offered for prefetch) and the old placement serves.
+    (early,) = w.actions_at(S - 2)
+    assert isinstance(early, Prefetch) and early.chunk.index == 0 and early.chunk.layers == (0, 2)
+    assert w.actions_at(S - 1) == (early,)
     assert torch.equal(w.phys2log, current_placement())
 
-    first = w.action_at(S)
-    assert isinstance(first, CopyChunk)
+    land, prefetch = w.actions_at(S)
+    assert isinstance(land, LandChunk) and isinstance(prefetch, Prefetch)
+    first = land.chunk
+    assert prefetch.chunk.index == 1, "the next chunk is prefetched right after a landing"
     assert (first.epoch, first.index, first.num_chunks, first.layers) == (EPOCH, 0, 2, (0, 2))
     assert torch.equal(first.new, new)
     assert torch.equal(first.old[[0, 2]], current_placement()[[0, 2]])
     # The rows switch only once the engine says the copy is done.
     assert torch.equal(w.phys2log, current_placement())
-    assert w.action_at(S) == first, "asking again for the same step returns the same chunk"
-    assert w.chunk_copied(first, bytes_received=700, seconds=0.5) == []
+    assert w.actions_at(S) == (land, prefetch), "asking again returns the same actions"
+    assert w.chunk_landed(first, bytes_received=700, seconds=0.5) == []
     expected = current_placement()
     expected[[0, 2]] = new[[0, 2]]
     assert torch.equal(w.phys2log, expected), "only the chunk's layers switch"
 
-    second = w.action_at(S + 1)
-    assert isinstance(second, CopyChunk)
+    (land,) = w.actions_at(S + 1)
+    second = land.chunk
+    assert isinstance(land, LandChunk)
     assert (second.index, second.num_chunks, second.layers) == (1, 2, (3,))
     assert torch.equal(w.phys2log, expected)
-    out = w.chunk_copied(second, bytes_received=300, seconds=0.25)
+    out = w.chunk_landed(second, bytes_received=300, seconds=0.25)
     assert out == [Done(rank=RANK, epoch=EPOCH, ok=True, error="", bytes_received=1000,
                         copy_seconds=0.75, hold_seconds=0.0)]
     assert torch.equal(w.phys2log, new)
     assert w.state is WorkerState.IDLE and not w.pending_done
-    assert w.action_at(S + 2) == Proceed()
+    assert w.actions_at(S + 2) == ()
 
 
 @pytest.mark.parametrize("layers_per_chunk", [1, 2, 3, 4, 50])
@@ -237,19 +254,62 @@ def test_chunks_cover_each_changed_layer_once_in_order(layers_per_chunk, changed
     assert chunk_changed_layers(current_placement(), new, layers_per_chunk) == expected
 
 
+def test_with_pipeline_depth_1_chunk_i_starts_at_s_plus_i_and_lands_a_step_later():
+    new = changed_placement((0, 2, 3))
+    w = WorkerAgreement(RANK, E, G, current_placement(), pipeline_depth=1)
+    w.on_message(plan_for(new, layers_per_chunk=1), 10)
+    w.on_message(Prepare(epoch=EPOCH, step=S), 11)
+    assert w.on_message(Commit(epoch=EPOCH, step=S), 12) == []
+    (early,) = w.actions_at(S - 1)
+    assert isinstance(early, Prefetch) and early.chunk.index == 0
+    w.prefetched(early.chunk)
+    assert w.actions_at(S - 1) == (), "each chunk is offered for prefetch once"
+    done, seen = [], []
+    for step in range(S, S + 5):
+        for action in w.actions_at(step):
+            seen.append((step, type(action).__name__, action.chunk.index, action.chunk.layers))
+            if isinstance(action, StartChunk):
+                assert torch.equal(w.phys2log[list(action.chunk.layers)],
+                                   current_placement()[list(action.chunk.layers)])
+                w.chunk_started(action.chunk, seconds=0.125)
+            else:
+                assert isinstance(action, LandChunk)
+                done += w.chunk_landed(action.chunk, bytes_received=10, seconds=0.25)
+    assert seen == [(S, "StartChunk", 0, (0,)),
+                    (S + 1, "LandChunk", 0, (0,)), (S + 1, "StartChunk", 1, (2,)),
+                    (S + 2, "LandChunk", 1, (2,)), (S + 2, "StartChunk", 2, (3,)),
+                    (S + 3, "LandChunk", 2, (3,))]
+    assert done == [Done(rank=RANK, epoch=EPOCH, ok=True, error="", bytes_received=30,
+                         copy_seconds=3 * 0.125 + 3 * 0.25, hold_seconds=0.0)]
+    assert torch.equal(w.phys2log, new) and w.state is WorkerState.IDLE
+
+
+def test_a_chunk_landed_out_of_schedule_is_a_bug_not_a_state():
+    w = WorkerAgreement(RANK, E, G, current_placement(), pipeline_depth=1)
+    w.on_message(plan_for(changed_placement((0, 2)), layers_per_chunk=1), 10)
+    w.on_message(Prepare(epoch=EPOCH, step=S), 11)
+    w.on_message(Commit(epoch=EPOCH, step=S), 12)
+    (start,) = w.actions_at(S)
+    with pytest.raises(AssertionError):
+        w.chunk_landed(start.chunk, bytes_received=0, seconds=0.0)  # never started
+    w.chunk_started(start.chunk, seconds=0.0)
+    with pytest.raises(AssertionError):
+        w.chunk_started(start.chunk, seconds=0.0)  # started twice
+
+
 def test_a_plan_equal_to_the_current_placement_is_done_at_commit_without_copies():
     w = promised(plan_for(current_placement()))
     out = w.on_message(Commit(epoch=EPOCH, step=S), S - 1)
     assert [type(m) for m in out] == [Done] and out[0].ok and out[0].epoch == EPOCH
     assert w.state is WorkerState.IDLE
-    assert all(w.action_at(s) == Proceed() for s in range(S - 1, S + 3))
+    assert all(w.actions_at(s) == () for s in range(S - 1, S + 3))
     assert torch.equal(w.phys2log, current_placement())
 
 
 def test_hold_time_reported_after_the_hold_ends_is_in_done():
     # The hook calls held() once the wait at S is over, i.e. after the COMMIT arrived.
     w = promised()
-    assert isinstance(w.action_at(S), Hold)
+    assert holds(w, S)
     w.on_message(Commit(epoch=EPOCH, step=S), S - 1)
     w.held(0.25)
     _, replies = run_copies(w, S)
@@ -278,7 +338,7 @@ def test_a_commit_for_an_epoch_not_promised_is_ignored(case):
     before = worker_state(w)
     assert w.on_message(msg, S - 1) == []
     assert worker_state(w) == before
-    assert not isinstance(w.action_at(S), CopyChunk)
+    assert copy_work(w, S) == [] and copy_work(w, S - 1) == []
     assert torch.equal(w.phys2log, current_placement())
 
 
@@ -294,10 +354,10 @@ def test_abort_while_planned_clears_the_plan():
 
 def test_abort_while_promised_releases_the_hold():
     w = promised()
-    assert isinstance(w.action_at(S), Hold)
+    assert holds(w, S)
     assert w.on_message(Abort(epoch=EPOCH, reason="rank 0 refused"), S - 1) == []
     assert w.state is WorkerState.IDLE
-    assert all(w.action_at(s) == Proceed() for s in range(S, S + 4))
+    assert all(w.actions_at(s) == () for s in range(S, S + 4))
     assert torch.equal(w.phys2log, current_placement())
     # A new epoch can start afterwards.
     assert w.on_message(plan_for(changed_placement((1,)), epoch=EPOCH + 1), S + 4) == [
@@ -309,7 +369,7 @@ def test_abort_of_another_epoch_is_ignored():
     before = worker_state(w)
     assert w.on_message(Abort(epoch=EPOCH - 1, reason="old"), S - 1) == []
     assert worker_state(w) == before
-    assert w.action_at(S) == Hold(epoch=EPOCH, step=S)
+    assert w.actions_at(S) == (Hold(epoch=EPOCH, step=S),)
 
 
 def test_abort_after_commit_is_ignored_and_the_copies_go_on():
@@ -328,8 +388,9 @@ def test_abort_after_commit_is_ignored_and_the_copies_go_on():
 def test_a_copy_failure_reports_done_not_ok_and_refuses_later_plans():
     w = promised(plan_for(changed_placement(), layers_per_chunk=1))
     w.on_message(Commit(epoch=EPOCH, step=S), S - 1)
-    chunk = w.action_at(S)
-    assert isinstance(chunk, CopyChunk)
+    land = w.actions_at(S)[0]
+    assert isinstance(land, LandChunk)
+    chunk = land.chunk
     out = w.on_message(Prepare(epoch=EPOCH, step=S), S - 1)  # stray PREPARE: no second promise
     assert isinstance(out[0], Refuse)
     out = w.copy_failed(chunk, "NCCL error 5")
@@ -337,6 +398,7 @@ def test_a_copy_failure_reports_done_not_ok_and_refuses_later_plans():
     assert not out[0].ok and "NCCL error 5" in out[0].error and out[0].epoch == EPOCH
     assert out[0].rank == RANK
     assert w.state is WorkerState.FAILED
+    assert w.actions_at(S + 1) == (), "nothing more is scheduled after a copy failure"
     refused = w.on_message(plan_for(changed_placement((1,)), epoch=EPOCH + 1), S + 1)
     assert isinstance(refused[0], Refuse)
 
@@ -348,11 +410,11 @@ def test_hold_time_reported_before_the_commit_reaches_done():
     w = WorkerAgreement(0, E, G, default_placement(L, E, P))
     w.on_message(Plan(epoch=1, phys2log=new, plan_hash=placement_hash(new), layers_per_chunk=8), 0)
     w.on_message(Prepare(epoch=1, step=3), 0)
-    assert isinstance(w.action_at(3), Hold)
+    assert holds(w, 3)
     w.held(0.5)
     w.on_message(Commit(epoch=1, step=3), 3)
-    chunk = w.action_at(3)
-    (done,) = w.chunk_copied(chunk, bytes_received=10, seconds=0.1)
+    (land,) = w.actions_at(3)
+    (done,) = w.chunk_landed(land.chunk, bytes_received=10, seconds=0.1)
     assert done.ok and done.hold_seconds == 0.5
 
 
