@@ -49,7 +49,6 @@ from eplb.coordinator.aggregate import (AggregatorConfig, NodeAggregator, SendUp
 from eplb.coordinator.leader import LeaderConfig, LeaderCore
 from eplb.proto import (Counts, Done, Hello, NodeAcks, NodeCounts, NodeDone, NodePromises, PlanAck,
                         Promise, Refuse, WorkerLeft, decode, encode)
-from eplb.worker_hook.agreement import CopyChunk, Hold
 
 
 def _load_sibling(name: str):
@@ -229,14 +228,6 @@ class AggregatedNetwork(AgreementNetwork):
         assert torch.equal(per_node.window_load(), per_worker.window_load()), (
             "the aggregated window differs from the per-worker window over the same frames")
 
-    def worker_receives(self, i: int, item) -> None:
-        started = self.next_step[i] - 1
-        replies = self.workers[i].on_message(item.msg, started)
-        if type(item.msg).__name__ == "Plan":
-            self.replies_to_plan[i] += replies
-        for reply in replies:
-            self.from_worker(i, reply)
-
     def may_advance(self, i: int) -> bool:
         """The base delay bound, also over NODE_ACKS in flight (stamped with their oldest ack)
         and acks an aggregator still holds while the leader waits for acks."""
@@ -252,32 +243,12 @@ class AggregatedNetwork(AgreementNetwork):
             stamps += self.held_acks.values()
         return all(s[i] >= limit for s in stamps)
 
-    def run_one_step(self, i: int, fail_copy: bool = False) -> bool:
-        """The base decode loop iteration, its replies through the aggregator, and a counts
-        flush whenever the next step is a multiple of F."""
-        w, step = self.workers[i], self.next_step[i]
-        action = w.action_at(step)
-        if isinstance(action, Hold):
-            self.any_hold = True
-            assert action.epoch == EPOCH and action.step == self.leader.switch_step == step
+    def run_one_step(self, i: int, fail: type | None = None) -> bool:
+        """The base decode loop iteration (its replies go through :meth:`from_worker`, so
+        through the aggregator), and a counts flush whenever the next step is a multiple of F."""
+        step = self.next_step[i]
+        if not super().run_one_step(i, fail):
             return False
-        if isinstance(action, CopyChunk):
-            self.on_copy_chunk(i, step, action)
-            if fail_copy:
-                for reply in w.copy_failed(action, "simulated copy error"):
-                    self.from_worker(i, reply)
-                self.stopped[i] = True
-                self.to_worker[i].clear()
-                return False
-            before = w.phys2log.clone()
-            for reply in w.chunk_copied(action, bytes_received=1, seconds=0.0):
-                self.from_worker(i, reply)
-            rows = list(action.layers)
-            others = [layer for layer in range(L) if layer not in rows]
-            assert torch.equal(w.phys2log[rows], self.world.plan[rows]), "chunk rows not switched"
-            assert torch.equal(w.phys2log[others], before[others]), "rows outside the chunk moved"
-        self.record_step(i, step)
-        self.next_step[i] = step + 1
         if self.counting and (step + 1) % self.flush_every == 0:
             lo, self.flushed_at[i] = self.flushed_at[i], step + 1
             self.from_worker(i, Counts(rank=i, from_step=lo, to_step=step + 1,
@@ -402,7 +373,7 @@ def test_the_machine_catches_promises_claimed_for_ranks_that_did_not_answer(chec
     (a rank refuses after its node claimed its promise and the leader committed; hypothesis
     needs a few hundred examples to find that, and stops at the first)."""
     PlantedBugNetwork.check_facts = check_facts
-    match = "which no rank sent" if check_facts else "I1 broken|without copying at S"
+    match = "which no rank sent" if check_facts else "I1 broken|without copying at S|without issuing chunk"
     with pytest.raises(AssertionError, match=match):
         run_state_machine_as_test(PlantedBugNetwork, settings=_settings(
             max_examples=2000, database=None, phases=[HypothesisPhase.generate],

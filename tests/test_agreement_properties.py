@@ -55,7 +55,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from eplb.coordinator.agreement import TERMINAL, AgreementTimeouts, EpochAgreement, Phase
 from eplb.placement.rules import placement_hash, validate_placement
-from eplb.proto import Abort, Commit, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto import Abort, Commit, Message, Plan, PlanAck, Prepare, Promise, Refuse
 from eplb.worker_hook.agreement import CopyChunk, WorkerAgreement, WorkerState
 from tests.machine_support import RankCopies, checked, copy_kinds, holds
 
@@ -267,7 +267,7 @@ class AgreementNetwork(RuleBasedStateMachine):
         if isinstance(item.msg, Plan):
             self.replies_to_plan[i] += replies
         for reply in replies:
-            self.to_leader[i].append(InFlight(reply, self.stamp()))
+            self.from_worker(i, reply)
 
     def may_advance(self, i: int) -> bool:
         """The delay bound: worker ``i`` may not run more than K steps past the moment any
@@ -295,7 +295,7 @@ class AgreementNetwork(RuleBasedStateMachine):
             return False
         ran, replies = self.engines[i].run_step(step, fail)
         for reply in replies:
-            self.to_leader[i].append(InFlight(reply, self.stamp()))
+            self.from_worker(i, reply)
         if not ran:  # a copy failed: DESIGN §4.7, the engine stops, it never serves again
             self.copy_failed[i] = self.stopped[i] = True
             self.to_worker[i].clear()
@@ -303,6 +303,10 @@ class AgreementNetwork(RuleBasedStateMachine):
         self.record_step(i, step)
         self.next_step[i] = step + 1
         return True
+
+    def from_worker(self, i: int, reply: Message) -> None:
+        """A reply of worker ``i`` leaves for the leader."""
+        self.to_leader[i].append(InFlight(reply, self.stamp()))
 
     def before_copy_work(self, i: int, kind: str, step: int, chunk: CopyChunk) -> None:
         """I1: copy work only in a committed epoch whose COMMIT reached this worker, on the

@@ -27,7 +27,8 @@ from eplb.placement.planner import PlannerSpec, PlanResult, plan_rebalance
 from eplb.placement.rules import default_placement
 from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, Refuse, decode,
                         encode)
-from eplb.worker_hook.agreement import CopyChunk, Hold, WorkerAgreement, WorkerState
+from eplb.worker_hook.agreement import (CopyChunk, Hold, LandChunk, Prefetch, WorkerAgreement,
+                                        WorkerState)
 
 
 class Kind(enum.Enum):
@@ -293,12 +294,17 @@ class RankPort:
         return self.agreement.outcome_query()
 
     def action_at(self, step: int) -> Step:
-        action = self.agreement.action_at(step)
-        if isinstance(action, Hold):
-            return Step.HOLD
-        if isinstance(action, CopyChunk):
-            self._chunk = action
-            return Step.COPY
+        """The agreement's actions before ``step``, as the sim carries them out: a copy engine
+        of pipeline depth 0 (each chunk copied in one call at its step), prefetch offered and
+        taken at once (it costs nothing in the model)."""
+        for action in self.agreement.actions_at(step):
+            if isinstance(action, Hold):
+                return Step.HOLD
+            if isinstance(action, LandChunk):
+                self._chunk = action.chunk
+                return Step.COPY
+            if isinstance(action, Prefetch):
+                self.agreement.prefetched(action.chunk)
         return Step.PROCEED
 
     def chunk_index(self) -> int:
@@ -310,7 +316,7 @@ class RankPort:
         """The chunk of the last COPY is copied (``seconds`` of copying)."""
         assert self._chunk is not None
         chunk, self._chunk = self._chunk, None
-        return self.agreement.chunk_copied(chunk, 0, seconds)
+        return self.agreement.chunk_landed(chunk, 0, seconds)
 
     def held(self, seconds: float) -> None:
         self.agreement.held(seconds)
