@@ -62,12 +62,13 @@ from eplb.paths import control_endpoint, workers_endpoint
 from eplb.placement import default_placement, placement_hash
 from eplb.proto import ControlRequest, NodeHeartbeat, NodeHello, ProtocolError, decode, encode
 from eplb.proto.messages import MESSAGE_TYPES, PROTOCOL_VERSION
+from eplb.proto.envelope import CONTROL_MAXMSGSIZE, PEER_MAXMSGSIZE, WORKER_MAXMSGSIZE
 
 L, E, P, WORLD, PER_NODE, NODES = 4, 16, 24, 4, 2, 2
 KINDS = ("random", "flip", "trunc", "field", "huge", "parts", "valid", "oversize")
 KIND_WEIGHTS = (15, 20, 15, 25, 5, 8, 12, 0)  # oversize: one every 5,000 messages, see run()
 #: The sidecars' ZMQ_MAXMSGSIZE per socket kind: a larger frame makes libzmq drop the connection.
-MAX_MSG = {"workers": 16 * 1024 * 1024 + 4096, "control": 1024 * 1024, "tcp": 16 * 1024 * 1024 + 4096}
+MAX_MSG = {"workers": WORKER_MAXMSGSIZE, "control": CONTROL_MAXMSGSIZE, "tcp": PEER_MAXMSGSIZE}
 
 
 # --- frames -------------------------------------------------------------------------------------
