@@ -268,9 +268,11 @@ class LeaderCore:
         return [SendTo(rank, Rejoin(rank=rank, reason=why), node)]
 
     def on_peer(self, identity: bytes, header: Message, frames: list[tuple[int, bytes]],
-                now: float) -> list[Output]:
+                now: float, local_ranks: Collection[int] = ()) -> list[Output]:
         """A follower sidecar's message from socket ``identity``: ``header`` and, for a RELAY,
         its ``(rank, frame)`` pairs, not decoded yet (:func:`eplb.proto.envelope.open_peer`).
+        ``local_ranks``: the ranks joined at the leader's own sidecar (a relayed HELLO for one
+        of them is refused).
         A new incarnation of a node releases the ranks of the one it replaces
         (:meth:`NodeMembership.identify` says when, and why a RELAY counts as a NODE_HELLO).
 
@@ -296,7 +298,7 @@ class LeaderCore:
                 except ProtocolError as exc:
                     out.append(Reject(f"node {node}, rank {rank}", exc))
                     continue
-                out += self.on_worker(node, msg, now)
+                out += self.on_worker(node, msg, now, local_ranks)
         return out
 
     def _node_lost(self, node: int, why: str, ranks: list[int], now: float) -> list[Output]:

@@ -144,7 +144,7 @@ class LeaderSidecar(Sidecar):
                     await self.peers.send_multipart([identity, encode(reply)])
                     continue
                 check_claim(peer, getattr(header, "node", None), header.TYPE)
-                outputs = self.core.on_peer(identity, header, frames, now)
+                outputs = self.core.on_peer(identity, header, frames, now, self.local)
             except ProtocolError as exc:
                 self._reject(f"peer {peer.user_id or identity[:24]!r}", exc)
                 continue
