@@ -424,7 +424,7 @@ class Sidecar:
                 log.warning("node %d: cannot reach rank %d: %s", self.config.node_rank, target,
                             exc)
                 continue
-            self.admission.delivered(target, msg)
+            self.admission.delivered(target, msg, ident)
 
     # --- ticks: time-outs, heartbeats, metrics ------------------------------------------------
 

@@ -271,10 +271,13 @@ class LocalAdmission:
                                     f"(limit {self.registry.timeout_s:g}s)")
         return out
 
-    def delivered(self, rank: int, msg: Message) -> None:
-        """``msg`` was just sent to ``rank``'s connection: a refused WELCOME unbinds the rank (the
-        group refused it: it is not one of our workers; the WELCOME went to the binding first)."""
-        if isinstance(msg, Welcome) and not msg.ok:
+    def delivered(self, rank: int, msg: Message, identity: bytes) -> None:
+        """``msg`` was just sent to connection ``identity`` for ``rank``: a refused WELCOME to
+        the rank's holder unbinds it (the group refused it: it is not one of our workers; the
+        WELCOME went to the binding first). One to another connection (an impostor refused
+        here) leaves the holder alone."""
+        if (isinstance(msg, Welcome) and not msg.ok
+                and self.registry.identity_of(rank) == identity):
             self.registry.unbind(rank)
 
     def _left(self, rank: int, why: str) -> list[LocalOutput]:

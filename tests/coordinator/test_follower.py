@@ -135,9 +135,12 @@ def test_a_refused_welcome_unbinds_the_rank() -> None:
     adm = LocalAdmission(1, timeout_s=3.0, is_alive=lambda pid: True)
     h = hello(2)
     adm.on_frame(b"2.100", 2, h, encode(h), 1.0)
-    adm.delivered(2, Welcome(rank=2, ok=True, error=""))
+    adm.delivered(2, Welcome(rank=2, ok=True, error=""), b"2.100")
     assert adm.registry.identity_of(2) == b"2.100"
-    adm.delivered(2, Welcome(rank=2, ok=False, error="bad placement"))
+    # a refusal sent to an impostor's connection leaves the holder bound
+    adm.delivered(2, Welcome(rank=2, ok=False, error="held", retry=True), b"2.999")
+    assert adm.registry.identity_of(2) == b"2.100"
+    adm.delivered(2, Welcome(rank=2, ok=False, error="bad placement"), b"2.100")
     assert adm.registry.identity_of(2) is None and 2 not in adm.live
 
 
