@@ -1,8 +1,15 @@
 """The leader's logic with no I/O: who has joined, the window of counts, when to rebalance,
-the running epoch, its decisions and the history. The sidecar driver feeds it events and carries
-out what it returns, in order: records to write durably (:class:`Persist`, before anything after
-it is sent), messages to broadcast, messages to one worker, and plan computations to run in an
-executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+the running epoch, its decisions and the history. The leader driver
+(:mod:`eplb.coordinator.leader_driver`) feeds it events and carries out what it returns
+(:mod:`eplb.coordinator.outputs`), in order: records to write durably (:class:`Persist`, before
+anything after it is sent), messages to broadcast, messages to one worker through a node
+(:class:`SendTo`), frames to count as rejected (:class:`Reject`), and plan computations to run in
+an executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+
+It owns every decision, the driver none: which follower incarnation speaks for a node and when
+a node is lost (:class:`~eplb.coordinator.membership.NodeMembership`), a relayed HELLO that
+conflicts with a live node, the WELCOME, the REJOIN (once a second per rank), the answers to
+``eplbctl``, and at shutdown whether the epoch in flight is aborted or its COMMIT repeated.
 
 Surviving a restart: every epoch start and every decision goes through :class:`Persist` first
 (:mod:`eplb.coordinator.decision_log`). A restarted leader is handed those records
@@ -23,12 +30,13 @@ import torch
 
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
 from eplb.coordinator.decision_log import EpochDecided, EpochEnded, EpochStarted, LogRecord
-from eplb.coordinator.planner import PlannerSpec, PlanResult
-from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
-                            validate_placement)
+from eplb.coordinator.history import EpochRecord, describe, waiting_for
 from eplb.coordinator.membership import NodeMembership
 from eplb.coordinator.outputs import Broadcast, ComputePlan, Output, Persist, Reject, SendTo
+from eplb.coordinator.planner import PlannerSpec, PlanResult
 from eplb.coordinator.worker_registry import Impostor, relayed_hello_conflict
+from eplb.placement import (InvalidPlacement, overall_balancedness, placement_hash,
+                            validate_placement)
 from eplb.proto import (Abort, Commit, ControlReply, ControlRequest, Counts, Done, Heartbeat, Hello,
                         InvalidField, Message, NodeHeartbeat, NodeHello, OutcomeQuery, Plan,
                         PlanAck, Promise, ProtocolError, Refuse, Rejoin, Relay, Unauthenticated,
@@ -71,32 +79,6 @@ class WorkerInfo:
     node: int
     step: int
     last_seen: float
-
-
-@dataclass
-class EpochRecord:
-    """One line of history: what happened to a rebalance attempt."""
-
-    epoch: int | None
-    outcome: EpochOutcome
-    reason: str = ""
-    abort_code: AbortCode | None = None  # an aborted epoch's code (the metric's label)
-    started_at_step: int = 0
-    switch_step: int | None = None
-    margin: int | None = None
-    balancedness_before: float | None = None
-    balancedness_predicted: float | None = None
-    balancedness_observed: float | None = None
-    experts_moved: int = 0
-    plan_ms: float | None = None
-    agreement_ms: float | None = None
-    bytes_received: int = 0
-    max_hold_ms: float = 0.0
-    forced: bool = False
-    request: int | None = None  # the plan request it came from (its retries share it)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class LeaderCore:
@@ -482,7 +464,7 @@ class LeaderCore:
         last = self.history[-1] if self.history else None
         context = {"epoch": self._next_epoch} if accepted else {}
         asked = (f"rebalance{' (forced)' if force else ''} requested by {by or 'eplbctl'}; last "
-                 f"attempt: {_describe(last)}")
+                 f"attempt: {describe(last)}")
         if not accepted:
             log.warning("%s; refused: %s", asked, text, extra=context)
             return False, text
@@ -796,7 +778,7 @@ class LeaderCore:
             "epoch_in_flight": None if agreement is None else {
                 "epoch": agreement.epoch, "phase": agreement.phase.value,
                 "switch_step": agreement.switch_step,
-                "waiting_for": sorted(self._waiting_for(agreement)),
+                "waiting_for": sorted(waiting_for(agreement)),
                 "request": self._current.request if self._current is not None else None,
             },
             "planning": self._pending is not None,
@@ -806,23 +788,3 @@ class LeaderCore:
             "counters": dict(self.counters),
             "history": [r.as_dict() for r in self.history[-50:]],
         }
-
-    @staticmethod
-    def _waiting_for(agreement: EpochAgreement) -> set[int]:
-        if agreement.phase is Phase.PLANNED:
-            return set(agreement.ranks - set(agreement.acked_steps))
-        if agreement.phase is Phase.PREPARING:
-            return set(agreement.ranks - agreement.promised)
-        if agreement.phase is Phase.COMMITTED:
-            return set(agreement.ranks - set(agreement.done))
-        return set()
-
-
-def _describe(record: EpochRecord | None) -> str:
-    """One attempt in a few words, for the log."""
-    if record is None:
-        return "none yet"
-    what = f"epoch {record.epoch} {record.outcome}" if record.epoch else record.outcome
-    if record.switch_step is not None and record.outcome is EpochOutcome.COMMITTED:
-        what += f" at S={record.switch_step}"
-    return what

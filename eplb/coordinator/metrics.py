@@ -2,7 +2,7 @@
 
 The event loop updates them, and the HTTP server (on the same loop) renders them, so a scrape
 never reads the leader's state while the loop changes it. Epoch metrics
-come from the leader's history (:class:`~eplb.coordinator.leader.EpochRecord`) and are zero on
+come from the leader's history (:class:`~eplb.coordinator.history.EpochRecord`) and are zero on
 followers; sum over sidecars, or select ``role="leader"`` through ``eplb_sidecar_info``.
 
 A value that is not known (no counts yet, the leader never heard, a leader-only value on a
