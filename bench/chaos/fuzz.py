@@ -38,6 +38,7 @@ one of these fails.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import random
 import shutil
@@ -89,6 +90,8 @@ def _value(name: str, hint: Any, rng: random.Random) -> Any:
         return uuid.uuid4().hex[:16]
     if name == "incarnation":
         return uuid.uuid4().hex[:12]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # a reason code
+        return rng.choice(list(hint))
     text = str(hint)
     if "tuple" in text:
         return tuple(rng.randrange(WORLD) for _ in range(rng.randint(1, 3)))

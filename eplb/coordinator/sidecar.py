@@ -327,8 +327,6 @@ class Sidecar:
         self._close_role()
         if self.http is not None:
             self.http.close()
-        if self._auth is not None:
-            self._auth.stop()
         linger_ms = int(1000 * min(SHUTDOWN_LINGER_S, self.config.grace_s / 4))
         self.ctx.destroy(linger=linger_ms)
         self.notifier.close()
