@@ -31,6 +31,7 @@ class FollowerSidecar(Sidecar):
     """The sidecar of a node other than 0."""
 
     role = "follower"
+    link_peer = "the leader"
 
     def __init__(self, config: SidecarConfig) -> None:
         super().__init__(config)

@@ -45,6 +45,7 @@ class LeaderSidecar(Sidecar):
     """Node 0's sidecar."""
 
     role = "leader"
+    link_peer = "a TCP peer"
 
     def __init__(self, config: SidecarConfig) -> None:
         super().__init__(config)

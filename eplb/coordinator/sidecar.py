@@ -99,6 +99,7 @@ class Sidecar:
     driver supplies the ``_role_*`` hooks; everything here is the same for both."""
 
     role = "sidecar"
+    link_peer = "the TCP peer"  # who a failed handshake on the TCP link came from, for the log
 
     def __new__(cls, config: SidecarConfig) -> "Sidecar":
         if cls is Sidecar:  # the role's driver (imported here: they import this module)
@@ -235,7 +236,7 @@ class Sidecar:
     def _watch_link(self, sock: zmq.asyncio.Socket, **kwargs: Any) -> None:
         """Monitor ``sock``'s CURVE handshakes; a failure counts as an unauthenticated frame (the
         monitor logs it, rate-limited by kind)."""
-        where = "a TCP peer" if self.config.is_leader else "the leader"
+        where = self.link_peer
         self._link = LinkMonitor(sock, lambda text: self._reject(where, Unauthenticated(text),
                                                                  log_it=False), **kwargs)
         task = asyncio.ensure_future(self._link.run())
