@@ -38,6 +38,7 @@ one of these fails.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import random
 import shutil
@@ -62,12 +63,13 @@ from eplb.paths import control_endpoint, workers_endpoint
 from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import ControlRequest, NodeHeartbeat, NodeHello, ProtocolError, decode, encode
 from eplb.proto.messages import MESSAGE_TYPES, PROTOCOL_VERSION
+from eplb.proto.envelope import CONTROL_MAXMSGSIZE, PEER_MAXMSGSIZE, WORKER_MAXMSGSIZE
 
 L, E, P, WORLD, PER_NODE, NODES = 4, 16, 24, 4, 2, 2
 KINDS = ("random", "flip", "trunc", "field", "huge", "parts", "valid", "oversize")
 KIND_WEIGHTS = (15, 20, 15, 25, 5, 8, 12, 0)  # oversize: one every 5,000 messages, see run()
 #: The sidecars' ZMQ_MAXMSGSIZE per socket kind: a larger frame makes libzmq drop the connection.
-MAX_MSG = {"workers": 16 * 1024 * 1024 + 4096, "control": 1024 * 1024, "tcp": 16 * 1024 * 1024 + 4096}
+MAX_MSG = {"workers": WORKER_MAXMSGSIZE, "control": CONTROL_MAXMSGSIZE, "tcp": PEER_MAXMSGSIZE}
 
 
 # --- frames -------------------------------------------------------------------------------------
@@ -88,6 +90,8 @@ def _value(name: str, hint: Any, rng: random.Random) -> Any:
         return uuid.uuid4().hex[:16]
     if name == "incarnation":
         return uuid.uuid4().hex[:12]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # a reason code
+        return rng.choice(list(hint))
     text = str(hint)
     if "tuple" in text:
         return tuple(rng.randrange(WORLD) for _ in range(rng.randint(1, 3)))

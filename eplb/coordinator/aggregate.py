@@ -196,7 +196,7 @@ class NodeAggregator:
         if isinstance(msg, Promise):
             return self._on_answer(AnswerKind.PROMISE, msg, None, now)
         if isinstance(msg, Refuse):
-            return self._on_answer(AnswerKind.PROMISE, msg, (msg.step, msg.reason), now,
+            return self._on_answer(AnswerKind.PROMISE, msg, (msg.step, msg.reason, msg.code), now,
                                    urgent=True)
         if isinstance(msg, Done):
             fact = (msg.ok, msg.error, msg.bytes_received, msg.copy_seconds, msg.hold_seconds)
@@ -376,8 +376,8 @@ def expand(msg: NodeAcks | NodePromises | NodeDone) -> list[Message]:
     if isinstance(msg, NodeAcks):
         return [PlanAck(rank=r, epoch=msg.epoch, step=s) for r, s in zip(msg.ranks, msg.steps)]
     if isinstance(msg, NodePromises):
-        refused: list[Message] = [Refuse(rank=r, epoch=msg.epoch, step=s, reason=why)
-                                  for r, s, why in msg.refused]
+        refused: list[Message] = [Refuse(rank=r, epoch=msg.epoch, step=s, reason=why, code=code)
+                                  for r, s, why, code in msg.refused]
         return refused + [Promise(rank=r, epoch=msg.epoch) for r in msg.promised]
     if isinstance(msg, NodeDone):
         return [Done(rank=r, epoch=msg.epoch, ok=ok, error=error, bytes_received=nbytes,

@@ -24,8 +24,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message, Plan, PlanAck, Prepare,
-                        Promise, Refuse)
+from eplb.proto import Abort, Commit, Done, Message, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto.reasons import AbortCode
 
 
 class Phase(enum.Enum):
@@ -73,6 +73,7 @@ class EpochAgreement:
     switch_step: int | None = field(init=False, default=None)
     reason: str = field(init=False, default="")
     retryable: bool = field(init=False, default=False)
+    abort_code: AbortCode | None = field(init=False, default=None)
     acked_steps: dict[int, int] = field(init=False, default_factory=dict)
     promised: set[int] = field(init=False, default_factory=set)
     done: dict[int, Done] = field(init=False, default_factory=dict)
@@ -129,8 +130,7 @@ class EpochAgreement:
             where = f"S={self.switch_step}" if self.switch_step is not None else "before PREPARE"
             return self._abort(now, f"rank {msg.rank} refused at step {msg.step} ({where}): "
                                     f"{msg.reason}",
-                               retryable=not msg.reason.startswith((REFUSE_INVALID_PLAN,
-                                                                    REFUSE_CANNOT_COPY)))
+                               AbortCode.REFUSED, retryable=msg.code.retryable)
         elif isinstance(msg, Done) and self.phase is Phase.COMMITTED:
             self.done[msg.rank] = msg
             if not msg.ok:
@@ -140,13 +140,14 @@ class EpochAgreement:
                 self.ended_at = now
         return []
 
-    def on_worker_left(self, rank: int, why: str, now: float) -> list[Message]:
+    def on_worker_left(self, rank: int, why: str, now: float,
+                       code: AbortCode = AbortCode.WORKER_LEFT) -> list[Message]:
         """A worker of the group is gone (process died, sidecar lost). Before COMMIT the epoch
         aborts. After COMMIT silence is not evidence: the rank may be paused, or its sidecar
         restarting with its DONE queued; the epoch waits for it until the DONE deadline."""
         if rank not in self.ranks or self.finished or self.phase is Phase.COMMITTED:
             return []
-        return self._abort(now, f"rank {rank} left: {why}", retryable=False)
+        return self._abort(now, f"rank {rank} left: {why}", code, retryable=False)
 
     @classmethod
     def resume_committed(cls, plan: Plan, ranks: frozenset[int], switch_step: int, now: float,
@@ -186,11 +187,12 @@ class EpochAgreement:
         if self.phase is Phase.PLANNED:
             missing = sorted(self.ranks - set(self.acked_steps))
             return self._abort(now, f"timeout: no PLAN_ACK from ranks {missing} within "
-                                    f"{self.timeouts.ack_s:g}s", retryable=True)
+                                    f"{self.timeouts.ack_s:g}s", AbortCode.TIMEOUT, retryable=True)
         if self.phase is Phase.PREPARING:
             missing = sorted(self.ranks - self.promised)
             return self._abort(now, f"timeout: no PROMISE from ranks {missing} within "
-                                    f"{self.timeouts.promise_s:g}s", retryable=True)
+                                    f"{self.timeouts.promise_s:g}s", AbortCode.TIMEOUT,
+                               retryable=True)
         missing = sorted(self.ranks - set(self.done))
         self._fail(now, f"timeout: no DONE from ranks {missing} within {self.timeouts.done_s:g}s "
                         "after COMMIT")
@@ -222,13 +224,14 @@ class EpochAgreement:
         self.deadline = now + to_switch + self.timeouts.done_s
         return [Commit(epoch=self.epoch, step=self.switch_step)]
 
-    def _abort(self, now: float, reason: str, retryable: bool) -> list[Message]:
+    def _abort(self, now: float, reason: str, code: AbortCode, retryable: bool) -> list[Message]:
         assert self.phase in (Phase.PLANNED, Phase.PREPARING), "a committed epoch never aborts"
         self.phase = Phase.ABORTED
         self.reason = reason
+        self.abort_code = code
         self.retryable = retryable
         self.ended_at = now
-        return [Abort(epoch=self.epoch, reason=reason)]
+        return [Abort(epoch=self.epoch, reason=reason, code=code)]
 
     def _fail(self, now: float, reason: str) -> None:
         self.phase = Phase.FAILED

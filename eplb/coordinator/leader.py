@@ -1,8 +1,15 @@
 """The leader's logic with no I/O: who has joined, the window of counts, when to rebalance,
-the running epoch, its decisions and the history. The sidecar driver feeds it events and carries
-out what it returns, in order: records to write durably (:class:`Persist`, before anything after
-it is sent), messages to broadcast, messages to one worker, and plan computations to run in an
-executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+the running epoch, its decisions and the history. The leader driver
+(:mod:`eplb.coordinator.leader_driver`) feeds it events and carries out what it returns
+(:mod:`eplb.coordinator.outputs`), in order: records to write durably (:class:`Persist`, before
+anything after it is sent), messages to broadcast, messages to one worker through a node
+(:class:`SendTo`), frames to count as rejected (:class:`Reject`), and plan computations to run in
+an executor (:class:`ComputePlan`, answered with :meth:`LeaderCore.on_plan_result`).
+
+It owns every decision, the driver none: which follower incarnation speaks for a node and when
+a node is lost (:class:`~eplb.coordinator.membership.NodeMembership`), a relayed HELLO that
+conflicts with a live node, the WELCOME, the REJOIN (once a second per rank), the answers to
+``eplbctl``, and at shutdown whether the epoch in flight is aborted or its COMMIT repeated.
 
 Surviving a restart: every epoch start and every decision goes through :class:`Persist` first
 (:mod:`eplb.coordinator.decision_log`). A restarted leader is handed those records
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +30,19 @@ import torch
 
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
 from eplb.coordinator.decision_log import EpochDecided, EpochEnded, EpochStarted, LogRecord
-from eplb.placement.planner import PlannerSpec, PlanResult
+from eplb.coordinator.history import EpochRecord, describe, waiting_for
+from eplb.coordinator.membership import NodeMembership
+from eplb.coordinator.outputs import Broadcast, ComputePlan, Output, Persist, Reject, SendTo
+from eplb.coordinator.worker_registry import Impostor, relayed_hello_conflict
 from eplb.placement.load import overall_balancedness
+from eplb.placement.planner import PlannerSpec, PlanResult
 from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
-from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, OutcomeQuery, Plan,
-                        PlanAck, Promise, Refuse)
+from eplb.proto import (Abort, Commit, ControlReply, ControlRequest, Counts, Done, Heartbeat, Hello,
+                        InvalidField, Message, NodeHeartbeat, NodeHello, OutcomeQuery, Plan,
+                        PlanAck, Promise, ProtocolError, Refuse, Rejoin, Relay, Unauthenticated,
+                        Welcome, WorkerLeft)
+from eplb.proto.envelope import open_relayed
+from eplb.proto.reasons import AbortCode, EpochOutcome
 
 log = logging.getLogger("eplb.leader")
 
@@ -46,43 +62,9 @@ class LeaderConfig:
     timeouts: AgreementTimeouts = field(default_factory=AgreementTimeouts)
 
 
-@dataclass(frozen=True)
-class Broadcast:
-    """Send ``msg`` to every worker."""
 
-    msg: Message
-
-
-@dataclass(frozen=True)
-class ComputePlan:
-    """Run :func:`eplb.placement.planner.plan_rebalance` off the event loop, then call
-    :meth:`LeaderCore.on_plan_result` with ``request_id``. ``load: [L, E]``, ``current: [L, P]``."""
-
-    request_id: int
-    load: torch.Tensor
-    current: torch.Tensor
-    num_gpus: int
-    min_gain: float
-    force: bool
-    spec: PlannerSpec
-
-
-@dataclass(frozen=True)
-class SendTo:
-    """Send ``msg`` to worker ``rank`` only."""
-
-    rank: int
-    msg: Message
-
-
-@dataclass(frozen=True)
-class Persist:
-    """Write ``record`` to the decision log durably before carrying out any later output."""
-
-    record: LogRecord
-
-
-Output = Broadcast | SendTo | ComputePlan | Persist
+#: The ABORT reason of an epoch the stopping leader aborts.
+SHUTDOWN_REASON = "sidecar shutting down"
 
 #: Progress reports closer together than this count as one sample of the step rate: a burst of
 #: reports queued while the leader was paused or restarting says nothing about the rate.
@@ -99,40 +81,18 @@ class WorkerInfo:
     last_seen: float
 
 
-@dataclass
-class EpochRecord:
-    """One line of history: what happened to a rebalance attempt."""
-
-    epoch: int | None
-    outcome: str  # committed | skipped | aborted | failed | plan_error
-    reason: str = ""
-    started_at_step: int = 0
-    switch_step: int | None = None
-    margin: int | None = None
-    balancedness_before: float | None = None
-    balancedness_predicted: float | None = None
-    balancedness_observed: float | None = None
-    experts_moved: int = 0
-    plan_ms: float | None = None
-    agreement_ms: float | None = None
-    bytes_received: int = 0
-    max_hold_ms: float = 0.0
-    forced: bool = False
-    request: int | None = None  # the plan request it came from (its retries share it)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 class LeaderCore:
     """Everything the leader decides, fed by the driver.
 
     Args:
         config: the policy.
+        members: the follower sidecars (a single node's when not given).
     """
 
-    def __init__(self, config: LeaderConfig) -> None:
+    def __init__(self, config: LeaderConfig, members: NodeMembership | None = None) -> None:
         self.config = config
+        self.members = members if members is not None else NodeMembership()
+        self._rejoin_asked: dict[int, float] = {}  # rank -> when it was last asked to rejoin
         self.workers: dict[int, WorkerInfo] = {}
         self.world_size: int | None = None
         self.shape: tuple[int, int, int] | None = None  # (L, E, P)
@@ -235,14 +195,152 @@ class LeaderCore:
             log.critical("the instance is unsafe to serve: %s. Stop the engine and restart it "
                          "from a known placement.", reason)
 
-    def on_worker_left(self, rank: int, why: str, now: float) -> list[Output]:
+    def on_worker_left(self, rank: int, why: str, now: float,
+                       code: AbortCode = AbortCode.WORKER_LEFT) -> list[Output]:
         """A worker is gone: it leaves the group; an epoch in flight aborts (or fails if committed)."""
         if self.workers.pop(rank, None) is None:
             return []
         log.warning("rank %d left: %s", rank, why)
         if self.agreement is None:
             return []
-        return self._broadcast(self.agreement.on_worker_left(rank, why, now), now)
+        return self._broadcast(self.agreement.on_worker_left(rank, why, now, code), now)
+
+    # --- frames as they arrive: workers through nodes, follower sidecars ------------------------
+
+    def on_worker(self, node: int, msg: Message, now: float,
+                  local_ranks: Collection[int] = ()) -> list[Output]:
+        """A worker frame that came through ``node`` (0: the leader's own sidecar, whose
+        registry admitted it; ``local_ranks``: the ranks joined there). A HELLO is answered with
+        WELCOME: refused for now while another live node holds the rank, else as
+        :meth:`on_hello` decides. Any other frame of a rank that did not join through ``node``
+        (the leader restarted since its HELLO) asks the rank to say HELLO again."""
+        if isinstance(msg, Hello):
+            return self._on_worker_hello(node, msg, now, local_ranks)
+        rank = getattr(msg, "rank", -1)
+        if self.members.node_of(rank) != node:
+            return self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+        return self.on_message(msg, now)
+
+    def _on_worker_hello(self, node: int, msg: Hello, now: float,
+                         local_ranks: Collection[int]) -> list[Output]:
+        members = self.members
+        conflict = relayed_hello_conflict(msg.rank, node, members.rank_node,
+                                          members.listed(local_ranks))
+        if conflict:  # a second claim to a rank that a live node holds: it stays there
+            return [Reject(f"node {node}, rank {msg.rank} (pid {msg.pid})", Impostor(conflict)),
+                    SendTo(msg.rank, Welcome(rank=msg.rank, ok=False, error=conflict,
+                                             retry=True), node)]
+        before = members.node_of(msg.rank)
+        if node != 0 and before is not None and before != node:
+            log.warning("rank %d moved from node %d to node %d", msg.rank, before, node)
+        error = self.on_hello(msg, now)
+        if error:
+            log.error("rank %d refused: %s", msg.rank, error, extra={"rank": msg.rank})
+            return [SendTo(msg.rank, Welcome(rank=msg.rank, ok=False, error=error), node)]
+        members.joined(msg.rank, node)
+        return [SendTo(msg.rank, Welcome(rank=msg.rank, ok=True, error=""), node),
+                *self.on_joined(msg.rank)]
+
+    def _ask_rejoin(self, node: int, rank: int, why: str, now: float) -> list[Output]:
+        """Tell ``rank`` (through ``node``) to say HELLO again, at most once a second."""
+        if now - self._rejoin_asked.get(rank, float("-inf")) < 1.0:
+            return []
+        self._rejoin_asked[rank] = now
+        log.info("asking rank %d to join again: %s", rank, why, extra={"rank": rank})
+        return [SendTo(rank, Rejoin(rank=rank, reason=why), node)]
+
+    def on_peer(self, identity: bytes, header: Message, frames: list[tuple[int, bytes]],
+                now: float, local_ranks: Collection[int] = ()) -> list[Output]:
+        """A follower sidecar's message from socket ``identity``: ``header`` and, for a RELAY,
+        its ``(rank, frame)`` pairs, not decoded yet (:func:`eplb.proto.envelope.open_peer`).
+        ``local_ranks``: the ranks joined at the leader's own sidecar (a relayed HELLO for one
+        of them is refused).
+        A new incarnation of a node releases the ranks of the one it replaces
+        (:meth:`NodeMembership.identify` says when, and why a RELAY counts as a NODE_HELLO).
+
+        Raises:
+            ProtocolError: the message is refused as a whole and changes nothing.
+        """
+        if not isinstance(header, (NodeHello, NodeHeartbeat, Relay, WorkerLeft)):
+            raise InvalidField(f"unexpected {header.TYPE} from a follower")
+        members = self.members
+        node = members.check_node(header, now)
+        out: list[Output] = []
+        if members.identify(node, identity, header, now):
+            out += self._node_lost(node, "its sidecar restarted", members.release(node), now)
+        if isinstance(header, NodeHeartbeat):
+            members.nodes[node].ranks = frozenset(header.ranks)
+        elif isinstance(header, WorkerLeft):
+            if members.node_of(header.rank) == node:
+                out += self.on_worker_left(header.rank, f"{header.reason} (node {node})", now)
+        elif isinstance(header, Relay):
+            for rank, frame in frames:
+                try:
+                    msg = open_relayed(rank, frame)
+                except ProtocolError as exc:
+                    out.append(Reject(f"node {node}, rank {rank}", exc))
+                    continue
+                out += self.on_worker(node, msg, now, local_ranks)
+        return out
+
+    def _node_lost(self, node: int, why: str, ranks: list[int], now: float) -> list[Output]:
+        log.error("node %d lost (%s); its ranks %s leave the group", node, why, ranks)
+        out: list[Output] = []
+        for rank in ranks:
+            out += self.on_worker_left(rank, f"node {node} lost: {why}", now, AbortCode.NODE_LOST)
+        return out
+
+    def node_count_mismatch(self, now: float) -> str:
+        """Why the nodes seen contradict --num-nodes, as the leader sees it (empty: they do
+        not): a node outside it says hello (within the last 3 x --node-timeout), or every rank
+        of the group joined through fewer nodes."""
+        num_nodes = self.members.num_nodes
+        outside = self.members.outside_nodes(now)
+        if outside:
+            return (f"node(s) {outside} say hello but --num-nodes is {num_nodes}: more nodes "
+                    "run than --num-nodes says (StatefulSet replicas > num-nodes?)")
+        through = {self.members.rank_node.get(rank, 0) for rank in self.workers}
+        if self.group_complete and len(through) < num_nodes:
+            return (f"all {self.world_size} ranks of the group joined through "
+                    f"{len(through)} node(s) {sorted(through)} but --num-nodes is "
+                    f"{num_nodes} (StatefulSet replicas < num-nodes?)")
+        return ""
+
+    # --- control --------------------------------------------------------------------------------
+
+    def on_control(self, msg: ControlRequest, via: str, local_status: dict[str, Any],
+                   incarnation: str, now: float) -> ControlReply:
+        """``eplbctl status`` or ``rebalance``, asked ``via`` a node. ``local_status``: the
+        leader sidecar's own view; ``incarnation``: its process's."""
+        if msg.op == "status":
+            result = self.status()
+            result["leader"] = local_status
+            result["nodes"] = {str(n): round(now - follower.seen, 3)
+                               for n, follower in self.members.nodes.items()}
+            return ControlReply(request_id=msg.request_id, ok=True, result=result, error="")
+        by = str(msg.args.get("by") or "a control client")[:200].encode("ascii", "replace")
+        accepted, text = self.request_rebalance(bool(msg.args.get("force", False)),
+                                                f"{by.decode()} via {via}")
+        return ControlReply(request_id=msg.request_id, ok=accepted,
+                            result={"message": text, "request": self.next_request,
+                                    "incarnation": incarnation},
+                            error="" if accepted else text)
+
+    def on_peer_control(self, identity: bytes, peer_user_id: str | None, msg: ControlRequest,
+                        local_status: dict[str, Any], incarnation: str,
+                        now: float) -> ControlReply:
+        """A control request over TCP: from an authenticated follower (``peer_user_id``, the
+        CURVE key's name), or on plain TCP from a follower that has spoken for its node.
+
+        Raises:
+            Unauthenticated: from neither (not answered).
+        """
+        node = self.members.node_named(identity)
+        if peer_user_id is None and node is None:
+            raise Unauthenticated(f"control request {msg.op!r} from a peer that is no "
+                                  "authenticated follower (not answered)")
+        via = f"node {node}" if node is not None else (peer_user_id or "a TCP peer")
+        return self.on_control(msg, via, local_status, incarnation, now)
 
     @property
     def group_complete(self) -> bool:
@@ -286,7 +384,7 @@ class LeaderCore:
         reason = (f"epoch {epoch} is not on the leader's record (a leader restart lost it); "
                   "it was never committed")
         self._next_epoch = max(self._next_epoch, epoch + 1)
-        abort = Abort(epoch=epoch, reason=reason)
+        abort = Abort(epoch=epoch, reason=reason, code=AbortCode.NOT_ON_RECORD)
         self.decided[epoch] = abort
         log.warning("epoch %d: rank %d asked for its outcome; none on record, so aborted",
                     epoch, query.rank)
@@ -366,7 +464,7 @@ class LeaderCore:
         last = self.history[-1] if self.history else None
         context = {"epoch": self._next_epoch} if accepted else {}
         asked = (f"rebalance{' (forced)' if force else ''} requested by {by or 'eplbctl'}; last "
-                 f"attempt: {_describe(last)}")
+                 f"attempt: {describe(last)}")
         if not accepted:
             log.warning("%s; refused: %s", asked, text, extra=context)
             return False, text
@@ -392,8 +490,13 @@ class LeaderCore:
         return self._next_request
 
     def on_tick(self, now: float) -> list[Output]:
-        """Advance time: end overdue phases, retry aborted epochs, start new ones when due."""
+        """Advance time: lose silent follower nodes (their ranks leave), end overdue phases,
+        retry aborted epochs, start new ones when due."""
         out: list[Output] = []
+        for node, silent in self.members.tick(now):
+            out += self._node_lost(node, f"no heartbeat for {silent:.1f}s (limit "
+                                         f"{self.members.node_timeout_s:g}s)",
+                                   self.members.lose(node), now)
         if self.agreement is not None:
             out += self._broadcast(self.agreement.on_tick(now), now)
         if self.agreement is not None or self._pending is not None or self.unsafe_reason:
@@ -421,12 +524,12 @@ class LeaderCore:
         forced = self._pending[1]
         self._pending = None
         if isinstance(result, BaseException):
-            self.history.append(EpochRecord(None, "plan_error", f"{type(result).__name__}: {result}",
+            self.history.append(EpochRecord(None, EpochOutcome.PLAN_ERROR, f"{type(result).__name__}: {result}",
                                             started_at_step=self.min_step(), forced=forced,
                                             request=request_id))
             log.error("planning failed: %s", result)
             return []
-        record = EpochRecord(None, "skipped", result.skip_reason, started_at_step=self.min_step(),
+        record = EpochRecord(None, EpochOutcome.SKIPPED, result.skip_reason, started_at_step=self.min_step(),
                              balancedness_before=result.balancedness_before,
                              balancedness_predicted=result.balancedness_after,
                              experts_moved=result.experts_moved,
@@ -453,7 +556,7 @@ class LeaderCore:
         self.agreement = EpochAgreement(plan, frozenset(self.workers), self._margin,
                                         self.steps_per_second(), now, self.config.timeouts)
         record.epoch = epoch
-        record.outcome = "in_progress"
+        record.outcome = EpochOutcome.IN_PROGRESS
         record.started_at_step = self.max_step()
         self._current = record
         self.counters["started"] += 1
@@ -500,28 +603,29 @@ class LeaderCore:
         record.reason = agreement.reason
         if agreement.phase is Phase.SUCCEEDED:
             self._adopt(agreement)
-            record.outcome = "committed"
+            record.outcome = EpochOutcome.COMMITTED
             self.counters["committed"] += 1
             log.info("epoch %d: committed at S=%s; placement adopted", agreement.epoch,
                      agreement.switch_step)
             self.history.append(record)
             return [Persist(EpochEnded(agreement.epoch, succeeded=True))]
         if agreement.phase is Phase.FAILED:
-            record.outcome = "failed"
+            record.outcome = EpochOutcome.FAILED
             self.counters["failed"] += 1
             if agreement.failed_on_timeout:
                 self._late = agreement  # DONEs ok from every rank may still clear it
             self._declare_unsafe(f"epoch {agreement.epoch}: {agreement.reason}")
             self.history.append(record)
             return [Persist(EpochEnded(agreement.epoch, succeeded=False, reason=agreement.reason))]
-        record.outcome = "aborted"
+        record.outcome = EpochOutcome.ABORTED
+        record.abort_code = agreement.abort_code
         self.counters["aborted"] += 1
         self.history.append(record)
         log.warning("epoch %d aborted: %s", agreement.epoch, agreement.reason)
         if agreement.retryable and self._retries < self.config.max_retries and self.group_complete:
             self._retries += 1
             self._margin = max(self._margin * 2, agreement.effective_margin * 2, 4)
-            retry = EpochRecord(None, "in_progress", "", forced=record.forced,
+            retry = EpochRecord(None, EpochOutcome.IN_PROGRESS, "", forced=record.forced,
                                 balancedness_before=record.balancedness_before,
                                 balancedness_predicted=record.balancedness_predicted,
                                 experts_moved=record.experts_moved, plan_ms=record.plan_ms,
@@ -551,7 +655,7 @@ class LeaderCore:
         self.counters["failed"] -= 1
         record = next((r for r in reversed(self.history) if r.epoch == late.epoch), None)
         if record is not None:
-            record.outcome, record.reason = "committed", "every DONE came after the deadline"
+            record.outcome, record.reason = EpochOutcome.COMMITTED, "every DONE came after the deadline"
         log.warning("epoch %d: every rank reported DONE ok after the deadline; the failure is "
                     "cleared and the placement adopted", late.epoch)
         return [Persist(EpochEnded(late.epoch, succeeded=True))]
@@ -584,7 +688,7 @@ class LeaderCore:
         out: list[Output] = []
         for epoch in sorted(started - set(self.decided)):
             reason = "the leader restarted before deciding this epoch"
-            abort = Abort(epoch=epoch, reason=reason)
+            abort = Abort(epoch=epoch, reason=reason, code=AbortCode.LEADER_RESTARTED)
             self.decided[epoch] = abort
             log.warning("epoch %d: never decided before the restart; aborted", epoch)
             out += [Persist(EpochDecided(epoch, commit=False, reason=reason)), Broadcast(abort)]
@@ -604,7 +708,7 @@ class LeaderCore:
                 plan, frozenset(range(resume.world_size)), resume.switch_step, now,
                 self.config.timeouts)
             self._committed_old = old
-            self._current = EpochRecord(resume.epoch, "in_progress", "resumed after a restart",
+            self._current = EpochRecord(resume.epoch, EpochOutcome.IN_PROGRESS, "resumed after a restart",
                                         switch_step=resume.switch_step)
             log.warning("epoch %d: committed at S=%d before the restart and not finished; "
                         "waiting for every rank's DONE", resume.epoch, resume.switch_step)
@@ -614,26 +718,35 @@ class LeaderCore:
 
     # --- shutdown -------------------------------------------------------------------------------
 
-    def shutdown(self, reason: str, now: float) -> list[Output]:
+    def shutdown(self, now: float, reason: str = SHUTDOWN_REASON) -> list[Output]:
         """The leader is stopping: ABORT an epoch that has not committed (on record first), so
-        promised workers stop holding; repeat the COMMIT of a committed one, in case the broadcast
-        that carried it was cut short (workers ignore a COMMIT they already have)."""
+        promised workers stop holding at S; repeat the COMMIT of a committed one, in case the
+        broadcast that carried it was cut short (workers ignore a COMMIT they already have), and
+        never abort it (invariant I1): the workers finish their copies, and a restarted leader
+        resumes it from its decision log."""
         agreement = self.agreement
         if agreement is None or agreement.finished:
             return []
+        fields = {"epoch": agreement.epoch, "phase": agreement.phase.value,
+                  "step": agreement.switch_step}
         if agreement.phase in (Phase.PLANNED, Phase.PREPARING):
-            abort = Abort(epoch=agreement.epoch, reason=reason)
+            log.warning("epoch %d: aborting it (%s, not committed): %s", agreement.epoch,
+                        agreement.phase.value, reason, extra=fields)
+            abort = Abort(epoch=agreement.epoch, reason=reason, code=AbortCode.SHUTDOWN)
             self.decided[agreement.epoch] = abort
             self.agreement = None
             return [Persist(EpochDecided(agreement.epoch, commit=False, reason=reason)),
                     Broadcast(abort)]
         assert agreement.switch_step is not None
+        log.warning("epoch %d: committed at S=%d, so it is not aborted; the workers finish "
+                    "their copies, and a restarted leader resumes it from its decision log",
+                    agreement.epoch, agreement.switch_step, extra=fields)
         return [Broadcast(Commit(epoch=agreement.epoch, step=agreement.switch_step))]
 
     def _observe_after_switch(self, msg: Counts) -> None:
         """Fill in the measured balancedness of the last committed epoch from counts taken
         entirely after its switch."""
-        last = next((r for r in reversed(self.history) if r.outcome == "committed"), None)
+        last = next((r for r in reversed(self.history) if r.outcome is EpochOutcome.COMMITTED), None)
         if last is None or last.balancedness_observed is not None or self.placement is None:
             return
         if msg.from_step < self._switch_end:
@@ -665,7 +778,7 @@ class LeaderCore:
             "epoch_in_flight": None if agreement is None else {
                 "epoch": agreement.epoch, "phase": agreement.phase.value,
                 "switch_step": agreement.switch_step,
-                "waiting_for": sorted(self._waiting_for(agreement)),
+                "waiting_for": sorted(waiting_for(agreement)),
                 "request": self._current.request if self._current is not None else None,
             },
             "planning": self._pending is not None,
@@ -675,23 +788,3 @@ class LeaderCore:
             "counters": dict(self.counters),
             "history": [r.as_dict() for r in self.history[-50:]],
         }
-
-    @staticmethod
-    def _waiting_for(agreement: EpochAgreement) -> set[int]:
-        if agreement.phase is Phase.PLANNED:
-            return set(agreement.ranks - set(agreement.acked_steps))
-        if agreement.phase is Phase.PREPARING:
-            return set(agreement.ranks - agreement.promised)
-        if agreement.phase is Phase.COMMITTED:
-            return set(agreement.ranks - set(agreement.done))
-        return set()
-
-
-def _describe(record: EpochRecord | None) -> str:
-    """One attempt in a few words, for the log."""
-    if record is None:
-        return "none yet"
-    what = f"epoch {record.epoch} {record.outcome}" if record.epoch else record.outcome
-    if record.switch_step is not None and record.outcome == "committed":
-        what += f" at S={record.switch_step}"
-    return what

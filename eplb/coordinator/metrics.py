@@ -2,7 +2,7 @@
 
 The event loop updates them, and the HTTP server (on the same loop) renders them, so a scrape
 never reads the leader's state while the loop changes it. Epoch metrics
-come from the leader's history (:class:`~eplb.coordinator.leader.EpochRecord`) and are zero on
+come from the leader's history (:class:`~eplb.coordinator.history.EpochRecord`) and are zero on
 followers; sum over sidecars, or select ``role="leader"`` through ``eplb_sidecar_info``.
 
 A value that is not known (no counts yet, the leader never heard, a leader-only value on a
@@ -14,7 +14,6 @@ exported, and the registry carries the process's own metrics (``process_*``, ``p
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator
 
@@ -25,17 +24,17 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from eplb import __version__
 from eplb.coordinator.leader import LeaderCore
 from eplb.placement.load import balancedness
+from eplb.proto.reasons import ABORT_LABELS, AbortCode, EpochOutcome
 
 log = logging.getLogger("eplb.sidecar")
 
-#: The values of the ``reason`` label of ``eplb_epochs_aborted_total``.
-ABORT_REASONS = ("refused", "timeout", "worker_left", "node_lost", "shutdown", "other")
+#: The values of the ``reason`` label of ``eplb_epochs_aborted_total`` (AbortCode.metric_label).
+ABORT_REASONS = ABORT_LABELS
 #: The values of the ``reason`` label of ``eplb_frames_rejected_total`` (ProtocolError.reason).
 FRAME_REASONS = ("protocol", "too_large", "malformed", "version", "unknown_type", "invalid_field",
-                 "identity_mismatch", "unauthenticated", "impostor")
+                 "identity_mismatch", "unauthenticated", "impostor", "stale_incarnation")
 #: The values of the ``outcome`` label of ``eplb_last_rebalance_timestamp_seconds``.
-OUTCOMES = ("committed", "aborted", "failed", "skipped", "plan_error")
-SHUTDOWN_REASON = "sidecar shutting down"
+OUTCOMES = tuple(o.value for o in EpochOutcome if o is not EpochOutcome.IN_PROGRESS)
 
 # ``eplb_epochs_committed_created`` and the like only double the series; counters start at 0 with
 # the process (process_start_time_seconds says when). This is process-wide in prometheus_client.
@@ -65,22 +64,6 @@ class OptionalGauge:
         if self.value is not None:
             family.add_metric([], self.value)
         yield family
-
-
-def abort_reason(text: str) -> str:
-    """Map an abort's free-text reason (see :mod:`eplb.coordinator.agreement`) to one of
-    :data:`ABORT_REASONS`, so the label has few values."""
-    if text.startswith(SHUTDOWN_REASON):
-        return "shutdown"
-    if text.startswith("timeout"):
-        return "timeout"
-    if re.match(r"rank \d+ refused", text):
-        return "refused"
-    if re.search(r"node \d+ lost", text):
-        return "node_lost"
-    if re.match(r"rank \d+ left", text):
-        return "worker_left"
-    return "other"
 
 
 class SidecarMetrics:
@@ -197,24 +180,25 @@ class SidecarMetrics:
             self._records_seen = len(history)
         for record in history[self._records_seen:]:
             outcome = record.outcome
-            if outcome == "committed":
+            if outcome == EpochOutcome.COMMITTED:
                 self.epochs_committed.inc()
                 self.moved_slots.inc(record.experts_moved)
                 if record.agreement_ms is not None:
                     self.agreement_seconds.observe(record.agreement_ms / 1e3)
-            elif outcome == "aborted":
-                self.epochs_aborted.labels(abort_reason(record.reason)).inc()
-            elif outcome == "skipped":
+            elif outcome == EpochOutcome.ABORTED:
+                self.epochs_aborted.labels((record.abort_code or AbortCode.OTHER).metric_label).inc()
+            elif outcome == EpochOutcome.SKIPPED:
                 self.epochs_skipped.inc()
-            elif outcome == "failed":
+            elif outcome == EpochOutcome.FAILED:
                 self.epochs_failed.inc()
-            elif outcome == "plan_error":
+            elif outcome == EpochOutcome.PLAN_ERROR:
                 self.plan_errors.inc()
             if outcome in OUTCOMES:
                 self.last_rebalance.labels(outcome).set(time.time())
             if record.bytes_received:
                 self.moved_bytes.inc(record.bytes_received)
-            if outcome in ("committed", "aborted", "failed", "skipped"):
+            if outcome in (EpochOutcome.COMMITTED, EpochOutcome.ABORTED, EpochOutcome.FAILED,
+                           EpochOutcome.SKIPPED):
                 log.info("epoch %s ended: %s", "-" if record.epoch is None else record.epoch, outcome,
                          extra={"epoch": record.epoch, "outcome": outcome,
                                 "step": record.switch_step, "reason": record.reason or None,

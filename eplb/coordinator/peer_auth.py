@@ -6,7 +6,7 @@
 - :func:`check_claim`: a frame that speaks for a node (NODE_HELLO, NODE_HEARTBEAT, RELAY,
   WORKER_LEFT) must come from that node's key.
 - :func:`check_envelope`: part count and total size of one peer message, checked before anything
-  is decoded.
+  is decoded (:func:`eplb.proto.envelope.check_peer_envelope`).
 - :class:`LinkMonitor`: a socket monitor that turns failed CURVE handshakes into clear,
   rate-limited log lines (a follower facing an impostor leader or a wrong ``leader.key``; a leader
   facing a plain-TCP client), counted like rejected frames. A follower's monitor also says why its
@@ -19,7 +19,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +29,18 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 
 from eplb.curve import HINT, SHARED, CurveKeys, node_of
-from eplb.proto import MAX_FRAME_BYTES, FrameTooLarge, IdentityMismatch, MalformedFrame, ProtocolError
-from eplb.proto.messages import MAX_RELAY_RANKS
+from eplb.proto import IdentityMismatch, Unauthenticated
+from eplb.proto.envelope import (MAX_PEER_BYTES, MAX_PEER_PARTS, PEER_MAXMSGSIZE,
+                                 check_peer_envelope)
 
 log = logging.getLogger("eplb.sidecar")
 
-#: Largest single part on the peer link (a RELAY envelope carries whole worker frames).
-PEER_MAXMSGSIZE = MAX_FRAME_BYTES + 4096
-#: Most parts in one peer message: ROUTER identity, RELAY header, one frame per relayed rank.
-MAX_PEER_PARTS = 2 + MAX_RELAY_RANKS
-#: Most bytes in one peer message, all parts together.
-MAX_PEER_BYTES = 4 * MAX_FRAME_BYTES
+__all__ = ["MAX_PEER_BYTES", "MAX_PEER_PARTS", "PEER_MAXMSGSIZE", "PEER_RCVHWM", "Unauthenticated",
+           "check_envelope", "check_claim", "peer_of", "PeerKey", "PLAIN", "NodeAuthenticator",
+           "LinkMonitor", "INSECURE_WARNING", "plain_tcp_refusal"]
+
+#: The caps live with the framing (:mod:`eplb.proto.envelope`); the old name stays.
+check_envelope = check_peer_envelope
 #: Messages the leader queues per follower connection before it stops reading that connection.
 PEER_RCVHWM = 256
 
@@ -56,12 +57,6 @@ def plain_tcp_refusal(num_nodes: int) -> str:
     return (f"{num_nodes} nodes talk over TCP and no --curve-keys is set; the link is "
             f"authenticated by default: {HINT} (EPLB_CURVE_KEYS), or pass {OPT_OUT} "
             "(EPLB_INSECURE_PLAIN_TCP=1) on a trusted network")
-
-
-class Unauthenticated(ProtocolError):
-    """A peer failed CURVE authentication, or sent what only an authenticated peer may send."""
-
-    reason = "unauthenticated"
 
 
 @dataclass(frozen=True)
@@ -107,20 +102,6 @@ def check_claim(peer: PeerKey, claimed: Any, what: str) -> None:
     if peer.node is None or peer.node != claimed:
         raise IdentityMismatch(f"{what} for node {claimed} from a peer authenticated as "
                                f"{peer.user_id}")
-
-
-def check_envelope(parts: Sequence[Any]) -> None:
-    """Refuse a peer message with too many parts or too many bytes, before decoding any of it.
-
-    Raises:
-        MalformedFrame: more than :data:`MAX_PEER_PARTS` parts.
-        FrameTooLarge: more than :data:`MAX_PEER_BYTES` in all.
-    """
-    if len(parts) > MAX_PEER_PARTS:
-        raise MalformedFrame(f"{len(parts)} parts in one message (cap {MAX_PEER_PARTS})")
-    total = sum(len(p) for p in parts)
-    if total > MAX_PEER_BYTES:
-        raise FrameTooLarge(f"{total} bytes in one message (cap {MAX_PEER_BYTES})")
 
 
 class NodeAuthenticator(AsyncioAuthenticator):

@@ -6,6 +6,9 @@ and pid that said it. A HELLO for a rank held by another connection that is stil
 refused for now; a holder that is silent or whose process is gone gives way at once. Bindings
 outlive a holder's silence (broadcasts still reach it) until it is replaced or says BYE.
 
+:class:`LocalAdmission` turns these bindings into the decisions about each local frame that
+both roles share (admit it, refuse it, ask for a HELLO, a worker left).
+
 The leader's side of the same question, a HELLO relayed by one node for a rank that another,
 live node still lists, is :func:`relayed_hello_conflict`.
 """
@@ -18,7 +21,12 @@ import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from eplb.proto import ProtocolError
+from eplb.coordinator.outputs import Admitted, LocalLeft, Reject, ToLocal
+from eplb.proto import (Bye, Hello, IdentityMismatch, Message, ProtocolError, Rejoin, Welcome,
+                        encode)
+from eplb.proto.envelope import rank_of_identity  # noqa: F401  (its old home)
+
+LocalOutput = ToLocal | LocalLeft | Admitted | Reject
 
 log = logging.getLogger("eplb.sidecar")
 
@@ -45,12 +53,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True  # no /proc: the signal check is all there is
-
-
-def rank_of_identity(identity: bytes) -> int | None:
-    """The rank a worker's routing identity names: ``b"<rank>"`` or ``b"<rank>.<anything>"``."""
-    head = identity.split(b".", 1)[0]
-    return int(head) if head.isdigit() and len(head) <= 9 else None
 
 
 @dataclass
@@ -183,3 +185,114 @@ def relayed_hello_conflict(rank: int, node: int, rank_node: Mapping[int, int],
         return None
     return (f"rank {rank} is joined through node {holder}, which is alive and still lists it; "
             f"a HELLO for it through node {node} is refused until node {holder} lets it go")
+
+
+#: Local connections remembered for the once-a-second REJOIN limit before old entries are pruned.
+MAX_REJOIN_ASKED = 4096
+
+
+class LocalAdmission:
+    """One sidecar's decisions about its local workers' frames, in either role (sans-IO).
+
+    A HELLO binds the rank to its connection (refused with ``Welcome(ok=False, retry=True)``
+    while another live connection holds it; a silent or dead holder gives way and leaves the
+    group first). Any other frame must come from the rank's holder: from another connection it
+    is rejected (and that connection asked to say HELLO when the holder is gone); from no
+    holder, or a holder declared silent, it asks for a HELLO; a BYE unbinds. What passes is
+    :class:`~eplb.coordinator.outputs.Admitted`: the leader's core reads it, a follower relays it.
+
+    Args:
+        node: this sidecar's node rank (for the log).
+        timeout_s: a worker not heard for longer is silent, and leaves the group.
+        is_alive: whether a process id exists on this host.
+    """
+
+    def __init__(self, node: int, timeout_s: float,
+                 is_alive: Callable[[int], bool] = pid_alive) -> None:
+        self.node = node
+        self.registry = WorkerRegistry(timeout_s, is_alive)
+        self._rejoin_asked: dict[bytes, float] = {}
+
+    @property
+    def live(self) -> dict[int, float]:
+        """The joined local ranks -> last heard (monotonic)."""
+        return self.registry.live
+
+    def on_frame(self, identity: bytes, rank: int, msg: Message, frame: bytes,
+                 now: float) -> list[LocalOutput]:
+        """One frame of a local worker, whose ``identity`` names ``rank``
+        (:func:`eplb.proto.envelope.open_worker` checked that)."""
+        where = f"worker identity {identity[:24]!r}"
+        node = self.node
+        if isinstance(msg, Hello):
+            decision = self.registry.hello(rank, identity, msg.pid, now)
+            if not isinstance(decision, Admit):
+                welcome = Welcome(rank=rank, ok=False, error=decision.error, retry=True)
+                return [Reject(f"{where} (pid {msg.pid})", Impostor(decision.error)),
+                        ToLocal(rank, encode(welcome), welcome, identity)]
+            out: list[LocalOutput] = []
+            old = decision.displaced
+            if old is not None:
+                log.warning("node %d: rank %d: pid %d takes over from pid %d, which is gone or "
+                            "silent", node, rank, msg.pid, old.pid, extra={"rank": rank})
+                if old.live:  # not declared gone yet: its epoch must not wait for it
+                    out += self._left(rank, f"its process {old.pid} is gone; pid {msg.pid} "
+                                            "takes its place")
+            if msg.node != node:
+                log.warning("rank %d says it is on node %d but joined the sidecar of node %d",
+                            rank, msg.node, node)
+            log.info("node %d: rank %d joined at step %d", node, rank, msg.step,
+                     extra={"rank": rank, "step": msg.step})
+            return [*out, Admitted(rank, msg, frame)]
+        verdict = self.registry.check(rank, identity, now)
+        if verdict in (Verdict.MISMATCH, Verdict.RECLAIM):
+            out = [Reject(where, IdentityMismatch(
+                f"{msg.TYPE} for rank {rank} from a connection that does not hold it"))]
+            if verdict is Verdict.RECLAIM:  # its holder is gone: the sender may take it back
+                out += self._ask_rejoin(identity, rank, f"rank {rank}'s holder is gone", now)
+            return out
+        if isinstance(msg, Bye):
+            if verdict is not Verdict.UNBOUND:
+                self.registry.unbind(rank)
+            return self._left(rank, "said goodbye") if verdict is Verdict.OK else []
+        if verdict is not Verdict.OK:
+            # No HELLO since this sidecar started, or the rank was declared gone: ask for one.
+            return self._ask_rejoin(identity, rank,
+                                    f"node {node}'s sidecar does not know rank {rank}", now)
+        self.registry.heard(rank, now)
+        return [Admitted(rank, msg, frame)]
+
+    def on_tick(self, now: float) -> list[LocalOutput]:
+        """Workers silent past the time-out leave the group (they stay bound: broadcasts still
+        reach them; after a pause of this process, none is silent)."""
+        out: list[LocalOutput] = []
+        for rank, silent in self.registry.tick(now):
+            out += self._left(rank, f"no heartbeat for {silent:.1f}s "
+                                    f"(limit {self.registry.timeout_s:g}s)")
+        return out
+
+    def delivered(self, rank: int, msg: Message, identity: bytes) -> None:
+        """``msg`` was just sent to connection ``identity`` for ``rank``: a refused WELCOME to
+        the rank's holder unbinds it (the group refused it: it is not one of our workers; the
+        WELCOME went to the binding first). One to another connection (an impostor refused
+        here) leaves the holder alone."""
+        if (isinstance(msg, Welcome) and not msg.ok
+                and self.registry.identity_of(rank) == identity):
+            self.registry.unbind(rank)
+
+    def _left(self, rank: int, why: str) -> list[LocalOutput]:
+        log.warning("node %d: rank %d left: %s", self.node, rank, why, extra={"rank": rank})
+        return [LocalLeft(rank, why)]
+
+    def _ask_rejoin(self, identity: bytes, rank: int, why: str, now: float) -> list[LocalOutput]:
+        """Tell the local connection ``identity`` to say HELLO for ``rank``, at most once a
+        second per connection."""
+        if now - self._rejoin_asked.get(identity, float("-inf")) < 1.0:
+            return []
+        if len(self._rejoin_asked) > MAX_REJOIN_ASKED:
+            self._rejoin_asked = {i: t for i, t in self._rejoin_asked.items() if now - t < 1.0}
+        self._rejoin_asked[identity] = now
+        log.info("node %d: asking rank %d to join again: %s", self.node, rank, why,
+                 extra={"rank": rank})
+        rejoin = Rejoin(rank=rank, reason=why)
+        return [ToLocal(rank, encode(rejoin), rejoin, identity)]

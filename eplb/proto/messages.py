@@ -39,6 +39,7 @@ ControlReply       sidecar → eplbctl     the answer
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -47,16 +48,19 @@ import msgpack
 import torch
 
 from eplb.placement.rules import tensor_bytes
+from eplb.proto.reasons import AbortCode, RefuseCode
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "REFUSE_INVALID_PLAN", "REFUSE_CANNOT_COPY", "ProtocolError", "FrameTooLarge", "MalformedFrame",
-    "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch", "Message", "MESSAGE_TYPES",
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_RELAY_RANKS", "ProtocolError", "FrameTooLarge",
+    "MalformedFrame", "UnsupportedVersion", "UnknownMessageType", "InvalidField", "IdentityMismatch",
+    "Unauthenticated", "StaleIncarnation", "Message", "MESSAGE_TYPES",
     "Hello", "Welcome", "Rejoin", "OutcomeQuery", "Heartbeat", "Counts", "PlanAck", "Promise", "Refuse", "Done", "Bye", "Plan",
     "Prepare", "Commit", "Abort", "NodeHello", "NodeHeartbeat", "WorkerLeft", "Relay",
     "ControlRequest", "ControlReply", "encode", "decode", "CONTROL_OPS",
 ]
 
-PROTOCOL_VERSION = 2
+#: 3: REFUSE and ABORT carry a ``code`` (:mod:`eplb.proto.reasons`) next to their text.
+PROTOCOL_VERSION = 3
 #: Frames above this size are rejected unread. A DeepSeek-V3 placement (58 x 288 int64) is 134 kB
 #: and its counts (58 x 256 int64) 119 kB, so 16 MiB leaves room for far larger models.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -101,6 +105,19 @@ class IdentityMismatch(ProtocolError):
     """A frame claims a rank or node that its socket identity or envelope does not carry."""
 
     reason = "identity_mismatch"
+
+
+class Unauthenticated(ProtocolError):
+    """A peer failed CURVE authentication, or sent what only an authenticated peer may send."""
+
+    reason = "unauthenticated"
+
+
+class StaleIncarnation(ProtocolError):
+    """A frame from a follower sidecar's previous incarnation, read after its restart (the
+    leader's socket still held it): it speaks for ranks the new incarnation now holds."""
+
+    reason = "stale_incarnation"
 
 
 # --- field checks -------------------------------------------------------------------------------
@@ -192,6 +209,17 @@ def _int_list(value: Any, name: str, max_len: int = 1 << 16, low: int = 0) -> tu
     return tuple(_int(v, f"{name}[{i}]", low) for i, v in enumerate(value))
 
 
+def _code(codes: type[enum.Enum]) -> Any:
+    """The check of a reason-code field: one of the values of ``codes``."""
+    def check(value: Any, name: str) -> enum.Enum:
+        try:
+            return codes(value)
+        except ValueError:
+            raise InvalidField(f"{name} must be one of {[c.value for c in codes]}, got "
+                               f"{value!r:.80}") from None
+    return check
+
+
 def _dict(value: Any, name: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidField(f"{name} must be a map")
@@ -213,6 +241,8 @@ class Message:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = _tensor_to_wire(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -363,22 +393,19 @@ class Promise(Message):
     _CHECKS = {"rank": _rank, "epoch": _epoch}
 
 
-#: How a REFUSE's reason starts when the worker found the plan itself invalid (retrying the same
-#: plan cannot help, unlike a refusal for timing).
-REFUSE_INVALID_PLAN = "invalid plan"
-#: How a REFUSE's reason starts when the worker has no way to copy weights (no copy_fn): the
-#: engine's configuration must change, so the leader does not retry either.
-REFUSE_CANNOT_COPY = "cannot copy"
-
-
 @dataclass(frozen=True)
 class Refuse(Message):
+    """``rank`` will not take part in ``epoch`` (at ``step``): ``code`` says why for the leader
+    (whether a retry can help, :attr:`RefuseCode.retryable`), ``reason`` for a person."""
+
     TYPE = "REFUSE"
     rank: int
     epoch: int
     step: int
     reason: str
-    _CHECKS = {"rank": _rank, "epoch": _epoch, "step": _step, "reason": _reason}
+    code: RefuseCode = RefuseCode.TOO_LATE
+    _CHECKS = {"rank": _rank, "epoch": _epoch, "step": _step, "reason": _reason,
+               "code": _code(RefuseCode)}
 
 
 @dataclass(frozen=True)
@@ -440,10 +467,13 @@ class Commit(Message):
 
 @dataclass(frozen=True)
 class Abort(Message):
+    """Epoch ``epoch`` is off: ``code`` for metrics and code, ``reason`` for a person."""
+
     TYPE = "ABORT"
     epoch: int
     reason: str
-    _CHECKS = {"epoch": _epoch, "reason": _reason}
+    code: AbortCode = AbortCode.OTHER
+    _CHECKS = {"epoch": _epoch, "reason": _reason, "code": _code(AbortCode)}
 
 
 @dataclass(frozen=True)
@@ -635,18 +665,20 @@ class NodeAcks(Message):
 @dataclass(frozen=True)
 class NodePromises(Message):
     """A node's answers to PREPARE (or to PLAN, for a refusal) of ``epoch``: ``promised`` ranks
-    each stand for one :class:`Promise`; ``refused`` rows ``(rank, step, reason)`` each for one
+    each stand for one :class:`Promise`; ``refused`` rows ``(rank, step, reason, code)`` (``code``: the
+    :class:`RefuseCode` the leader's retry decision reads) each for one
     :class:`Refuse`. A rank is in one of the two at most."""
 
     TYPE = "NODE_PROMISES"
     node: int
     epoch: int
     promised: tuple[int, ...]
-    refused: tuple[tuple[int, int, str], ...]
+    refused: tuple[tuple[int, int, str, RefuseCode], ...]
     _CHECKS = {"node": _rank, "epoch": _epoch, "promised": _node_ranks,
                "refused": lambda v, n: tuple(
                    (_rank(r[0], f"{n}[{i}].rank"), _step(r[1], f"{n}[{i}].step"),
-                    _reason(r[2], f"{n}[{i}].reason")) for i, r in enumerate(_rows(v, n, 3)))}
+                    _reason(r[2], f"{n}[{i}].reason"), _code(RefuseCode)(r[3], f"{n}[{i}].code"))
+                   for i, r in enumerate(_rows(v, n, 4)))}
 
     def _check_consistency(self) -> None:
         if not self.promised and not self.refused:

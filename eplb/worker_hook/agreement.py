@@ -45,10 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
 from eplb.placement.copy_plan import changed_layers, chunk_layers, plan_copies
-from eplb.proto import (REFUSE_CANNOT_COPY, REFUSE_INVALID_PLAN, Abort, Commit, Done, Message,
-                        OutcomeQuery, Plan, PlanAck, Prepare, Promise, Refuse)
+from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
+from eplb.proto import (Abort, Commit, Done, Message, OutcomeQuery, Plan, PlanAck, Prepare,
+                        Promise, Refuse)
+from eplb.proto.reasons import RefuseCode
 
 
 class WorkerState(enum.Enum):
@@ -201,7 +202,8 @@ class WorkerAgreement:
         if self.state in (WorkerState.PROMISED, WorkerState.COPYING, WorkerState.FAILED):
             # The leader never overlaps epochs; a PLAN now is stale or from a confused peer.
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
-                           reason=f"busy with epoch {self.epoch} ({self.state.value})")]
+                           reason=f"busy with epoch {self.epoch} ({self.state.value})",
+                           code=RefuseCode.BUSY)]
         try:
             validate_placement(msg.phys2log, self.num_experts, self.phys2log.shape[1], self.num_gpus,
                                num_layers=self.phys2log.shape[0])
@@ -210,14 +212,15 @@ class WorkerAgreement:
         except InvalidPlacement as exc:  # invariant I5: never act on a bad plan
             self._reset()
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
-                           reason=f"{REFUSE_INVALID_PLAN}: {exc}")]
+                           reason=f"invalid plan: {exc}", code=RefuseCode.INVALID_PLAN)]
         chunks = chunk_changed_layers(self.phys2log, msg.phys2log, msg.layers_per_chunk,
                                       msg.bytes_per_chunk, self.bytes_per_expert, self.num_gpus)
         if chunks and not self.can_copy:
             self._reset()
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
-                           reason=f"{REFUSE_CANNOT_COPY}: rank {self.rank} has no copy_fn; give "
-                                  "WorkerHook a copy_fn to take part in rebalances")]
+                           reason=f"cannot copy: rank {self.rank} has no copy_fn; give "
+                                  "WorkerHook a copy_fn to take part in rebalances",
+                           code=RefuseCode.CANNOT_COPY)]
         self.state = WorkerState.PLANNED
         self.epoch = msg.epoch
         self.switch_step = None
@@ -233,10 +236,10 @@ class WorkerAgreement:
         if self.state is not WorkerState.PLANNED or msg.epoch != self.epoch:
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
                            reason=f"no plan for epoch {msg.epoch} (state {self.state.value}, "
-                                  f"epoch {self.epoch})")]
+                                  f"epoch {self.epoch})", code=RefuseCode.NO_PLAN)]
         if step >= msg.step:
             return [Refuse(rank=self.rank, epoch=msg.epoch, step=step,
-                           reason=f"already at step {step} >= S={msg.step}")]
+                           reason=f"already at step {step} >= S={msg.step}", code=RefuseCode.TOO_LATE)]
         self.state = WorkerState.PROMISED
         self.switch_step = msg.step
         return [Promise(rank=self.rank, epoch=msg.epoch)]

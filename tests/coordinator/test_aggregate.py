@@ -128,7 +128,7 @@ def test_a_refusal_goes_up_at_once_with_the_promises_held_so_far():
     refuse = Refuse(rank=4, epoch=3, step=140, reason="already at step 140 >= S=120")
     [msg] = sent(agg.on_worker(refuse, 1.0))
     assert isinstance(msg, NodePromises)
-    assert msg.promised == (5,) and msg.refused == ((4, 140, refuse.reason),)
+    assert msg.promised == (5,) and msg.refused == ((4, 140, refuse.reason, refuse.code),)
     assert expand(msg) == [refuse, Promise(rank=5, epoch=3)]
 
 

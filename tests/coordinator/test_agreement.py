@@ -20,6 +20,7 @@ from eplb.coordinator.leader import Broadcast, ComputePlan, LeaderConfig, Leader
 from eplb.placement.planner import PlanResult
 from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import Abort, Commit, Counts, Done, Hello, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto.reasons import AbortCode, RefuseCode
 
 L, E, P = 3, 4, 8
 EPOCH = 7
@@ -174,7 +175,8 @@ def test_messages_of_the_wrong_phase_are_ignored_and_not_remembered():
 def test_a_refusal_before_prepare_aborts_naming_the_rank():
     ag = make_agreement(ranks=(0, 1, 2))
     ag.on_message(PlanAck(rank=0, epoch=EPOCH, step=5), 100.1)
-    out = ag.on_message(Refuse(rank=2, epoch=EPOCH, step=5, reason="invalid plan: x"), 100.2)
+    out = ag.on_message(Refuse(rank=2, epoch=EPOCH, step=5, reason="invalid plan: x",
+                               code=RefuseCode.INVALID_PLAN), 100.2)
     assert len(out) == 1 and isinstance(out[0], Abort) and out[0].epoch == EPOCH
     # Retrying the same plan cannot cure an invalid one: this abort is final.
     assert ag.phase is Phase.ABORTED and not ag.retryable
@@ -195,7 +197,7 @@ def test_a_refusal_while_preparing_aborts_naming_the_rank_and_s():
     ag.on_message(Promise(rank=0, epoch=EPOCH), 100.2)
     out = ag.on_message(Refuse(rank=1, epoch=EPOCH, step=12, reason="already at step 12 >= S=12"),
                         100.3)
-    assert out == [Abort(epoch=EPOCH, reason=ag.reason)]
+    assert out == [Abort(epoch=EPOCH, reason=ag.reason, code=AbortCode.REFUSED)]
     assert ag.phase is Phase.ABORTED and ag.retryable
     assert re.search(r"\brank 1\b", ag.reason) and "S=12" in ag.reason
     # Nothing after an abort revives the epoch; in particular no COMMIT.
@@ -235,7 +237,7 @@ def test_plan_ack_timeout_aborts_naming_the_missing_ranks():
     ag.on_message(PlanAck(rank=0, epoch=EPOCH, step=1), 101.0)
     assert ag.on_tick(104.99) == [] and ag.phase is Phase.PLANNED
     out = ag.on_tick(105.0)
-    assert out == [Abort(epoch=EPOCH, reason=ag.reason)]
+    assert out == [Abort(epoch=EPOCH, reason=ag.reason, code=AbortCode.TIMEOUT)]
     assert ag.phase is Phase.ABORTED and ag.retryable
     assert "[1, 3]" in ag.reason and "PLAN_ACK" in ag.reason
     assert ag.on_tick(200.0) == []
@@ -248,7 +250,7 @@ def test_promise_timeout_counts_from_prepare_and_names_the_missing_ranks():
     assert ag.on_tick(105.5) == [], "the PLAN_ACK deadline must not apply after PREPARE"
     assert ag.on_tick(107.99) == [] and ag.phase is Phase.PREPARING
     out = ag.on_tick(108.0)
-    assert out == [Abort(epoch=EPOCH, reason=ag.reason)]
+    assert out == [Abort(epoch=EPOCH, reason=ag.reason, code=AbortCode.TIMEOUT)]
     assert ag.phase is Phase.ABORTED and ag.retryable
     assert "[0, 2]" in ag.reason and "PROMISE" in ag.reason
 
@@ -291,7 +293,7 @@ def test_a_worker_leaving_before_commit_aborts_without_retry(phase):
         ack_all(ag, {0: 1, 1: 1, 2: 1}, 100.1)
         ag.on_message(Promise(rank=0, epoch=EPOCH), 100.2)
     out = ag.on_worker_left(1, "process died", 100.3)
-    assert out == [Abort(epoch=EPOCH, reason=ag.reason)]
+    assert out == [Abort(epoch=EPOCH, reason=ag.reason, code=AbortCode.WORKER_LEFT)]
     assert ag.phase is Phase.ABORTED and not ag.retryable
     assert "rank 1" in ag.reason and "process died" in ag.reason
 

@@ -18,6 +18,7 @@ from eplb.placement.planner import PlanResult
 from eplb.placement.rules import default_placement
 from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, OutcomeQuery, Plan, PlanAck,
                         Promise)
+from eplb.proto.reasons import AbortCode
 
 L, E, P, WORLD = 3, 4, 8, 2
 TIMEOUTS = AgreementTimeouts(ack_s=5.0, promise_s=5.0, done_s=30.0)
@@ -154,7 +155,8 @@ def test_a_question_about_an_epoch_not_on_record_is_answered_abort_and_never_com
     out = core.on_message(OutcomeQuery(rank=0, epoch=41), 1.1)
     assert isinstance(out[0], Persist) and out[0].record == EpochDecided(41, False,
                                                                          reason=out[1].msg.reason)
-    assert out[1] == SendTo(0, Abort(epoch=41, reason=out[1].msg.reason))
+    assert out[1] == SendTo(0, Abort(epoch=41, reason=out[1].msg.reason,
+                                        code=AbortCode.NOT_ON_RECORD))
     assert core._next_epoch == 42
     # asked again: the same answer, without a second record
     assert core.on_message(OutcomeQuery(rank=0, epoch=41), 1.2) == [out[1]]

@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from eplb.control_client import control_call
-from eplb.coordinator.metrics import SHUTDOWN_REASON
+from eplb.coordinator.leader import SHUTDOWN_REASON
 from eplb.demo.cluster import (LocalCluster, read_events, scrape_metrics,
                                start_demo_cluster, wait_until)
 from eplb.paths import control_endpoint

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.placement.rules import default_placement, placement_hash
+from eplb.proto.reasons import RefuseCode
 from eplb.proto import (MAX_FRAME_BYTES, MESSAGE_TYPES, PROTOCOL_VERSION, Abort, Bye, Commit, ControlReply,
                         ControlRequest, Counts, Done, FrameTooLarge, Heartbeat, Hello,
                         InvalidField, MalformedFrame, NodeAcks, NodeCounts, NodeDone, NodeHeartbeat,
@@ -42,7 +43,7 @@ EXAMPLES = [
     NodeCounts(node=1, ranks=(8, 9), steps=(26, 30), from_step=10, to_step=26,
                counts=torch.arange(12, dtype=torch.int64).reshape(3, 4) * 5000),
     NodeAcks(node=1, epoch=5, ranks=(8, 9), steps=(99, 100)),
-    NodePromises(node=1, epoch=5, promised=(8,), refused=((9, 120, "already at step 120 >= S=101"),)),
+    NodePromises(node=1, epoch=5, promised=(8,), refused=((9, 120, "already at step 120 >= S=101", RefuseCode.TOO_LATE),)),
     NodeDone(node=1, epoch=5, results=((8, True, "", 1 << 33, 0.25, 0.0), (9, False, "nccl", 0, 1.5, 0.1))),
 ]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eplb.placement.rules import tensor_bytes
+from eplb.proto.reasons import RefuseCode
 from eplb.proto import (MAX_NODE_RANKS, InvalidField, MalformedFrame, NodeAcks, NodeCounts, NodeDone,
                         NodePromises, decode, encode)
 
@@ -92,12 +93,13 @@ def test_node_acks_checks():
 
 
 def test_node_promises_checks():
-    good = raw(NodePromises(node=1, epoch=2, promised=(0,), refused=((1, 9, "late"),)))
+    good = raw(NodePromises(node=1, epoch=2, promised=(0,), refused=((1, 9, "late", RefuseCode.TOO_LATE),)))
     for key, value, match in [("promised", [1], "both promised and refused"),
-                              ("refused", [[2, 9, "a"], [2, 9, "b"]], "twice"),
-                              ("refused", [[2, 9]], "list of 3 values"),
-                              ("refused", [[2, -9, "late"]], "step"),
-                              ("refused", [[2, 9, 7]], "reason"),
+                              ("refused", [[2, 9, "a", "too_late"], [2, 9, "b", "too_late"]], "twice"),
+                              ("refused", [[2, 9, "late"]], "list of 4 values"),
+                              ("refused", [[2, -9, "late", "too_late"]], "step"),
+                              ("refused", [[2, 9, 7, "too_late"]], "reason"),
+                              ("refused", [[2, 9, "late", "bogus"]], "code"),
                               ("refused", "x", "list of at most")]:
         with pytest.raises(InvalidField, match=match):
             decode(pack(dict(good, **{key: value})))

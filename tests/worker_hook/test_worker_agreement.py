@@ -9,6 +9,7 @@ import torch
 from eplb.placement.rules import default_placement, placement_hash
 from eplb.placement.copy_plan import plan_copies
 from eplb.proto import Abort, Commit, Done, Plan, PlanAck, Prepare, Promise, Refuse
+from eplb.proto.reasons import RefuseCode
 from eplb.worker_hook.agreement import (
     CopyChunk, Hold, LandChunk, Prefetch, StartChunk, WorkerAgreement, WorkerState,
     chunk_changed_layers,
@@ -104,7 +105,7 @@ def test_an_invalid_plan_is_refused_and_changes_nothing(plan):
     out = w.on_message(plan, 11)
     assert len(out) == 1 and isinstance(out[0], Refuse)
     assert out[0].rank == RANK and out[0].epoch == EPOCH and out[0].step == 11
-    assert "invalid plan" in out[0].reason
+    assert "invalid plan" in out[0].reason and out[0].code is RefuseCode.INVALID_PLAN
     assert worker_state(w) == before
     # Nobody can act on it afterwards: no promise, no copies.
     assert isinstance(w.on_message(Prepare(epoch=EPOCH, step=S), 12)[0], Refuse)
@@ -464,6 +465,7 @@ def test_a_rank_without_copy_fn_refuses_plans_that_move_its_layers_for_good():
     w = WorkerAgreement(0, E, G, old, can_copy=False)
     (reply,) = w.on_message(plan, 5)
     assert isinstance(reply, Refuse) and reply.reason.startswith("cannot copy")
+    assert reply.code is RefuseCode.CANNOT_COPY and not reply.code.retryable
     assert w.state is WorkerState.IDLE and torch.equal(w.phys2log, old)
     leader = EpochAgreement(plan, frozenset({0}), 2, 0.0, 0.0)
     leader.on_message(reply, 0.1)
