@@ -257,19 +257,8 @@ class AggregatedNetwork(AgreementNetwork):
 
     # --- rules that differ ----------------------------------------------------------------------
 
-    @precondition(lambda self: self.world.loss and any(self.to_worker + self.to_leader))
-    @rule(data=st.data())
-    @checked
-    def drop(self, data) -> None:
-        channels = [("to", i) for i in self.live() if self.to_worker[i]]
-        channels += [("from", k) for k, c in enumerate(self.to_leader) if c]
-        way, i = data.draw(st.sampled_from(channels), label="drop")
-        self.any_loss = True
-        if way == "to":
-            self.dropped_to_worker[i].append(self.to_worker[i].popleft().msg)
-        else:
-            lost = self.to_leader[i].popleft().msg
-            self.lost_counts |= isinstance(lost, (NodeCounts, Counts))
+    def lost_on_the_way_up(self, msg) -> None:
+        self.lost_counts |= isinstance(msg, (NodeCounts, Counts))
 
     @rule(data=st.data())
     @checked

@@ -377,7 +377,10 @@ class AgreementNetwork(RuleBasedStateMachine):
         if way == "to":
             self.dropped_to_worker[i].append(self.to_worker[i].popleft().msg)
         else:
-            self.to_leader[i].popleft()
+            self.lost_on_the_way_up(self.to_leader[i].popleft().msg)
+
+    def lost_on_the_way_up(self, msg: Message) -> None:
+        """``msg`` was dropped on its way to the leader (a subclass may note what it was)."""
 
     @precondition(lambda self: any(self.may_advance(i) for i in self.live()))
     @rule(data=st.data())

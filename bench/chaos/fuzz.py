@@ -62,6 +62,7 @@ from eplb.demo.cluster import LocalCluster, http_get, start_demo_cluster
 from eplb.paths import control_endpoint, workers_endpoint
 from eplb.placement.rules import default_placement, placement_hash
 from eplb.proto import ControlRequest, NodeHeartbeat, NodeHello, ProtocolError, decode, encode
+from eplb.proto.reasons import RefuseCode
 from eplb.proto.messages import MESSAGE_TYPES, PROTOCOL_VERSION
 from eplb.proto.envelope import CONTROL_MAXMSGSIZE, PEER_MAXMSGSIZE, WORKER_MAXMSGSIZE
 
@@ -90,6 +91,12 @@ def _value(name: str, hint: Any, rng: random.Random) -> Any:
         return uuid.uuid4().hex[:16]
     if name == "incarnation":
         return uuid.uuid4().hex[:12]
+    if name == "refused":  # NODE_PROMISES rows (rank, step, reason, code)
+        return ((rng.randrange(WORLD), rng.randrange(1000), "already past S",
+                 rng.choice(list(RefuseCode))),)
+    if name == "results":  # NODE_DONE rows (rank, ok, error, bytes, copy s, hold s)
+        return ((rng.randrange(WORLD), True, "", rng.randrange(1 << 20), rng.random(),
+                 rng.random()),)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):  # a reason code
         return rng.choice(list(hint))
     text = str(hint)

@@ -160,16 +160,7 @@ class Driver:
         except ControlError as exc:
             log.info("rebalance refused: %s", exc)
             return Outcome.REFUSED, []
-        request = reply["request"]
-        while time.monotonic() < deadline:
-            self.tick()
-            s = self.mesh.status(timeout_s=2.0)
-            if s is not None and s["epoch_in_flight"] is None and not s["planning"]:
-                records = [r for r in s["history"] if r.get("request") == request]
-                if records:
-                    return Outcome.ENDED, records
-            time.sleep(0.02)
-        return Outcome.TIMED_OUT, []
+        return _wait_request(self, reply["request"], deadline)
 
 
 def run_scenario(mesh: Mesh, sc: Scenario, epochs: int, budget_s: float, victim: int,

@@ -8,8 +8,8 @@
 - :class:`EpochOutcome`: what became of one rebalance attempt (the leader's history). Its values
   are the strings the history and the decision log always used, so records on disk still load.
 
-The enums are ``StrEnum``: a value compares equal to its string, prints as it, and JSON writes it
-as one.
+The enums are string enums: a value compares equal to its string, prints as it, and JSON writes it
+as one (:class:`_Code`, as ``enum.StrEnum`` does from Python 3.11 on; we support 3.10).
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ from __future__ import annotations
 import enum
 
 
-class RefuseCode(enum.StrEnum):
+class _Code(str, enum.Enum):
+    """A string enum that prints as its value (``enum.StrEnum`` is Python 3.11+)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class RefuseCode(_Code):
     """Why a worker refused an epoch."""
 
     TOO_LATE = "too_late"          # already at or after S: a larger margin may succeed
@@ -32,7 +42,7 @@ class RefuseCode(enum.StrEnum):
         return self not in (RefuseCode.INVALID_PLAN, RefuseCode.CANNOT_COPY)
 
 
-class AbortCode(enum.StrEnum):
+class AbortCode(_Code):
     """Why the leader aborted an epoch (before COMMIT; a committed epoch never aborts)."""
 
     REFUSED = "refused"            # a worker sent REFUSE
@@ -52,7 +62,7 @@ class AbortCode(enum.StrEnum):
         return self.value
 
 
-class EpochOutcome(enum.StrEnum):
+class EpochOutcome(_Code):
     """What became of one rebalance attempt."""
 
     IN_PROGRESS = "in_progress"
