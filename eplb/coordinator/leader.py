@@ -94,6 +94,7 @@ class LeaderCore:
         self.members = members if members is not None else NodeMembership()
         self._rejoin_asked: dict[int, float] = {}  # rank -> when it was last asked to rejoin
         self.workers: dict[int, WorkerInfo] = {}
+        self._lowest_rank: int | None = None  # min(self.workers), kept as they join and leave
         self.world_size: int | None = None
         self.shape: tuple[int, int, int] | None = None  # (L, E, P)
         self.bytes_per_expert = 0
@@ -159,6 +160,8 @@ class LeaderCore:
             return (f"rank {hello.rank} serves placement {served}, the group serves {group}; "
                     "restart it with the group's placement")
         self.workers[hello.rank] = WorkerInfo(hello.rank, 0, hello.step, now)
+        if self._lowest_rank is None or hello.rank < self._lowest_rank:
+            self._lowest_rank = hello.rank
         self.counters["joined"] += 1
         log.info("rank %d joined (%d/%d workers)", hello.rank, len(self.workers), self.world_size)
         return ""
@@ -200,6 +203,8 @@ class LeaderCore:
         """A worker is gone: it leaves the group; an epoch in flight aborts (or fails if committed)."""
         if self.workers.pop(rank, None) is None:
             return []
+        if rank == self._lowest_rank:
+            self._lowest_rank = min(self.workers, default=None)
         log.warning("rank %d left: %s", rank, why)
         if self.agreement is None:
             return []
@@ -393,8 +398,8 @@ class LeaderCore:
 
     def _progress(self, info: WorkerInfo, step: int, now: float) -> None:
         info.step = max(info.step, step)
-        if info.rank != min(self.workers):
-            return
+        if info.rank != self._lowest_rank:  # the rate follows the lowest rank (O(1): O(ranks) per
+            return                          # frame made 1,000 x 8 ranks saturate the leader)
         samples = self._rate_samples
         if samples and now - samples[-1][0] < RATE_SAMPLE_SPACING_S:
             samples[-1] = (samples[-1][0], max(samples[-1][1], info.step))  # one burst, one sample

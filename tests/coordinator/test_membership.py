@@ -262,3 +262,16 @@ def test_control_over_tcp_needs_a_key_or_a_node_that_spoke() -> None:
     reply = core.on_control(ControlRequest(request_id="q", op="rebalance", args={"force": True}),
                             "node 1", {}, "inc", 10.5)
     assert reply.ok and reply.result["incarnation"] == "inc"
+
+
+def test_the_step_rate_follows_the_lowest_joined_rank_also_after_it_leaves():
+    """The decode rate is sampled from the lowest joined rank's progress only (kept as ranks join
+    and leave, not recomputed per frame: that was O(ranks) per frame)."""
+    core = joined_core()
+    core.on_message(Heartbeat(rank=1, step=50), 11.0)  # not the lowest rank: no sample
+    assert [step for _, step in core._rate_samples] == []
+    core.on_message(Heartbeat(rank=0, step=20), 11.0)
+    assert [step for _, step in core._rate_samples] == [20]
+    core.on_worker_left(0, "test", 12.0)
+    core.on_message(Heartbeat(rank=1, step=60), 13.0)  # rank 1 is the lowest now
+    assert [step for _, step in core._rate_samples] == [20, 60]
