@@ -5,9 +5,9 @@ The leader side is :class:`~eplb.coordinator.leader.LeaderCore` (with its
 :class:`~eplb.worker_hook.agreement.WorkerAgreement` per rank. The simulator sees them only
 through :class:`LeaderPort`, :class:`RankPort` and the few functions below, in its own small
 vocabulary (:class:`Kind`, :class:`ToAll`, :class:`ToRank`, :class:`NeedPlan`, :class:`Step`), so
-that when the cores' APIs change (membership inside the leader core, a follower core, worker
-actions StartChunk/LandChunk/Prefetch/Hold, REFUSE/ABORT with enum codes) this is the one file
-to port.
+that when the cores' APIs change this is the one file to port. Ported so far: the worker's
+actions (a copy engine of depth 0) and the abort codes. Not yet: node membership, which moved
+into the leader core while this was written; the simulator's driver still times nodes out itself.
 
 Messages cross this boundary as the cores' own message objects; the simulator never looks
 inside them except through :func:`kind_of`, :func:`epoch_of` and :func:`switch_step_of`.
@@ -27,6 +27,7 @@ from eplb.placement.planner import PlannerSpec, PlanResult, plan_rebalance
 from eplb.placement.rules import default_placement
 from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, Refuse, decode,
                         encode)
+from eplb.proto.reasons import AbortCode
 from eplb.worker_hook.agreement import (CopyChunk, Hold, LandChunk, Prefetch, WorkerAgreement,
                                         WorkerState)
 
@@ -86,8 +87,8 @@ def decode_seconds(msg: Message, repeats: int = 20) -> float:
 
 
 class AbortCause(enum.Enum):
-    """Why an epoch aborted. Parsed from the core's prose reason here, and only here, until
-    REFUSE and ABORT carry enum codes."""
+    """Why an epoch aborted, as the report counts it: the leader's :class:`AbortCode`, with a
+    refusal and a timeout split one level finer (see :func:`abort_cause`)."""
 
     REFUSED_LATE = "refused: a rank was already at or past S"
     REFUSED_OTHER = "refused (other)"
@@ -97,14 +98,14 @@ class AbortCause(enum.Enum):
     OTHER = "other"
 
 
-def abort_cause(reason: str) -> AbortCause:
-    if "refused" in reason:
+def abort_cause(code: AbortCode | None, reason: str) -> AbortCause:
+    """The cause of an abort from the leader's code. The code does not say which refusal or
+    which timeout it was; for those two only, the reason's text does."""
+    if code is AbortCode.REFUSED:
         return AbortCause.REFUSED_LATE if "already at step" in reason else AbortCause.REFUSED_OTHER
-    if reason.startswith("timeout: no PLAN_ACK"):
-        return AbortCause.NO_PLAN_ACK
-    if reason.startswith("timeout: no PROMISE"):
-        return AbortCause.NO_PROMISE
-    if " left: " in reason:
+    if code is AbortCode.TIMEOUT:
+        return AbortCause.NO_PLAN_ACK if "no PLAN_ACK" in reason else AbortCause.NO_PROMISE
+    if code in (AbortCode.WORKER_LEFT, AbortCode.NODE_LOST):
         return AbortCause.RANK_LEFT
     return AbortCause.OTHER
 
@@ -226,7 +227,7 @@ class LeaderPort:
 
     def history(self) -> list[EpochView]:
         return [EpochView(r.epoch, r.outcome,
-                          abort_cause(r.reason) if r.outcome == "aborted" else None, r.reason,
+                          abort_cause(r.abort_code, r.reason) if r.outcome == "aborted" else None, r.reason,
                           r.switch_step, r.margin, r.agreement_ms)
                 for r in self.core.history]
 
