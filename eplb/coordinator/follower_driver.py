@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from eplb.coordinator.follower import FollowerCore, FollowerOutput
 from eplb.coordinator.outputs import Admitted, Reject, ToControl, ToLocal, Up
-from eplb.coordinator.peer_auth import PEER_MAXMSGSIZE
+from eplb.proto.envelope import PEER_MAXMSGSIZE
 from eplb.coordinator.sidecar import Sidecar, SidecarConfig
 from eplb.curve import CurveKeys, node_name
 from eplb.proto import ControlRequest, ProtocolError

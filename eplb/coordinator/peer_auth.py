@@ -5,8 +5,6 @@
   is the ``User-Id`` of every frame the connection delivers (:func:`peer_of`).
 - :func:`check_claim`: a frame that speaks for a node (NODE_HELLO, NODE_HEARTBEAT, RELAY,
   WORKER_LEFT) must come from that node's key.
-- :func:`check_envelope`: part count and total size of one peer message, checked before anything
-  is decoded (:func:`eplb.proto.envelope.check_peer_envelope`).
 - :class:`LinkMonitor`: a socket monitor that turns failed CURVE handshakes into clear,
   rate-limited log lines (a follower facing an impostor leader or a wrong ``leader.key``; a leader
   facing a plain-TCP client), counted like rejected frames. A follower's monitor also says why its
@@ -30,17 +28,12 @@ from zmq.utils import z85
 
 from eplb.curve import HINT, SHARED, CurveKeys, node_of
 from eplb.proto import IdentityMismatch, Unauthenticated
-from eplb.proto.envelope import (MAX_PEER_BYTES, MAX_PEER_PARTS, PEER_MAXMSGSIZE,
-                                 check_peer_envelope)
 
 log = logging.getLogger("eplb.sidecar")
 
-__all__ = ["MAX_PEER_BYTES", "MAX_PEER_PARTS", "PEER_MAXMSGSIZE", "PEER_RCVHWM", "Unauthenticated",
-           "check_envelope", "check_claim", "peer_of", "PeerKey", "PLAIN", "NodeAuthenticator",
+__all__ = ["PEER_RCVHWM", "Unauthenticated", "check_claim", "peer_of", "PeerKey", "PLAIN", "NodeAuthenticator",
            "LinkMonitor", "INSECURE_WARNING", "plain_tcp_refusal"]
 
-#: The caps live with the framing (:mod:`eplb.proto.envelope`); the old name stays.
-check_envelope = check_peer_envelope
 #: Messages the leader queues per follower connection before it stops reading that connection.
 PEER_RCVHWM = 256
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from eplb.coordinator.outputs import Admitted, LocalLeft, Reject, ToLocal
 from eplb.proto import (Bye, Hello, IdentityMismatch, Message, ProtocolError, Rejoin, Welcome,
                         encode)
-from eplb.proto.envelope import rank_of_identity  # noqa: F401  (its old home)
 
 LocalOutput = ToLocal | LocalLeft | Admitted | Reject
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from eplb.coordinator.worker_registry import (Admit, Refuse, Verdict, WorkerRegistry, pid_alive,
-                                              rank_of_identity, relayed_hello_conflict)
+                                              relayed_hello_conflict)
+from eplb.proto.envelope import rank_of_identity
 
 T = 3.0  # worker time-out
 

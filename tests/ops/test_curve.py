@@ -17,7 +17,7 @@ import zmq
 import zmq.auth
 
 from eplb.control_client import ControlError, control_call
-from eplb.coordinator.peer_auth import MAX_PEER_BYTES, MAX_PEER_PARTS, check_envelope
+from eplb.proto.envelope import MAX_PEER_BYTES, MAX_PEER_PARTS, check_peer_envelope
 from eplb.curve import CurveKeyError, load_keys
 from eplb.demo.cluster import LocalCluster, free_port, http_get, wait_until
 from eplb.paths import workers_endpoint
@@ -374,9 +374,9 @@ class Sized:
 
 
 def test_peer_message_caps_are_exact() -> None:
-    check_envelope([Sized(1)] * MAX_PEER_PARTS)
+    check_peer_envelope([Sized(1)] * MAX_PEER_PARTS)
     with pytest.raises(MalformedFrame, match="parts"):
-        check_envelope([Sized(1)] * (MAX_PEER_PARTS + 1))
-    check_envelope([Sized(MAX_PEER_BYTES // 2)] * 2)
+        check_peer_envelope([Sized(1)] * (MAX_PEER_PARTS + 1))
+    check_peer_envelope([Sized(MAX_PEER_BYTES // 2)] * 2)
     with pytest.raises(FrameTooLarge, match="bytes"):
-        check_envelope([Sized(MAX_PEER_BYTES // 2)] * 2 + [Sized(1)])
+        check_peer_envelope([Sized(MAX_PEER_BYTES // 2)] * 2 + [Sized(1)])
