@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from eplb.coordinator.aggregate import NodeAggregator
 from eplb.coordinator.follower import FollowerCore, FollowerOutput
 from eplb.coordinator.outputs import Admitted, Reject, ToControl, ToLocal, Up
 from eplb.proto.envelope import PEER_MAXMSGSIZE
@@ -35,8 +36,10 @@ class FollowerSidecar(Sidecar):
 
     def __init__(self, config: SidecarConfig) -> None:
         super().__init__(config)
+        aggregator = None if config.per_worker_relay else NodeAggregator(config.node_rank)
         self.follower = FollowerCore(config.node_rank, config.leader_address, self.incarnation,
-                                     config.node_timeout_s, config.control_timeout_s)
+                                     config.node_timeout_s, config.control_timeout_s,
+                                     aggregator=aggregator)
         self._burst: list[Admitted] = []
 
     @property
@@ -94,10 +97,10 @@ class FollowerSidecar(Sidecar):
 
     async def _role_burst_end(self) -> None:
         burst, self._burst = self._burst, []
-        await self._carry(self.follower.relay(burst))
+        await self._carry(self.follower.relay(burst, time.monotonic()))
 
     async def _role_local_left(self, rank: int, why: str, now: float) -> None:
-        await self._carry(self.follower.worker_left(rank, why))
+        await self._carry(self.follower.worker_left(rank, why, now))
 
     async def _up_loop(self) -> None:
         """Frames from the leader."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from eplb.coordinator.aggregate import expand, node_counts_for_window
 from eplb.coordinator.agreement import AgreementTimeouts, EpochAgreement, Phase
 from eplb.coordinator.decision_log import EpochDecided, EpochEnded, EpochStarted, LogRecord
 from eplb.coordinator.history import EpochRecord, describe, waiting_for
@@ -38,13 +39,19 @@ from eplb.placement.load import overall_balancedness
 from eplb.placement.planner import PlannerSpec, PlanResult
 from eplb.placement.rules import InvalidPlacement, placement_hash, validate_placement
 from eplb.proto import (Abort, Commit, ControlReply, ControlRequest, Counts, Done, Heartbeat, Hello,
-                        InvalidField, Message, NodeHeartbeat, NodeHello, OutcomeQuery, Plan,
-                        PlanAck, Promise, ProtocolError, Refuse, Rejoin, Relay, Unauthenticated,
-                        Welcome, WorkerLeft)
+                        InvalidField, Message, NodeAcks, NodeCounts, NodeDone, NodeHeartbeat,
+                        NodeHello, NodePromises, OutcomeQuery, Plan, PlanAck, Promise,
+                        ProtocolError, Refuse, Rejoin, Relay, Unauthenticated, Welcome,
+                        WorkerLeft)
 from eplb.proto.envelope import open_relayed
 from eplb.proto.reasons import AbortCode, EpochOutcome
 
 log = logging.getLogger("eplb.leader")
+
+#: What a follower sidecar may send: its own messages, its workers' frames relayed, and the
+#: per-node messages that answer for its workers (:mod:`eplb.coordinator.aggregate`).
+NODE_ANSWERS = (NodeAcks, NodePromises, NodeDone)
+PEER_MESSAGES = (NodeHello, NodeHeartbeat, Relay, WorkerLeft, NodeCounts, *NODE_ANSWERS)
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,7 @@ class LeaderCore:
     def _declare_unsafe(self, reason: str) -> None:
         if not self.unsafe_reason:
             self.unsafe_reason = reason
-            self.counters["unsafe"] = self.counters.get("unsafe", 0) + 1
+            self._count("unsafe")
             log.critical("the instance is unsafe to serve: %s. Stop the engine and restart it "
                          "from a known placement.", reason)
 
@@ -262,11 +269,14 @@ class LeaderCore:
         of them is refused).
         A new incarnation of a node releases the ranks of the one it replaces
         (:meth:`NodeMembership.identify` says when, and why a RELAY counts as a NODE_HELLO).
+        A per-node answer (NODE_ACKS, NODE_PROMISES, NODE_DONE) is taken as the per-rank
+        messages it stands for (:func:`~eplb.coordinator.aggregate.expand`), each checked like a
+        relayed frame of its rank; NODE_COUNTS is one window entry (:meth:`_on_node_counts`).
 
         Raises:
             ProtocolError: the message is refused as a whole and changes nothing.
         """
-        if not isinstance(header, (NodeHello, NodeHeartbeat, Relay, WorkerLeft)):
+        if not isinstance(header, PEER_MESSAGES):
             raise InvalidField(f"unexpected {header.TYPE} from a follower")
         members = self.members
         node = members.check_node(header, now)
@@ -286,6 +296,35 @@ class LeaderCore:
                     out.append(Reject(f"node {node}, rank {rank}", exc))
                     continue
                 out += self.on_worker(node, msg, now, local_ranks)
+        elif isinstance(header, NodeCounts):
+            out += self._on_node_counts(node, header, now)
+        elif isinstance(header, NODE_ANSWERS):
+            for msg in expand(header):
+                out += self.on_worker(node, msg, now, local_ranks)
+        return out
+
+    def _on_node_counts(self, node: int, msg: NodeCounts, now: float) -> list[Output]:
+        """A node's summed counts: every rank's progress, and one window entry. The sum cannot
+        be split, so it is dropped whole when it names a rank that did not join through
+        ``node`` (the leader restarted since, or the rank moved): that rank is asked to join
+        again, the others' progress still counts."""
+        entry, progress = node_counts_for_window(msg)
+        strangers = [r for r in msg.ranks
+                     if self.members.node_of(r) != node or r not in self.workers]
+        out: list[Output] = []
+        for rank in strangers:
+            out += self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+        for rank, step in progress.items():
+            info = self.workers.get(rank)
+            if info is not None and rank not in strangers:
+                info.last_seen = now
+                self._progress(info, step, now)
+        if strangers:
+            self._count("rejected_counts")
+            log.info("node %d: counts over steps [%d, %d) name rank(s) %s that did not join "
+                     "through it; dropped", node, msg.from_step, msg.to_step, strangers)
+        elif self.shape is not None:
+            self._add_to_window(entry, f"node {node}")
         return out
 
     def _node_lost(self, node: int, why: str, ranks: list[int], now: float) -> list[Output]:
@@ -412,15 +451,20 @@ class LeaderCore:
         self._window_newest = 0
 
     def _on_counts(self, msg: Counts, info: WorkerInfo, now: float) -> None:
-        """Add one COUNTS frame to the window in O(frame): a running sum, oldest frames
-        subtracted as they fall out."""
+        """One rank's COUNTS frame: its progress, and one window entry."""
+        if self._add_to_window(msg, f"rank {msg.rank}"):
+            self._progress(info, msg.to_step, now)
+
+    def _add_to_window(self, msg: Counts, source: str) -> bool:
+        """Add one counts entry (``counts: [L, E]`` over ``[from_step, to_step)``, of one rank
+        or summed over a node's) to the window in O(entry): a running sum, oldest entries
+        subtracted as they fall out. Returns False (and drops it) when its shape is wrong."""
         assert self.shape is not None
         if list(msg.counts.shape) != [self.shape[0], self.shape[1]]:
-            log.warning("rank %d sent counts of shape %s, expected [%d, %d]; dropped", msg.rank,
+            log.warning("%s sent counts of shape %s, expected [%d, %d]; dropped", source,
                         list(msg.counts.shape), self.shape[0], self.shape[1])
-            self.counters["rejected_counts"] = self.counters.get("rejected_counts", 0) + 1
-            return
-        self._progress(info, msg.to_step, now)
+            self._count("rejected_counts")
+            return False
         counts = msg.counts.to(torch.int64)
         if self._window_sum is None:
             self._window_sum = torch.zeros_like(counts)
@@ -431,6 +475,10 @@ class LeaderCore:
                 self._window[0].to_step <= self._window_newest - self.config.window_steps:
             self._window_sum -= self._window.popleft().counts.to(torch.int64)
         self._observe_after_switch(msg)
+        return True
+
+    def _count(self, counter: str) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + 1
 
     def steps_per_second(self) -> float:
         """Decode rate measured from the lowest rank's progress reports, over samples at least

@@ -72,6 +72,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("insecure-plain-tcp", bool, "run the TCP link between sidecars without CURVE "
            "(unencrypted, unauthenticated: anyone reaching the port can pose as any node); for "
            "a trusted network only, logged as a warning at start", CLUSTER, default=False),
+    Option("per-worker-relay", bool, "follower: relay every worker frame to the leader as it "
+           "came, instead of one frame per node (counts summed over the node's workers, their "
+           "PLAN_ACK, PROMISE and DONE answered together); costs the leader CPU per rank "
+           "instead of per node: for comparison and debugging", CLUSTER, default=False),
     Option("group-access", bool, "make the run directory 0770 instead of 0700 (workers in the "
            "same group)", CLUSTER, default=False),
     Option("interval", int, "decode steps between rebalance attempts", POLICY, default=1000,
@@ -165,7 +169,8 @@ def sidecar_config(settings: Mapping[str, Setting]) -> SidecarConfig:
         planner_threads=v["planner-threads"],
         group_access=v["group-access"], http=parse_http(v["http"]),
         expected_workers=v["expected-workers"], grace_s=v["grace-period"],
-        curve_keys=v.get("curve-keys"), insecure_plain_tcp=v["insecure-plain-tcp"])
+        curve_keys=v.get("curve-keys"), insecure_plain_tcp=v["insecure-plain-tcp"],
+        per_worker_relay=v["per-worker-relay"])
 
 
 def markdown_table() -> str:

@@ -86,6 +86,7 @@ class SidecarConfig:
     insecure_plain_tcp: bool = False  # the operator's opt-out of CURVE with several nodes
     refresh_s: float = 0.25  # metrics and readiness update period
     balancedness_every_s: float = 2.0  # window balancedness is recomputed this often
+    per_worker_relay: bool = False  # follower: relay every worker frame instead of per node
 
     @property
     def is_leader(self) -> bool:

@@ -88,11 +88,11 @@ def test_frames_from_the_leader_are_decoded_before_they_reach_a_worker() -> None
 def test_a_burst_of_admitted_frames_is_relayed_as_one_envelope() -> None:
     f = follower()
     beats = [Heartbeat(rank=r, step=5) for r in (2, 3)]
-    (up,) = f.relay([Admitted(b.rank, b, encode(b)) for b in beats])
+    (up,) = f.relay([Admitted(b.rank, b, encode(b)) for b in beats], 10.0)
     header, frames = open_peer(up.parts)
     assert header == Relay(node=1, ranks=(2, 3)) and [decode(x) for _, x in frames] == beats
-    assert f.relay([]) == []
-    assert up_messages(f.worker_left(2, "bye")) == [WorkerLeft(node=1, rank=2, reason="bye")]
+    assert f.relay([], 10.0) == []
+    assert up_messages(f.worker_left(2, "bye", 10.0)) == [WorkerLeft(node=1, rank=2, reason="bye")]
 
 
 def test_admission_binds_refuses_and_asks_for_hello() -> None:
