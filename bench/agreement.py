@@ -4,7 +4,11 @@ Starts N real ``eplb-sidecar`` processes (node 0 leads) and, per node, one proce
 :class:`WorkerHook` instances, each with its own decode thread (``--step-ms`` per step, no-op
 copies). Then forces ``--epochs`` rebalances one after another and reads, from the leader's
 history, the time from PREPARE sent to COMMIT sent (every PROMISE in) and from PLAN to the last
-DONE. Prints one table row per configuration.
+DONE. Each configuration runs on both paths, one after the other in the same run: ``node``
+(the default: each follower answers for its node, counts summed) and ``worker`` (followers
+started with ``--per-worker-relay``: every worker frame relayed to the leader as it came). Also
+reports the leader sidecar's CPU time per second over the epochs. Prints one table row per
+configuration and path.
 
     .venv/bin/python bench/agreement.py --configs 2x2 4x4 16x8 --epochs 30
 """
@@ -16,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 L, E, P = 4, 64, 128
@@ -59,14 +64,21 @@ def node_worker(args: argparse.Namespace) -> None:
         h.close()
 
 
-def run_config(nodes: int, workers: int, epochs: int, step_ms: float, per_process: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_config(nodes: int, workers: int, epochs: int, step_ms: float, per_process: int,
+               path: str) -> dict:
     from eplb.control_client import ControlError, control_call
     from eplb.demo.cluster import LocalCluster
 
     world = nodes * workers
-    cluster = LocalCluster(nodes, ["--interval", "100000000", "--window", "50", "--min-gain", "0",
-                                   "--planner", "thread", "--log-level", "WARNING",
-                                   "--worker-timeout", "10", "--node-timeout", "10"])
+    flags = ["--interval", "100000000", "--window", "50", "--min-gain", "0", "--planner",
+             "thread", "--log-level", "WARNING", "--worker-timeout", "10", "--node-timeout", "10"]
+    cluster = LocalCluster(nodes, flags + (["--per-worker-relay"] if path == "worker" else []))
     try:
         cluster.start()
         cluster.wait_ready(120)
@@ -81,6 +93,8 @@ def run_config(nodes: int, workers: int, epochs: int, step_ms: float, per_proces
         cluster.wait_for(lambda s: len(s["workers"]) == world and s["min_step"] > 100, 300,
                          f"{world} workers joined and stepping")
         ended = 0
+        leader_pid = cluster.sidecars[0].pid
+        cpu0, t0 = cpu_seconds(leader_pid), time.monotonic()
         for _ in range(epochs):
             try:
                 control_call("rebalance", {"force": True}, cluster.run_dir(0))
@@ -94,12 +108,13 @@ def run_config(nodes: int, workers: int, epochs: int, step_ms: float, per_proces
 
             status = cluster.wait_for(finished, 60, "epoch finished")
             ended = len(status["history"])
+        leader_cpu = (cpu_seconds(leader_pid) - cpu0) / (time.monotonic() - t0)
         history = cluster.status()["history"]
     finally:
         cluster.stop()
     committed = [r for r in history if r["outcome"] == "committed"]
     return {"nodes": nodes, "workers": workers, "history": history, "committed": committed,
-            "step_ms": step_ms}
+            "step_ms": step_ms, "path": path, "leader_cpu": leader_cpu}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -112,6 +127,9 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["2x2", "4x4", "8x8", "16x8"],
                    help="NODESxWORKERS per node")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--paths", nargs="+", default=["node", "worker"], choices=("node", "worker"),
+                   help="node: followers answer for their node (the default path); worker: "
+                        "followers run with --per-worker-relay")
     p.add_argument("--step-ms", type=float, default=20.0, help="decode step time of each worker")
     p.add_argument("--hooks-per-process", type=int, default=0,
                    help="workers per process (0: all of a node's workers in one process; 1: one "
@@ -128,25 +146,27 @@ def main() -> None:
     rows = []
     for config in args.configs:
         nodes, workers = map(int, config.split("x"))
-        print(f"running {nodes} sidecars x {workers} workers ...", file=sys.stderr, flush=True)
-        rows.append(run_config(nodes, workers, args.epochs, args.step_ms,
-                               args.hooks_per_process or workers))
+        for path in args.paths:
+            print(f"running {nodes} sidecars x {workers} workers, {path} path ...",
+                  file=sys.stderr, flush=True)
+            rows.append(run_config(nodes, workers, args.epochs, args.step_ms,
+                                   args.hooks_per_process or workers, path))
     per = ("all of a node's workers in one process" if not args.hooks_per_process
            else f"{args.hooks_per_process} worker(s) per process")
     print(f"\nagreement latency on loopback, {os.cpu_count()} CPU cores, step {args.step_ms:g} ms, "
           f"{per}, L={L} E={E} P={P}; PREPARE->COMMIT = leader sends PREPARE until every PROMISE "
-          "is in")
-    print("| sidecars x workers | epochs committed/skipped/aborted | PREPARE->COMMIT p50 ms | p99 ms "
-          "| max ms | worst hold at S ms |")
-    print("|---|---|---|---|---|---|")
+          "is in; leader CPU = the leader sidecar's CPU seconds per second over the epochs")
+    print("| sidecars x workers | path | epochs committed/skipped/aborted | PREPARE->COMMIT p50 ms "
+          "| p99 ms | max ms | worst hold at S ms | leader CPU % |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         agree = [c["agreement_ms"] for c in r["committed"] if c["agreement_ms"] is not None]
         holds = [c["max_hold_ms"] for c in r["committed"]]
         outcomes = [h["outcome"] for h in r["history"]]
-        print(f"| {r['nodes']} x {r['workers']} | {outcomes.count('committed')}/"
+        print(f"| {r['nodes']} x {r['workers']} | {r['path']} | {outcomes.count('committed')}/"
               f"{outcomes.count('skipped')}/{outcomes.count('aborted')} | {pct(agree, 0.5):.2f} | "
               f"{pct(agree, 0.99):.2f} | {max(agree, default=float('nan')):.2f} | "
-              f"{max(holds, default=0.0):.2f} |")
+              f"{max(holds, default=0.0):.2f} | {100 * r['leader_cpu']:.0f} |")
 
 
 if __name__ == "__main__":

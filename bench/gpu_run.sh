@@ -8,7 +8,8 @@
 #   sglang     tests/engines/sglang_gpu_check.py: SGLang's own metadata, dispatch and recorder on the GPU;
 #              a captured CUDA graph routes and counts by the maps the adapter switched in place
 #              (needs the SGLang wheels below in .whl)
-#   agreement  bench/agreement.py, 2x2 .. 16x8 sidecars x workers, then 16x8 with a process per worker (~14 min)
+#   agreement  bench/agreement.py, 4x4 and 16x8 sidecars x workers, node and per-worker path (~6 min)
+#   agreement-procs  the same at 16x8 with a process per worker, as engines run (~6 min)
 #   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling (ring, and all-pairs on > 2 GPUs), every visible GPU
 #   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
 #   decode-stable  the same with the stable policy (the sidecar's default)
@@ -40,9 +41,10 @@ for step in "$@"; do
         sglang)
             timeout 300 python3 tests/engines/sglang_gpu_check.py 2>&1 | tee "$OUT/sglang_gpu_check.txt" ;;
         agreement)
-            timeout 420 python3 bench/agreement.py --configs 2x2 4x4 8x8 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt"
+            timeout 540 python3 bench/agreement.py --configs 4x4 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt" ;;
+        agreement-procs)
             # One process per worker, as engines run (one rank per process): 128 + 16 processes.
-            timeout 420 python3 bench/agreement.py --configs 16x8 --epochs 50 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt" ;;
+            timeout 540 python3 bench/agreement.py --configs 16x8 --epochs 30 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt" ;;
         copy)
             timeout 300 python3 bench/copy_gpu.py --repeats 5 2>&1 | grep -v -i warn | tee "$OUT/copy_gpu.txt" ;;
         decode)
@@ -50,6 +52,6 @@ for step in "$@"; do
             timeout 400 python3 bench/decode_gpu.py --out "$OUT/decode_gpu.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu.txt" ;;
         decode-stable)
             timeout 400 python3 bench/decode_gpu.py --policy stable --out "$OUT/decode_gpu_stable.md" 2>&1 | grep -v -i warn | tee "$OUT/decode_gpu_stable.txt" ;;
-        *) echo "unknown step $step (hook, graph, sglang, agreement, copy, decode, decode-stable)" >&2; exit 2 ;;
+        *) echo "unknown step $step (hook, graph, sglang, agreement, agreement-procs, copy, decode, decode-stable)" >&2; exit 2 ;;
     esac
 done

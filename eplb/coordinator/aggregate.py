@@ -6,9 +6,12 @@ that joined, ranks leaving, and clock ticks. It returns what to send up:
 
 * :class:`SendUp` a per-node message (:class:`~eplb.proto.NodeCounts`,
   :class:`~eplb.proto.NodeAcks`, :class:`~eplb.proto.NodePromises`, :class:`~eplb.proto.NodeDone`);
-* :class:`PassThrough` the worker's own frame, relayed as it came (HELLO, HEARTBEAT, BYE,
-  OUTCOME_QUERY, and anything the aggregator does not hold: a frame of a rank that has not joined,
-  an answer for an epoch that has ended, a late or duplicate counts frame).
+* :class:`PassThrough` the worker's own frame, relayed as it came (HELLO, BYE, OUTCOME_QUERY,
+  and anything the aggregator does not hold: a frame of a rank that has not joined, an answer for
+  an epoch that has ended, a late or duplicate counts frame).
+
+A joined rank's HEARTBEAT stops here: its step is kept, and goes up with the node's own heartbeat
+(:meth:`NodeAggregator.progress`).
 
 What it holds, and for how long (every hold is bounded in time, invariant I2):
 
@@ -183,11 +186,11 @@ class NodeAggregator:
     def on_worker(self, msg: Message, now: float) -> list[Up]:
         """One decoded message of a local worker (its identity already checked)."""
         rank = getattr(msg, "rank", None)
-        if isinstance(msg, Heartbeat):
-            self._heard(msg.rank, msg.step)
-            return [PassThrough(msg)]
         if rank not in self.joined:
             return [PassThrough(msg)]  # the leader decides about ranks it may not know
+        if isinstance(msg, Heartbeat):  # its step goes up in the node's heartbeat (progress())
+            self._heard(msg.rank, msg.step)
+            return []
         if isinstance(msg, Counts):
             return self._on_counts(msg, now)
         if isinstance(msg, PlanAck):
@@ -236,6 +239,12 @@ class NodeAggregator:
             return cfg.counts_wait_max_s
         return min(cfg.counts_wait_max_s,
                    max(cfg.counts_wait_min_s, cfg.counts_wait_factor * self._round_gap_s))
+
+    def progress(self) -> tuple[tuple[int, int], ...]:
+        """``(rank, step)`` for every joined rank: the latest decode step heard from it (by
+        HEARTBEAT, COUNTS or PLAN_ACK), for the node's heartbeat to the leader."""
+        return tuple((rank, self._latest[rank]) for rank in sorted(self.joined)
+                     if rank in self._latest)
 
     @property
     def held(self) -> int:

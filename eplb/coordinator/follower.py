@@ -112,7 +112,11 @@ class FollowerCore:
                 if isinstance(up, PassThrough) else Up([encode(up.msg)]) for up in ups]
 
     def heartbeat(self, ranks: list[int]) -> list[FollowerOutput]:
-        return [Up([encode(NodeHeartbeat(node=self.node, ranks=tuple(sorted(ranks))))])]
+        """The node's heartbeat: ``ranks`` bound here and, when aggregating, the latest step of
+        each welcomed rank (whose own heartbeats stopped here)."""
+        progress = self.aggregator.progress() if self.aggregator is not None else ()
+        return [Up([encode(NodeHeartbeat(node=self.node, ranks=tuple(sorted(ranks)),
+                                         progress=progress))])]
 
     def _hello(self) -> Up:
         self.hellos_sent += 1

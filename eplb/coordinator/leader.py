@@ -285,6 +285,7 @@ class LeaderCore:
             out += self._node_lost(node, "its sidecar restarted", members.release(node), now)
         if isinstance(header, NodeHeartbeat):
             members.nodes[node].ranks = frozenset(header.ranks)
+            out += self._on_node_progress(node, header.progress, now)
         elif isinstance(header, WorkerLeft):
             if members.node_of(header.rank) == node:
                 out += self.on_worker_left(header.rank, f"{header.reason} (node {node})", now)
@@ -301,6 +302,20 @@ class LeaderCore:
         elif isinstance(header, NODE_ANSWERS):
             for msg in expand(header):
                 out += self.on_worker(node, msg, now, local_ranks)
+        return out
+
+    def _on_node_progress(self, node: int, progress: tuple[tuple[int, int], ...],
+                          now: float) -> list[Output]:
+        """A node's heartbeat reports the steps of the ranks it answers for; one the leader
+        does not know through ``node`` (it restarted since) is asked to join again."""
+        out: list[Output] = []
+        for rank, step in progress:
+            info = self.workers.get(rank)
+            if info is None or self.members.node_of(rank) != node:
+                out += self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+                continue
+            info.last_seen = now
+            self._progress(info, step, now)
         return out
 
     def _on_node_counts(self, node: int, msg: NodeCounts, now: float) -> list[Output]:

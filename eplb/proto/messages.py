@@ -488,10 +488,22 @@ class NodeHello(Message):
 
 @dataclass(frozen=True)
 class NodeHeartbeat(Message):
+    """A sidecar is alive; ``ranks``: the local ranks bound to it. A follower that answers for
+    its node also reports ``progress``, rows ``(rank, step)``: the latest decode step it heard
+    from each local rank the leader welcomed (those ranks' own HEARTBEATs stop at the node, so
+    the leader reads one frame per node, not one per rank). Empty from the leader."""
+
     TYPE = "NODE_HEARTBEAT"
     node: int
     ranks: tuple[int, ...]
-    _CHECKS = {"node": _rank, "ranks": _int_list}
+    progress: tuple[tuple[int, int], ...] = ()
+    _CHECKS = {"node": _rank, "ranks": _int_list,
+               "progress": lambda v, n: tuple(
+                   (_rank(r[0], f"{n}[{i}].rank"), _step(r[1], f"{n}[{i}].step"))
+                   for i, r in enumerate(_rows(v, n, 2)))}
+
+    def _check_consistency(self) -> None:
+        _unique_ranks([r[0] for r in self.progress], "NODE_HEARTBEAT.progress")
 
 
 @dataclass(frozen=True)

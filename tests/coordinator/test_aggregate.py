@@ -200,8 +200,19 @@ def test_messages_that_are_not_aggregated_pass_through_untouched():
     agg = aggregator()
     hello = Hello(rank=4, node=NODE, world_size=8, num_layers=L, num_experts=E, num_physical=P,
                   bytes_per_expert=0, step=0, pid=1, phys2log=default_placement(L, E, P))
-    for msg in (hello, Heartbeat(rank=4, step=3), Bye(rank=5), OutcomeQuery(rank=6, epoch=3)):
-        assert agg.on_worker(msg, 0.0) == [PassThrough(msg)]
+    for msg in (hello, Heartbeat(rank=99, step=3), Bye(rank=5), OutcomeQuery(rank=6, epoch=3)):
+        assert agg.on_worker(msg, 0.0) == [PassThrough(msg)]  # rank 99 has not joined here
+
+
+def test_a_joined_rank_s_heartbeat_stops_here_and_its_step_goes_up_in_the_node_s():
+    agg = aggregator(ranks=(4, 5))
+    assert agg.progress() == ()
+    assert agg.on_worker(Heartbeat(rank=4, step=30), 0.0) == []
+    assert agg.on_worker(Heartbeat(rank=4, step=29), 0.1) == []  # reordered: the latest stays
+    agg.on_worker(counts(5, 0, 64), 0.2)
+    assert agg.progress() == ((4, 30), (5, 64))
+    agg.on_left(4, 0.3)
+    assert agg.progress() == ((5, 64),)
 
 
 def test_answers_of_ranks_that_joined_after_the_plan_pass_through():

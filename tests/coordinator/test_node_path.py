@@ -18,7 +18,7 @@ from eplb.coordinator.membership import NodeMembership
 from eplb.coordinator.outputs import Admitted, Broadcast, ComputePlan, SendTo, ToLocal, Up
 from eplb.placement.planner import PlanResult
 from eplb.placement.rules import default_placement
-from eplb.proto import (Abort, Commit, Counts, Done, Hello, Message, NodeCounts, Plan, PlanAck,
+from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, NodeCounts, Plan, PlanAck,
                         Prepare, Promise, Refuse, Rejoin, Welcome, encode)
 from eplb.proto.envelope import BROADCAST, open_peer, relay
 from eplb.proto.reasons import AbortCode, RefuseCode
@@ -92,9 +92,13 @@ def counts(rank: int, value: int) -> Counts:
                   counts=torch.full((L, E), value, dtype=torch.int64))
 
 
+def new_leader() -> LeaderCore:
+    return LeaderCore(LeaderConfig(min_margin=2, timeouts=AgreementTimeouts(5.0, 5.0, 30.0)),
+                      NodeMembership(num_nodes=2, node_timeout_s=3.0))
+
+
 def wired(aggregate: bool = True, answer_wait_s: float = 1.0) -> Wire:
-    leader = LeaderCore(LeaderConfig(min_margin=2, timeouts=AgreementTimeouts(5.0, 5.0, 30.0)),
-                        NodeMembership(num_nodes=2, node_timeout_s=3.0))
+    leader = new_leader()
     aggregator = (NodeAggregator(1, AggregatorConfig(answer_wait_s=answer_wait_s))
                   if aggregate else None)
     follower = FollowerCore(1, "tcp://leader:5555", "aaaa", pid=7, aggregator=aggregator)
@@ -222,3 +226,24 @@ def _relayed_down(msg: Message):
     parts = relay(0, [msg.rank], [encode(msg)])  # type: ignore[attr-defined]
     header, frames = open_peer(parts)
     return header, parts[0], frames
+
+
+def test_worker_heartbeats_stop_at_the_node_and_its_heartbeat_carries_their_steps() -> None:
+    w = wired()
+    w.send(*(Heartbeat(rank=r, step=50 + r) for r in NODE1))
+    assert w.up_types == []
+    w.up(w.follower.heartbeat(list(NODE1)))
+    assert w.up_types == ["NODE_HEARTBEAT"]
+    assert {r: w.leader.workers[r].step for r in NODE1} == {1: 51, 2: 52, 3: 53}
+
+
+def test_a_restarted_leader_asks_the_ranks_a_node_reports_to_join_again() -> None:
+    w = wired()
+    w.send(*(Heartbeat(rank=r, step=50) for r in NODE1))
+    w.leader = new_leader()  # it knows no rank; the node's heartbeat is its first frame
+    w.up(w.follower.heartbeat(list(NODE1)))
+    assert all(isinstance(w.delivered[r][-1], Rejoin) for r in NODE1)
+    assert w.follower.aggregator.joined == set()  # their frames pass through until welcomed
+    w.send(*(hello(r) for r in NODE1))
+    assert w.follower.aggregator.joined == set(NODE1)
+    assert all(w.leader.members.node_of(r) == 1 for r in NODE1)
