@@ -94,6 +94,8 @@ def _value(name: str, hint: Any, rng: random.Random) -> Any:
     if name == "refused":  # NODE_PROMISES rows (rank, step, reason, code)
         return ((rng.randrange(WORLD), rng.randrange(1000), "already past S",
                  rng.choice(list(RefuseCode))),)
+    if name == "progress":  # NODE_HEARTBEAT rows (rank, step)
+        return ((rng.randrange(WORLD), rng.randrange(1000)),)
     if name == "results":  # NODE_DONE rows (rank, ok, error, bytes, copy s, hold s)
         return ((rng.randrange(WORLD), True, "", rng.randrange(1 << 20), rng.random(),
                  rng.random()),)

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                         "'-' for none)")
     p.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory")
+    p.add_argument("--per-worker-relay", action="store_true",
+                   help="followers relay every worker frame (the old path) instead of answering "
+                        "for their node (the default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("EPLB_MESH_LOG", "INFO"), format="%(asctime)s mesh %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     sidecar_args = ["--interval", "100000000", "--window", "50", "--min-gain", "0",
                     "--planner", "thread", "--log-level", "WARNING",
                     "--worker-timeout", str(args.worker_timeout),
-                    "--node-timeout", str(args.node_timeout)]
+                    "--node-timeout", str(args.node_timeout),
+                    *(["--per-worker-relay"] if args.per_worker_relay else [])]
     mesh = Mesh(args.nodes, args.workers, sidecar_args, args.step_ms,
                 profile={**scenarios[0].profile, "rto_ms": args.rto_ms}, seed=args.seed,
                 flush_every=args.flush_every, relay_nice=args.relay_nice,
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                "aborted or skipped, every rank on the leader's placement"
                + (", a forced epoch committed after the partition" if "d" in args.scenarios else "")
                + ")") if not problems else "checks FAILED:\n" + "\n".join(f"- {x}" for x in problems)
-    header = (f"mesh on {os.cpu_count()} CPU cores, step {args.step_ms:g} ms, counts flushed every "
+    path = "per-worker relay" if args.per_worker_relay else "per-node answers (the default path)"
+    header = (f"mesh on {os.cpu_count()} CPU cores, {path}, step {args.step_ms:g} ms, counts flushed every "
               f"{args.flush_every} steps, relay nice {args.relay_nice}, node-timeout "
               f"{args.node_timeout:g} s, RTO {args.rto_ms:g} ms, {time.monotonic() - started:.0f} s "
               "in all")
