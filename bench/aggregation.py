@@ -8,9 +8,8 @@ the leader, measured in the same run, on the real code:
 * per worker: one COUNTS frame per rank (int64, as the hook sends it); the leader decodes each and
   feeds it to :meth:`LeaderCore.on_message` (window add, progress of the rank);
 * per node: one NODE_COUNTS per node (the 8 ranks' sum, narrowest integer type); the leader
-  decodes it and takes it the way ``LeaderCore._on_counts`` is to take it
-  (:func:`~eplb.coordinator.aggregate.node_counts_for_window`: one window entry, every rank's
-  progress).
+  decodes it and takes it as its ``on_peer`` does (``LeaderCore._on_node_counts``: one window
+  entry, every rank's progress).
 
 The leader is a real :class:`LeaderCore` holding every rank as a worker, its window one flush
 interval long. Printed: frames and bytes per interval, leader CPU per interval (process time,
@@ -31,7 +30,7 @@ import zlib
 import msgpack
 import torch
 
-from eplb.coordinator.aggregate import NodeAggregator, SendUp, node_counts_for_window
+from eplb.coordinator.aggregate import NodeAggregator, SendUp
 from eplb.coordinator.leader import LeaderConfig, LeaderCore, WorkerInfo
 from eplb.placement.rules import default_placement
 from eplb.proto import Counts, NodeCounts, decode, encode
@@ -64,13 +63,14 @@ def zigzag(values: list[int]) -> list[int]:
     return [2 * v if v >= 0 else -2 * v - 1 for v in values]
 
 
-def leader_with(workers: int) -> LeaderCore:
+def leader_with(workers: int, per_node: int) -> LeaderCore:
     """A LeaderCore with ``workers`` ranks joined (set directly: HELLO's validation is not what
     is measured), its window one flush interval long."""
     core = LeaderCore(LeaderConfig(window_steps=1, interval_steps=1 << 40))
     core.shape, core.world_size = (L, E, P), workers
     core.placement = default_placement(L, E, P)
-    core.workers = {r: WorkerInfo(r, r // 8, 0, 0.0) for r in range(workers)}
+    core.workers = {r: WorkerInfo(r, r // per_node, 0, 0.0) for r in range(workers)}
+    core.members.rank_node = {r: r // per_node for r in range(workers)}
     return core
 
 
@@ -80,7 +80,7 @@ def measure(nodes: int, per_node: int, intervals: int, flush_steps: int,
     workers = nodes * per_node
     out: dict[str, float] = {}
     for way, pool, count in (("worker", worker_frames, workers), ("node", node_frames, nodes)):
-        core = leader_with(workers)
+        core = leader_with(workers, per_node)
         times = []
         for k in range(intervals + 1):
             frames = pool[k]
@@ -92,10 +92,7 @@ def measure(nodes: int, per_node: int, intervals: int, flush_steps: int,
             else:
                 for i in range(count):
                     msg = decode(frames[i % len(frames)])
-                    entry, progress = node_counts_for_window(msg)
-                    for rank, step in progress.items():
-                        core._progress(core.workers[rank], step, now)
-                    core._on_counts(entry, core.workers[entry.rank], now)
+                    assert core._on_node_counts(msg.node, msg, now) == []
             if k:  # the first interval warms up
                 times.append(time.process_time() - started)
         assert len(core._window) == count, (way, len(core._window))

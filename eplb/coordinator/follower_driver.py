@@ -138,5 +138,8 @@ class FollowerSidecar(Sidecar):
 
     def _role_status(self, now: float) -> dict[str, Any]:
         seen = self.follower.leader_seen
+        aggregator = self.follower.aggregator
         return {"leader_reachable": self.group_readiness(now)[0],
-                "leader_last_seen_s": round(now - seen, 3) if seen else None}
+                "leader_last_seen_s": round(now - seen, 3) if seen else None,
+                "relay": "per worker" if aggregator is None else "per node",
+                "held_for_the_node": aggregator.held if aggregator is not None else 0}

@@ -66,9 +66,14 @@ def assert_switched_together(cluster: LocalCluster, status: dict, outs: list[dic
         assert out["weight_mismatches"] == 0 and out["weight_checks"] > 0
 
 
-def test_forced_rebalance_commits_and_every_worker_switches_at_S(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relay", ["per node", "per worker"])
+def test_forced_rebalance_commits_and_every_worker_switches_at_S(tmp_path: Path, relay: str) -> None:
     # The deepseek policy, hierarchical here: 4 expert groups over the 2 nodes.
-    with start_cluster(tmp_path, sidecar_flags=["--policy", "deepseek", "--num-groups", "4"]) as cluster:
+    flags = ["--policy", "deepseek", "--num-groups", "4"]
+    flags += ["--per-worker-relay"] if relay == "per worker" else []
+    with start_cluster(tmp_path, sidecar_flags=flags) as cluster:
+        local = control_call("status", {"local": True}, cluster.run_dir(1))
+        assert local["relay"] == relay, local
         control_call("rebalance", {"force": True}, cluster.run_dir(1))  # through the follower
         status = cluster.wait_for(lambda s: s["counters"]["committed"] >= 1, 60, "epoch committed")
         record = committed(status)[0]
