@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--path", choices=["node", "worker", "both"], default="both")
     ap.add_argument("--scenarios", nargs="+", default=["clean", "dead"], choices=SCENARIOS)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--large-epochs", type=int, default=2,
+    ap.add_argument("--large-epochs", type=int, default=3,
                     help="epochs for 500 nodes or more (8,000 real WorkerAgreements check "
                          "each PLAN: ~half a minute of wall time an epoch here)")
     ap.add_argument("--large-layers", type=int, default=8,

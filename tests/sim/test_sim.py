@@ -117,6 +117,6 @@ def test_aggregation_commits_every_epoch_with_fewer_frames_at_the_leader():
     assert node.leader_msgs.get("NODE_COUNTS", 0) > 0 and "NODE_COUNTS" not in worker.leader_msgs
     assert sum(node.leader_msgs.values()) < sum(worker.leader_msgs.values())
     assert node.leader_frames < worker.leader_frames  # what the leader decodes
-    # the relayed worker frames left on the per-node path are the ones it does not hold
-    # (heartbeats): every agreement answer and count went up aggregated
+    # what the per-node path still relays is what its aggregator does not hold (the workers'
+    # heartbeats): fewer RELAYs than the per-worker path's, which carry every frame
     assert node.leader_msgs["RELAY"] < worker.leader_msgs["RELAY"]
