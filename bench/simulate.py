@@ -76,8 +76,9 @@ COLUMNS = [
     ("P->C p50 ms (x RTT p99)", lambda r, d: f"{_f(r.agree_p50_ms)} ({_ratio(r, r.agree_p50_ms)})"),
     ("P->C p99 ms (x RTT p99)", lambda r, d: f"{_f(r.agree_p99_ms)} ({_ratio(r, r.agree_p99_ms)})"),
     ("margin S needed (chosen), steps",
-     lambda r, d: f"{_f(r.needed_max)} ({r.margin_min}-{r.margin_max})"
-     if r.margin_min is not None else "-"),
+     lambda r, d: (f"{_f(r.needed_max)} ({r.margin_min}-{r.margin_max})"
+                   + (f", {r.missed} missed: a rank held {r.max_hold_ms:.0f} ms" if r.missed
+                      else "")) if r.margin_min is not None else "-"),
     ("aborted", lambda r, d: f"{r.aborted} ({r.abort_causes})" if r.aborted else "0"),
     ("live nodes lost", lambda r, d: str(r.false_node_losses)),
     ("dead node noticed s", lambda r, d: "-" if d is None else _f(d.dead_noticed_s)),
@@ -135,7 +136,7 @@ def markdown(rows: list[Row], command: str) -> str:
     lines = [
         "# The agreement at scale, simulated on the real cores: per-node and per-worker paths",
         "",
-        f"`{command}` on the 2-core CPU dev machine (bench/simulate.py, eplb/sim/). Every "
+        f"{command} on the 2-core CPU dev machine (bench/simulate.py, eplb/sim/). Every "
         "message is handled by the real cores on a virtual clock, no sockets: the leader's "
         "`LeaderCore` (its `NodeMembership` decides when a node is lost), one `FollowerCore` "
         "per node (per-node path: with its `NodeAggregator`; per-worker path: without), one "
@@ -191,16 +192,21 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.disable(logging.ERROR)  # the cores log every rank a lost node takes with it
     command = "bench/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    shown = f"`{command}`"  # what made the table
     paths = list(PATHS) if args.path == "both" else [args.path]
     rows: list[Row] = []
     if args.merge:
         seen: set[tuple[str, str, int]] = set()
+        commands = []
         for path in args.merge:  # the first row of each (scenario, path, nodes) counts
-            for d in json.loads(path.read_text()):
+            saved = json.loads(path.read_text())
+            commands.append(saved["command"])
+            for d in saved["rows"]:
                 key = (d["scenario"], d["path"], d["nodes"])
                 if key not in seen:
                     seen.add(key)
                     rows.append(Row(**d))
+        shown = " + ".join(f"`{c}`" for c in commands) + f" (table: `{command}`)"
     else:
         t0 = time.perf_counter()
         for name in args.scenarios:
@@ -219,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
                           f"{row.leader_cpu_ms_per_flush:.0f} ms/flush, wall {row.wall_s:.0f} s",
                           flush=True)
                     if args.json:
-                        args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=1))
+                        args.json.write_text(json.dumps(
+                            {"command": command, "rows": [r.as_dict() for r in rows]}, indent=1))
         print(f"simulation wall time: {time.perf_counter() - t0:.1f} s")
     print(table(rows))
     for line in goals(rows):
         print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(rows, command))
+    args.out.write_text(markdown(rows, shown))
     print(f"wrote {args.out}")
 
 
