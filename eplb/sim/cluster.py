@@ -240,7 +240,8 @@ class SimResult:
     leader_msgs: dict[str, int]  # messages the leader handled after that, by header type
     leader_frames: int  # frames it decoded after that (a RELAY's header and each frame in it)
     follower_cpu_max_s: float  # the busiest follower's CPU after that
-    join_cpu_s: float  # leader CPU on the NODE_HELLOs and HELLOs
+    join_cpu_s: float  # leader CPU on the joins before the clock starts (prejoin), else on
+    #                    its own node's HELLOs only (relayed ones are in leader_cpu["RELAY"])
     queue_waits: list[float]  # the leader's, after the group was complete
     node_lost: list[tuple[int, float]]  # (node, when the leader core lost it)
     dead_at: float | None
@@ -416,7 +417,8 @@ class Simulation:
             for r in range(sc.world_size):
                 self.at(self.rng.uniform(0.0, sc.join_spread_s), self._join, r)
         for r in range(sc.world_size):
-            self.at(self.rng.uniform(0.0, sc.heartbeat_s), self._heartbeat, r)
+            if sc.prejoin:  # otherwise a rank's heartbeats start once it said HELLO (_join)
+                self.at(self.rng.uniform(0.0, sc.heartbeat_s), self._heartbeat, r)
             if not sc.flush_every:  # one COUNTS each: the leader starts no epoch on an empty window
                 self.at(sc.join_spread_s + self.rng.uniform(0.0, sc.join_spread_s),
                         self._send_counts, r, 1)
@@ -645,6 +647,7 @@ class Simulation:
         rk = self.ranks[r]
         if rk.alive:
             self._rank_send(r, rk.port.hello(self.step_of(r, self.now)), self.now)
+            self.at(self.now + self.rng.uniform(0.0, self.sc.heartbeat_s), self._heartbeat, r)
 
     def _heartbeat(self, r: int) -> None:
         rk = self.ranks[r]

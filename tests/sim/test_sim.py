@@ -92,6 +92,18 @@ def test_loss_delays_epochs_but_never_breaks_all_or_none():
     assert slowest >= sim.sc.network.rto_s > fastest_clean  # one retransmission at least
 
 
+def test_ranks_joining_on_the_clock_teach_their_follower_s_aggregator_through_the_welcome():
+    """Without the joins before the clock: NODE_HELLO and the HELLOs go up on the clock, the
+    WELCOMEs come down through the followers, whose aggregators then answer for their ranks."""
+    sim, res = run(scenario(epochs=1, prejoin=False))
+    assert [h.outcome for h in res.history] == ["committed"]
+    assert res.failures == [] and res.node_lost == []
+    assert_all_or_none(sim, res)
+    for follower in sim.followers.values():
+        assert follower.core.aggregator.joined == set(sim.node_ranks[follower.node])
+    assert res.leader_msgs.get("NODE_PROMISES", 0) >= sim.sc.nodes - 1
+
+
 def test_the_all_or_none_check_catches_a_rank_copying_unpromised():
     sim = Simulation(dataclasses.replace(scenario(nodes=2), epochs=0))
     sim.traces[1] = EpochTrace(1, promised=set(range(15)))  # rank 15 never promised
