@@ -34,7 +34,7 @@ from eplb.coordinator.outputs import (Admitted, Broadcast, ComputePlan, Persist,
                                       ToLocal, Up)
 from eplb.placement.planner import PlannerSpec, PlanResult, plan_rebalance
 from eplb.placement.rules import default_placement
-from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, ProtocolError, Refuse,
+from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, ProtocolError,
                         decode, encode)
 from eplb.proto.envelope import BROADCAST, node_identity, open_peer, relay
 from eplb.proto.reasons import AbortCode
@@ -82,11 +82,6 @@ def switch_step_of(msg: Message) -> int:
 def encode_frame(msg: Message) -> bytes:
     """``msg`` as a worker's hook puts it on its socket."""
     return encode(msg)
-
-
-def frame_bytes(msg: Message) -> int:
-    """Size of ``msg`` on the wire (one encoded frame)."""
-    return len(encode(msg))
 
 
 def decode_seconds(msg: Message, repeats: int = 20) -> float:
@@ -498,8 +493,4 @@ class RankPort:
     @property
     def applied_epoch(self) -> int:
         return self.agreement.applied_epoch
-
-
-def is_late_refusal(msg: Message) -> bool:
-    return isinstance(msg, Refuse) and "already at step" in msg.reason
 
