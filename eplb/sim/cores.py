@@ -1,16 +1,20 @@
 """Every call the simulator makes into the real cores, in one module.
 
 The leader side is :class:`~eplb.coordinator.leader.LeaderCore` (with its
-:class:`~eplb.coordinator.agreement.EpochAgreement`), the worker side one
-:class:`~eplb.worker_hook.agreement.WorkerAgreement` per rank. The simulator sees them only
-through :class:`LeaderPort`, :class:`RankPort` and the few functions below, in its own small
-vocabulary (:class:`Kind`, :class:`ToAll`, :class:`ToRank`, :class:`NeedPlan`, :class:`Step`), so
-that when the cores' APIs change this is the one file to port. Ported so far: the worker's
-actions (a copy engine of depth 0) and the abort codes. Not yet: node membership, which moved
-into the leader core while this was written; the simulator's driver still times nodes out itself.
+:class:`~eplb.coordinator.agreement.EpochAgreement` and
+:class:`~eplb.coordinator.membership.NodeMembership`), each follower sidecar one
+:class:`~eplb.coordinator.follower.FollowerCore` (with its
+:class:`~eplb.coordinator.aggregate.NodeAggregator` on the per-node path, none on the per-worker
+path), the worker side one :class:`~eplb.worker_hook.agreement.WorkerAgreement` per rank.
+Between follower and leader only real envelopes cross (``list[bytes]``, built and opened by
+:mod:`eplb.proto.envelope` as the drivers do); the simulator carries them and reads only their
+size. The simulator sees the cores only through :class:`LeaderPort`, :class:`FollowerPort`,
+:class:`RankPort` and the few functions below, in its own small vocabulary (:class:`Kind`,
+:class:`ToAll`, :class:`ToRank`, :class:`ToLeader`, :class:`ToWorkers`, :class:`NeedPlan`,
+:class:`Step`), so that when the cores' APIs change this is the one file to port.
 
-Messages cross this boundary as the cores' own message objects; the simulator never looks
-inside them except through :func:`kind_of`, :func:`epoch_of` and :func:`switch_step_of`.
+Worker messages cross this boundary as the cores' own message objects; the simulator never
+looks inside them except through :func:`kind_of`, :func:`epoch_of` and :func:`switch_step_of`.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from eplb.coordinator.aggregate import NodeAggregator
 from eplb.coordinator.agreement import AgreementTimeouts, Phase
-from eplb.coordinator.leader import (Broadcast, ComputePlan, LeaderConfig, LeaderCore, Persist,
-                                     SendTo)
+from eplb.coordinator.follower import FollowerCore
+from eplb.coordinator.leader import LeaderConfig, LeaderCore
+from eplb.coordinator.membership import NodeMembership
+from eplb.coordinator.sidecar import MAX_BURST
+from eplb.coordinator.outputs import (Admitted, Broadcast, ComputePlan, Persist, Reject, SendTo,
+                                      ToLocal, Up)
 from eplb.placement.planner import PlannerSpec, PlanResult, plan_rebalance
 from eplb.placement.rules import default_placement
-from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, Refuse, decode,
-                        encode)
+from eplb.proto import (Counts, Heartbeat, Hello, Message, NodeHeartbeat, ProtocolError,
+                        decode, encode)
+from eplb.proto.envelope import BROADCAST, node_identity, open_peer, relay
 from eplb.proto.reasons import AbortCode
 from eplb.worker_hook.agreement import (CopyChunk, Hold, LandChunk, Prefetch, WorkerAgreement,
                                         WorkerState)
@@ -48,6 +58,8 @@ class Kind(enum.Enum):
     COMMIT = "COMMIT"
     ABORT = "ABORT"
     NODE_HEARTBEAT = "NODE_HEARTBEAT"
+    WELCOME = "WELCOME"
+    REJOIN = "REJOIN"
     OTHER = "OTHER"
 
 
@@ -67,9 +79,9 @@ def switch_step_of(msg: Message) -> int:
     return int(msg.step)
 
 
-def frame_bytes(msg: Message) -> int:
-    """Size of ``msg`` on the wire (one encoded frame)."""
-    return len(encode(msg))
+def encode_frame(msg: Message) -> bytes:
+    """``msg`` as a worker's hook puts it on its socket."""
+    return encode(msg)
 
 
 def decode_seconds(msg: Message, repeats: int = 20) -> float:
@@ -94,7 +106,8 @@ class AbortCause(enum.Enum):
     REFUSED_OTHER = "refused (other)"
     NO_PLAN_ACK = "timeout: no PLAN_ACK"
     NO_PROMISE = "timeout: no PROMISE"
-    RANK_LEFT = "a rank left (node lost)"
+    NODE_LOST = "a node was lost (the leader heard nothing from it)"
+    WORKER_LEFT = "a rank left"
     OTHER = "other"
 
 
@@ -105,8 +118,10 @@ def abort_cause(code: AbortCode | None, reason: str) -> AbortCause:
         return AbortCause.REFUSED_LATE if "already at step" in reason else AbortCause.REFUSED_OTHER
     if code is AbortCode.TIMEOUT:
         return AbortCause.NO_PLAN_ACK if "no PLAN_ACK" in reason else AbortCause.NO_PROMISE
-    if code in (AbortCode.WORKER_LEFT, AbortCode.NODE_LOST):
-        return AbortCause.RANK_LEFT
+    if code is AbortCode.NODE_LOST:
+        return AbortCause.NODE_LOST
+    if code is AbortCode.WORKER_LEFT:
+        return AbortCause.WORKER_LEFT
     return AbortCause.OTHER
 
 
@@ -114,15 +129,20 @@ def abort_cause(code: AbortCode | None, reason: str) -> AbortCause:
 
 @dataclass(frozen=True)
 class ToAll:
-    """Broadcast ``msg`` to every worker (through every follower)."""
+    """Broadcast ``msg`` to every worker: the leader's own, and every follower it knows
+    (:meth:`LeaderPort.followers`) as one ``[RELAY to BROADCAST, frame]``."""
 
     msg: Message
 
 
 @dataclass(frozen=True)
 class ToRank:
+    """``msg`` to ``rank`` only, through ``node`` (None: the leader knows no node for it, the
+    driver drops it)."""
+
     rank: int
     msg: Message
+    node: int | None
 
 
 @dataclass(frozen=True)
@@ -139,7 +159,15 @@ class Durable:
     """A record the leader writes (fsync) before anything after it is sent."""
 
 
-LeaderOut = ToAll | ToRank | NeedPlan | Durable
+@dataclass(frozen=True)
+class Dropped:
+    """A core refused a frame (invariant I4); the simulator records it as a failure."""
+
+    where: str
+    error: str
+
+
+LeaderOut = ToAll | ToRank | NeedPlan | Durable | Dropped
 
 
 @dataclass(frozen=True)
@@ -167,49 +195,84 @@ class LeaderSettings:
     done_s: float = 120.0
 
 
-def _lift(outputs: list) -> list[LeaderOut]:
+def _lift(outputs: list, members: NodeMembership) -> list[LeaderOut]:
     out: list[LeaderOut] = []
     for o in outputs:
         if isinstance(o, Broadcast):
             out.append(ToAll(o.msg))
         elif isinstance(o, SendTo):
-            out.append(ToRank(o.rank, o.msg))
+            out.append(ToRank(o.rank, o.msg, o.node if o.node is not None
+                              else members.node_of(o.rank)))
         elif isinstance(o, ComputePlan):
             out.append(NeedPlan(o.request_id, o.current))
         elif isinstance(o, Persist):
             out.append(Durable())
+        elif isinstance(o, Reject):
+            out.append(Dropped(o.where, str(o.error)))
         else:  # a new output type: port it here
             raise TypeError(f"unknown leader output {type(o).__name__}")
     return out
 
 
-class LeaderPort:
-    """The leader's core, fed by the simulator's leader queue."""
+#: Most local worker frames a sidecar reads in one burst (a follower relays a burst at once).
+FOLLOWER_BURST: int = MAX_BURST
 
-    def __init__(self, settings: LeaderSettings) -> None:
+#: The incarnation every simulated follower has (none restarts).
+INCARNATION = "sim"
+
+
+def identity_of(node: int) -> bytes:
+    """A follower's socket identity, as the leader's ROUTER sees it."""
+    return node_identity(node, INCARNATION)
+
+
+class LeaderPort:
+    """The leader's core with its :class:`NodeMembership`, fed by the simulator's leader queue
+    as the leader driver feeds it: follower messages as their parts (:meth:`peer`), its own
+    node's worker frames (:meth:`local`), ticks. Membership (which followers are live, when one
+    is lost) is the core's."""
+
+    def __init__(self, settings: LeaderSettings, num_nodes: int, node_timeout_s: float,
+                 local_ranks: tuple[int, ...]) -> None:
         timeouts = AgreementTimeouts(ack_s=settings.ack_s, promise_s=settings.promise_s,
                                      done_s=settings.done_s)
         self.core = LeaderCore(LeaderConfig(
             interval_steps=settings.interval_steps, window_steps=settings.window_steps,
             min_margin=settings.min_margin, max_retries=settings.max_retries,
-            layers_per_chunk=settings.layers_per_chunk, timeouts=timeouts))
+            layers_per_chunk=settings.layers_per_chunk, timeouts=timeouts),
+            NodeMembership(num_nodes=num_nodes, node_timeout_s=node_timeout_s))
+        self.local_ranks = set(local_ranks)
 
-    def hello(self, msg: Message, now: float) -> tuple[str, list[LeaderOut]]:
-        """A worker's HELLO; returns (error, outputs)."""
-        error = self.core.on_hello(msg, now)
-        return error, ([] if error else _lift(self.core.on_joined(msg.rank)))
+    def peer(self, node: int, parts: list[bytes],
+             now: float) -> tuple[str, int, list[LeaderOut]]:
+        """One follower message as the leader's ROUTER reads it (``parts`` without the
+        identity): opened (:func:`open_peer`) and handed to the core. Returns its header's
+        type, the frames the leader decoded for it (the header, and each relayed frame), and
+        the outputs."""
+        try:
+            header, frames = open_peer(parts)
+            outs = self.core.on_peer(identity_of(node), header, frames, now, self.local_ranks)
+        except ProtocolError as exc:
+            return "refused", 1, [Dropped(f"node {node}", str(exc))]
+        return header.TYPE, 1 + len(frames), _lift(outs, self.core.members)
 
-    def message(self, msg: Message, now: float) -> list[LeaderOut]:
-        return _lift(self.core.on_message(msg, now))
+    def local(self, rank: int, frame: bytes, now: float) -> list[LeaderOut]:
+        """A frame of a worker on the leader's own node (its registry admitted it)."""
+        return _lift(self.core.on_worker(0, decode(frame), now, self.local_ranks),
+                     self.core.members)
 
-    def tick(self, now: float) -> list[LeaderOut]:
-        return _lift(self.core.on_tick(now))
+    def tick(self, now: float) -> tuple[list[LeaderOut], list[int]]:
+        """The core's tick; also returns the follower nodes it lost on it."""
+        before = set(self.core.members.nodes)
+        outs = _lift(self.core.on_tick(now), self.core.members)
+        return outs, sorted(before - set(self.core.members.nodes))
 
-    def worker_left(self, rank: int, why: str, now: float) -> list[LeaderOut]:
-        return _lift(self.core.on_worker_left(rank, why, now))
+    def followers(self) -> list[int]:
+        """The follower nodes the leader knows, in its order (a broadcast goes to each)."""
+        return list(self.core.members.nodes)
 
     def plan_result(self, request_id: int, plan: PlanResult, now: float) -> list[LeaderOut]:
-        return _lift(self.core.on_plan_result(request_id, plan, now))
+        return _lift(self.core.on_plan_result(request_id, plan, now), self.core.members)
 
     def request_rebalance(self, force: bool = True) -> bool:
         return self.core.request_rebalance(force, "the simulator")[0]
@@ -233,6 +296,91 @@ class LeaderPort:
 
     def counters(self) -> dict[str, int]:
         return dict(self.core.counters)
+
+
+def down_parts(msg: Message, rank: int | None) -> list[bytes]:
+    """The leader's ``[RELAY, frame]`` to a follower: for ``rank``, or (None) every worker of
+    the node."""
+    return relay(0, [BROADCAST if rank is None else rank], [encode(msg)])
+
+
+def leader_heartbeat(local_ranks: tuple[int, ...]) -> list[bytes]:
+    """The leader's NODE_HEARTBEAT to its followers (one message, sent to each)."""
+    return [encode(NodeHeartbeat(node=0, ranks=local_ranks))]
+
+
+def peer_bytes(parts: list[bytes]) -> int:
+    return sum(len(p) for p in parts)
+
+
+# --- followers ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToLeader:
+    """A follower's message up: ``parts`` as its DEALER sends them."""
+
+    parts: list[bytes]
+
+
+@dataclass(frozen=True)
+class ToWorkers:
+    """``msg`` to local worker ``rank`` (None: every worker of the node)."""
+
+    rank: int | None
+    msg: Message
+
+
+FollowerOut = ToLeader | ToWorkers | Dropped
+
+
+class FollowerPort:
+    """One follower sidecar's :class:`FollowerCore`: with a :class:`NodeAggregator` (the
+    per-node path, the default), or without (``aggregate=False``: the per-worker path)."""
+
+    def __init__(self, node: int, aggregate: bool, node_timeout_s: float) -> None:
+        self.node = node
+        self.core = FollowerCore(node, "tcp://leader:5555", INCARNATION,
+                                 node_timeout_s=node_timeout_s, pid=100_000 + node,
+                                 aggregator=NodeAggregator(node) if aggregate else None)
+
+    def start(self) -> list[FollowerOut]:
+        return self._lift(self.core.start())
+
+    def relay(self, burst: list[tuple[int, Message, bytes]], now: float) -> list[FollowerOut]:
+        """Local worker frames admitted in one burst: ``(rank, message, frame)``."""
+        return self._lift(self.core.relay([Admitted(r, m, f) for r, m, f in burst], now))
+
+    def from_leader(self, parts: list[bytes], now: float) -> list[FollowerOut]:
+        try:
+            header, frames = open_peer(parts)
+            return self._lift(self.core.on_leader(header, parts[0], frames, now))
+        except ProtocolError as exc:
+            return [Dropped(f"the leader, at node {self.node}", str(exc))]
+
+    def tick(self, now: float) -> list[FollowerOut]:
+        return self._lift(self.core.on_tick(now))
+
+    def heartbeat(self, ranks: list[int]) -> list[FollowerOut]:
+        return self._lift(self.core.heartbeat(ranks))
+
+    def next_deadline(self) -> float | None:
+        """When a tick next has something to send up (None: nothing held)."""
+        agg = self.core.aggregator
+        return None if agg is None else agg.next_deadline()
+
+    @staticmethod
+    def _lift(outputs: list) -> list[FollowerOut]:
+        out: list[FollowerOut] = []
+        for o in outputs:
+            if isinstance(o, Up):
+                out.append(ToLeader(o.parts))
+            elif isinstance(o, ToLocal):
+                out.append(ToWorkers(None if o.rank == BROADCAST else o.rank, o.msg))
+            elif isinstance(o, Reject):
+                out.append(Dropped(o.where, str(o.error)))
+            else:  # ToControl: the simulator sends no control requests
+                raise TypeError(f"unexpected follower output {type(o).__name__}")
+        return out
 
 
 # --- planner --------------------------------------------------------------------------------------
@@ -346,10 +494,3 @@ class RankPort:
     def applied_epoch(self) -> int:
         return self.agreement.applied_epoch
 
-
-def is_late_refusal(msg: Message) -> bool:
-    return isinstance(msg, Refuse) and "already at step" in msg.reason
-
-
-def node_heartbeat(node: int, ranks: tuple[int, ...]) -> Message:
-    return NodeHeartbeat(node=node, ranks=ranks)

@@ -21,6 +21,7 @@ class Row:
     """One line of the table. Times in milliseconds of virtual time unless named otherwise."""
 
     scenario: str
+    path: str  # node (per-node aggregation) | worker (every worker frame relayed)
     nodes: int
     ranks: int
     layers: int
@@ -45,6 +46,9 @@ class Row:
     false_node_losses: int
     leader_cpu_ms_per_flush: float  # all charged leader CPU per flush interval (steady state)
     leader_core_ms_per_flush: float  # of which inside LeaderCore
+    leader_frames_per_flush: float  # frames the leader decoded per flush interval
+    follower_cpu_ms_per_flush: float  # the busiest follower's CPU per flush interval
+    leader_cpu_by_kind: str  # the biggest items of it: "KIND ms/flush (messages/flush)", ...
     leader_busy_pct: float
     queue_wait_p99_ms: float | None
     join_cpu_s: float
@@ -52,6 +56,7 @@ class Row:
     i1_violations: int
     hold_timeouts: int
     virtual_s: float
+    capped: bool  # the run reached its virtual-time cap (max_virtual_s) before it ended
     wall_s: float
     plan_wall_s: float
 
@@ -59,8 +64,9 @@ class Row:
         return asdict(self)
 
 
-#: leader CPU items that are not inside the core
-_DRIVER = {"decode", "send", "persist", "NODE_HEARTBEAT"}
+#: leader CPU items that are not inside a core call (a peer message's decoding is: on_peer opens
+#: its relayed frames itself)
+_DRIVER = {"decode", "encode", "send", "persist"}
 
 
 def summarize(name: str, res: SimResult) -> Row:
@@ -87,7 +93,7 @@ def summarize(name: str, res: SimResult) -> Row:
         noticed = next(t for node, t in res.node_lost if node == sc.dead_node) - res.dead_at
     waits = [w * 1e3 for w in res.queue_waits]
     return Row(
-        scenario=name, nodes=sc.nodes, ranks=sc.world_size, layers=sc.num_layers,
+        scenario=name, path="node" if sc.aggregate else "worker", nodes=sc.nodes, ranks=sc.world_size, layers=sc.num_layers,
         rtt_p50_ms=res.rtt[0] * 1e3, rtt_p99_ms=res.rtt[1] * 1e3,
         attempts=len(history), committed=len(committed), aborted=len(aborted),
         abort_causes=", ".join(f"{k} x{v}" for k, v in sorted(causes.items())) or "-",
@@ -102,8 +108,14 @@ def summarize(name: str, res: SimResult) -> Row:
         false_node_losses=sum(1 for node, _ in res.node_lost if node != sc.dead_node),
         leader_cpu_ms_per_flush=total / intervals * 1e3,
         leader_core_ms_per_flush=core / intervals * 1e3,
+        leader_frames_per_flush=res.leader_frames / intervals,
+        leader_cpu_by_kind=", ".join(
+            f"{k} {v / intervals * 1e3:.0f} ms"
+            + (f" ({res.leader_msgs[k] / intervals:.0f})" if res.leader_msgs.get(k) else "")
+            for k, v in sorted(res.leader_cpu.items(), key=lambda kv: -kv[1])[:5]),
+        follower_cpu_ms_per_flush=res.follower_cpu_max_s / intervals * 1e3,
         leader_busy_pct=100.0 * total / res.steady_s if res.steady_s > 0 else 0.0,
         queue_wait_p99_ms=quantile(waits, 0.99), join_cpu_s=res.join_cpu_s,
         retransmissions=res.retransmissions, i1_violations=len(res.violations),
         hold_timeouts=sum(1 for f in res.failures if "HoldTimeout" in f),
-        virtual_s=res.virtual_s, wall_s=res.wall_s, plan_wall_s=res.plan_wall_s)
+        virtual_s=res.virtual_s, capped=res.capped, wall_s=res.wall_s, plan_wall_s=res.plan_wall_s)

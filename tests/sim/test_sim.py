@@ -1,14 +1,16 @@
-"""The simulator drives the real cores at 18 nodes x 8 ranks in seconds of wall time: same seed,
-same result; a clean epoch commits; a dead node aborts the epoch in flight and is noticed within
-the node timeout; loss delays epochs but never breaks invariant I1 (checked from the workers'
-states)."""
+"""The simulator drives the real cores (leader, one follower per node, one worker agreement per
+rank) at 18 nodes x 8 ranks in seconds of wall time: same seed, same result; a clean epoch
+commits on both paths, and per-node aggregation spares the leader frames; a dead node aborts the
+epoch in flight and the leader core loses it within its node time-out; loss delays epochs but
+never breaks invariant I1 (checked from the workers' states)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from eplb.sim.cluster import (Costs, EpochTrace, Scenario, Simulation, SimResult,
-                              nodes_timed_out)
+import pytest
+
+from eplb.sim.cluster import Costs, EpochTrace, Scenario, Simulation, SimResult
 from eplb.sim.cores import AbortCause
 from eplb.sim.network import NetworkModel
 
@@ -50,8 +52,9 @@ def test_same_seed_same_result_different_seed_differs():
     assert a != c
 
 
-def test_epochs_commit_on_a_clean_network():
-    sim, res = run(scenario())
+@pytest.mark.parametrize("aggregate", [True, False], ids=["per-node", "per-worker"])
+def test_epochs_commit_on_a_clean_network(aggregate: bool):
+    sim, res = run(scenario(aggregate=aggregate))
     assert [h.outcome for h in res.history] == ["committed", "committed"]
     assert_all_or_none(sim, res)
     assert res.failures == [] and res.node_lost == []
@@ -62,14 +65,16 @@ def test_epochs_commit_on_a_clean_network():
     assert all(0 < h.agreement_ms < 20 for h in res.history)
 
 
-def test_a_dead_node_aborts_the_epoch_in_flight_and_is_noticed_within_the_node_timeout():
+def test_a_dead_node_aborts_the_epoch_in_flight_and_the_leader_core_loses_it_in_time():
     sc = scenario(epochs=1, dead_node=17, dead_at_epoch=1)
     sim, res = run(sc)
     assert [h.outcome for h in res.history] == ["aborted"]
-    assert res.history[0].cause is AbortCause.RANK_LEFT
+    assert res.history[0].cause is AbortCause.NODE_LOST  # the core's own node time-out
     assert [node for node, _ in res.node_lost] == [17]
+    assert 17 not in sim.leader.followers()
     noticed = res.node_lost[0][1] - res.dead_at
-    # its last heartbeat came at most one heartbeat period before it died
+    # its last frame reached the leader at most one heartbeat period before it died (its PLAN
+    # answers never left it), and the core's tick runs every tick_s
     assert sc.node_timeout_s - sc.heartbeat_s <= noticed <= sc.node_timeout_s + 2 * sc.tick_s
     assert_all_or_none(sim, res)
     assert res.failures == []  # no rank held past its hold timeout: the ABORT reached them
@@ -87,6 +92,18 @@ def test_loss_delays_epochs_but_never_breaks_all_or_none():
     assert slowest >= sim.sc.network.rto_s > fastest_clean  # one retransmission at least
 
 
+def test_ranks_joining_on_the_clock_teach_their_follower_s_aggregator_through_the_welcome():
+    """Without the joins before the clock: NODE_HELLO and the HELLOs go up on the clock, the
+    WELCOMEs come down through the followers, whose aggregators then answer for their ranks."""
+    sim, res = run(scenario(epochs=1, prejoin=False))
+    assert [h.outcome for h in res.history] == ["committed"]
+    assert res.failures == [] and res.node_lost == []
+    assert_all_or_none(sim, res)
+    for follower in sim.followers.values():
+        assert follower.core.aggregator.joined == set(sim.node_ranks[follower.node])
+    assert res.leader_msgs.get("NODE_PROMISES", 0) >= sim.sc.nodes - 1
+
+
 def test_the_all_or_none_check_catches_a_rank_copying_unpromised():
     sim = Simulation(dataclasses.replace(scenario(nodes=2), epochs=0))
     sim.traces[1] = EpochTrace(1, promised=set(range(15)))  # rank 15 never promised
@@ -94,5 +111,24 @@ def test_the_all_or_none_check_catches_a_rank_copying_unpromised():
     assert sim.violations and "never promised" in sim.violations[0]
 
 
-def test_node_timeout_rule():
-    assert nodes_timed_out(10.0, {1: 6.9, 2: 7.1, 3: 9.0}, 3.0) == [1]
+def test_aggregation_commits_every_epoch_with_fewer_frames_at_the_leader():
+    """18 x 8 on a clean network: the per-node path commits every epoch, as the per-worker path
+    does, and the leader handles fewer messages (NODE_COUNTS / NODE_ACKS / NODE_PROMISES /
+    NODE_DONE, one per node, where the per-worker path relays the ranks' own frames)."""
+    epochs = 3
+    node_sim, node = run(scenario(epochs=epochs, aggregate=True))
+    worker_sim, worker = run(scenario(epochs=epochs, aggregate=False))
+    for sim, res in ((node_sim, node), (worker_sim, worker)):
+        assert [h.outcome for h in res.history] == ["committed"] * epochs
+        assert res.failures == [] and res.node_lost == []
+        assert_all_or_none(sim, res)
+    followers = node_sim.sc.nodes - 1
+    for kind in ("NODE_ACKS", "NODE_PROMISES", "NODE_DONE"):
+        assert node.leader_msgs.get(kind, 0) >= followers * epochs  # every node answered
+        assert kind not in worker.leader_msgs
+    assert node.leader_msgs.get("NODE_COUNTS", 0) > 0 and "NODE_COUNTS" not in worker.leader_msgs
+    assert sum(node.leader_msgs.values()) < sum(worker.leader_msgs.values())
+    assert node.leader_frames < worker.leader_frames  # what the leader decodes
+    # what the per-node path still relays is what its aggregator does not hold (the workers'
+    # heartbeats): fewer RELAYs than the per-worker path's, which carry every frame
+    assert node.leader_msgs["RELAY"] < worker.leader_msgs["RELAY"]
