@@ -5,8 +5,10 @@ The machine of ``test_agreement_properties.py`` (one leader :class:`EpochAgreeme
 ticks and workers leaving, in nice and hostile worlds), with the ranks split into nodes: every
 worker message goes to its node's :class:`NodeAggregator` (local ipc: no loss), and what the
 aggregator sends up travels on one FIFO channel per node to the leader, where hypothesis may
-deliver or drop it. The leader is fed :func:`expand` of each node message, so it decides on the
-per-rank facts exactly as before. A worker leaving tells its aggregator at once, and the leader
+deliver or drop it. The leader is fed a node's acks, and its promises when none refused, in one
+call each (:meth:`EpochAgreement.on_acks`, :meth:`~EpochAgreement.on_promises`, as
+:class:`LeaderCore` feeds them), and anything else as :func:`expand` turns it into per-rank
+messages; every expanded fact is checked against what the ranks sent. A worker leaving tells its aggregator at once, and the leader
 through a WORKER_LEFT on the node's channel (which may be lost). Workers also flush counts every
 ``F`` steps; the leader side keeps two real :class:`LeaderCore` windows, one fed each node's sums
 (through :func:`node_counts_for_window`, as ``LeaderCore._on_counts`` will be), one fed the
@@ -201,6 +203,16 @@ class AggregatedNetwork(AgreementNetwork):
                     ("done", m) if isinstance(m, Done) else None)
             if self.check_facts:
                 assert fact is None or fact in self.answers, f"the leader got {m}, which no rank sent"
+        before = self.leader.phase
+        # As LeaderCore takes them: a node's acks, and its promises when none refused, in one
+        # call each; everything else one rank at a time.
+        if isinstance(msg, NodeAcks):
+            self.broadcast(self.leader.on_acks(msg.epoch, msg.steps_by_rank, self.now), before)
+            return
+        if isinstance(msg, NodePromises) and not msg.refused:
+            self.broadcast(self.leader.on_promises(msg.epoch, msg.promised, self.now), before)
+            return
+        for m in per_rank:
             before = self.leader.phase
             self.broadcast(self.leader.on_message(m, self.now), before)
 

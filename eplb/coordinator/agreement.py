@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from eplb.proto import Abort, Commit, Done, Message, Plan, PlanAck, Prepare, Promise, Refuse
@@ -138,6 +139,30 @@ class EpochAgreement:
             elif len(self.done) == len(self.ranks):
                 self.phase = Phase.SUCCEEDED
                 self.ended_at = now
+        return []
+
+    def on_acks(self, epoch: int, steps: Mapping[int, int], now: float) -> list[Message]:
+        """PLAN_ACKs of several ranks at once (a node's NODE_ACKS), ``steps``: rank -> the step
+        it acked at. Decides exactly as one PLAN_ACK per rank fed to :meth:`on_message` would
+        (ranks are distinct), in one call: what a node answers for costs the leader O(node)."""
+        if epoch != self.epoch or self.phase is not Phase.PLANNED:
+            return []
+        for rank, step in steps.items():
+            if rank in self.ranks:
+                self.acked_steps[rank] = step
+        if len(self.acked_steps) == len(self.ranks):
+            return self._prepare(now)
+        return []
+
+    def on_promises(self, epoch: int, ranks: Iterable[int], now: float) -> list[Message]:
+        """PROMISEs of several ranks at once (a node's NODE_PROMISES without refusals): exactly
+        as one PROMISE per rank fed to :meth:`on_message`, in one call. COMMIT only once every
+        rank of the group promised (I1)."""
+        if epoch != self.epoch or self.phase is not Phase.PREPARING:
+            return []
+        self.promised.update(rank for rank in ranks if rank in self.ranks)
+        if len(self.promised) == len(self.ranks):
+            return self._commit(now)
         return []
 
     def on_worker_left(self, rank: int, why: str, now: float,

@@ -300,9 +300,38 @@ class LeaderCore:
         elif isinstance(header, NodeCounts):
             out += self._on_node_counts(node, header, now)
         elif isinstance(header, NODE_ANSWERS):
-            for msg in expand(header):
-                out += self.on_worker(node, msg, now, local_ranks)
+            out += self._on_node_answers(node, header, now, local_ranks)
         return out
+
+    def _on_node_answers(self, node: int, msg: NodeAcks | NodePromises | NodeDone, now: float,
+                         local_ranks: Collection[int]) -> list[Output]:
+        """A node's answers: the same as the per-rank messages they stand for
+        (:func:`~eplb.coordinator.aggregate.expand`), each fed to :meth:`on_worker`. The common
+        case, acks or promises of ranks that all joined through ``node``, is taken in one call
+        to the agreement (:meth:`EpochAgreement.on_acks`, :meth:`~EpochAgreement.on_promises`),
+        which decides exactly as the per-rank messages would: the leader's cost per node, not
+        per rank, is what lets PREPARE -> COMMIT stay short at hundreds of nodes."""
+        batch: tuple[int, ...] = ()
+        if isinstance(msg, NodeAcks):
+            batch = msg.ranks
+        elif isinstance(msg, NodePromises) and not msg.refused:
+            batch = msg.promised
+        workers, node_of = self.workers, self.members.rank_node.get
+        if not batch or any(node_of(r) != node or r not in workers for r in batch):
+            out: list[Output] = []
+            for m in expand(msg):  # refusals, DONEs, or a rank the leader does not know here
+                out += self.on_worker(node, m, now, local_ranks)
+            return out
+        for rank in batch:
+            workers[rank].last_seen = now
+        agreement = self.agreement
+        if isinstance(msg, NodeAcks):
+            for rank, step in zip(msg.ranks, msg.steps):
+                self._progress(workers[rank], step, now)
+            return [] if agreement is None else self._broadcast(
+                agreement.on_acks(msg.epoch, msg.steps_by_rank, now), now)
+        return [] if agreement is None else self._broadcast(
+            agreement.on_promises(msg.epoch, batch, now), now)
 
     def _on_node_progress(self, node: int, progress: tuple[tuple[int, int], ...],
                           now: float) -> list[Output]:

@@ -18,7 +18,7 @@ from eplb.coordinator.membership import NodeMembership
 from eplb.coordinator.outputs import Admitted, Broadcast, ComputePlan, SendTo, ToLocal, Up
 from eplb.placement.planner import PlanResult
 from eplb.placement.rules import default_placement
-from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, NodeCounts, Plan, PlanAck,
+from eplb.proto import (Abort, Commit, Counts, Done, Heartbeat, Hello, Message, NodeCounts, NodePromises, Plan, PlanAck,
                         Prepare, Promise, Refuse, Rejoin, Welcome, encode)
 from eplb.proto.envelope import BROADCAST, open_peer, relay
 from eplb.proto.reasons import AbortCode, RefuseCode
@@ -247,3 +247,21 @@ def test_a_restarted_leader_asks_the_ranks_a_node_reports_to_join_again() -> Non
     w.send(*(hello(r) for r in NODE1))
     assert w.follower.aggregator.joined == set(NODE1)
     assert all(w.leader.members.node_of(r) == 1 for r in NODE1)
+
+
+def test_node_answers_naming_a_rank_not_joined_there_go_rank_by_rank() -> None:
+    w = wired()
+    epoch = planned(w)
+    w.local(PlanAck(rank=0, epoch=epoch, step=11))
+    for rank in NODE1:
+        w.send(PlanAck(rank=rank, epoch=epoch, step=11))
+    w.local(Promise(rank=0, epoch=epoch))
+    # node 1 claims rank 0's promise too (rank 0 joined through node 0): that one is not taken
+    # from it, the rank is asked to join through node 1 again, the others' promises count
+    claim = NodePromises(node=1, epoch=epoch, promised=(0, 1, 2), refused=())
+    out = w.leader.on_peer(IDENTITY, claim, [], w.now, {0})
+    assert [o.msg for o in out if isinstance(o, SendTo)] == [
+        Rejoin(rank=0, reason="the leader does not know rank 0")]
+    assert w.leader.agreement.promised == {0, 1, 2} and w.leader.agreement.phase is Phase.PREPARING
+    w.send(*(Promise(rank=r, epoch=epoch) for r in NODE1))  # the node's own answer
+    assert w.leader.agreement.phase is Phase.COMMITTED
