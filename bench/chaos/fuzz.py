@@ -386,7 +386,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.is_set():
             now_rss = []
-            for node, proc in enumerate(self.cluster.sidecars):
+            for node, proc in self.cluster.sidecars.items():
                 r = rss_kib(proc.pid)
                 if r:
                     self.rss_peak[node] = max(self.rss_peak[node], r[0])
@@ -507,7 +507,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
             stranger_keys = (node_keys.leader_public, *zmq.curve_keypair())
         rejected_before = [local_status(cluster, n)["frames_rejected"] for n in range(NODES)]
         metrics_before = metrics_rejected(cluster, 0)
-        rss_before = [rss_kib(p.pid) for p in cluster.sidecars]
+        rss_before = [rss_kib(p.pid) for p in cluster.sidecars.values()]
         monitor = Monitor(cluster)
         monitor.start()
         sent: Counter[tuple[str, str]] = Counter()
@@ -576,7 +576,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
                 break
             last = now
         # --- checks
-        crashed = [f"sidecar {n} (exit {p.poll()})" for n, p in enumerate(cluster.sidecars)
+        crashed = [f"sidecar {n} (exit {p.poll()})" for n, p in cluster.sidecars.items()
                    if p.poll() is not None]
         crashed += [f"worker {r} (exit {p.poll()})" for r, p in enumerate(cluster.workers)
                     if p.poll() is not None]
@@ -590,7 +590,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict[str, Any]:
         committed, commit_text = (False, "a process crashed") if crashed else commit_forced(cluster)
         monitor.stop_event.set()
         monitor.join(5)
-        rss_after = [rss_kib(p.pid) for p in cluster.sidecars]
+        rss_after = [rss_kib(p.pid) for p in cluster.sidecars.values()]
         steps = monitor.steps
         report.update({
             "sent": {f"{s}|{k}": n for (s, k), n in sorted(sent.items())},

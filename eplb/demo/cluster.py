@@ -82,8 +82,9 @@ class LocalCluster:
     num_nodes: int
     sidecar_args: list[str] = field(default_factory=list)
     base_dir: Path | None = None
-    sidecars: list[subprocess.Popen] = field(default_factory=list)
+    sidecars: dict[int, subprocess.Popen] = field(default_factory=dict)  # node -> its latest
     workers: list[subprocess.Popen] = field(default_factory=list)
+    _started: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.base_dir is None:
@@ -112,10 +113,8 @@ class LocalCluster:
         log = open(self.log_dir / f"sidecar{node}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        if node < len(self.sidecars):
-            self.sidecars[node] = proc
-        else:
-            self.sidecars.append(proc)
+        self.sidecars[node] = proc
+        self._started.append(proc)
         return proc
 
     def start(self) -> None:
@@ -195,7 +194,7 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM everything, then SIGKILL what is still alive after ``timeout_s``."""
-        procs = self.workers + self.sidecars
+        procs = self.workers + self._started  # every sidecar started, restarted ones too
         for proc in procs:
             if proc.poll() is None:
                 try:

@@ -111,7 +111,7 @@ def test_bad_frames_everywhere_are_counted_and_the_daemons_keep_serving(cluster,
     # Still serving: a real epoch commits and both workers switch.
     control_call("rebalance", {"force": True}, cluster.run_dir(0))
     status = cluster.wait_for(lambda s: s["counters"]["committed"] == 1, 30, "epoch committed")
-    assert all(p.poll() is None for p in cluster.sidecars)
+    assert all(p.poll() is None for p in cluster.sidecars.values())
     assert not loop.errors
     assert {e for e, _ in copies} == {status["history"][-1]["epoch"]}
     for s in socks:

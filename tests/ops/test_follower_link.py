@@ -78,7 +78,7 @@ def test_an_unreachable_leader_is_logged_once_and_the_recovery_too(tmp_path: Pat
     shutil.rmtree(base, ignore_errors=True)
     with LocalCluster(2, ["--planner", "thread", "--insecure-plain-tcp", "--log-format", "human"],
                       base_dir=base) as c:
-        c.start_sidecar(1)  # no leader yet: nothing listens on its port
+        follower = c.start_sidecar(1)  # no leader yet: nothing listens on its port
         state = failed_attempts(c.run_dir(1), ATTEMPTS)
         assert state["link"].startswith("down: cannot connect to the leader at "), state
         log = (c.log_dir / "sidecar1.log").read_text()
@@ -89,6 +89,9 @@ def test_an_unreachable_leader_is_logged_once_and_the_recovery_too(tmp_path: Pat
                    (c.log_dir / "sidecar1.log").read_text(), 30, "the recovery logged")
         assert link(c.run_dir(1))["link"] == "up"
         assert (c.log_dir / "sidecar1.log").read_text().count("cannot connect to the leader") == 1
+    # the cluster stops every sidecar it started, in whatever order (a follower started before
+    # the leader once took the leader's slot, and outlived the test)
+    assert follower.poll() is not None and c.sidecars[0].poll() is not None
 
 
 def test_a_wrong_leader_key_is_logged_once(tmp_path: Path) -> None:
