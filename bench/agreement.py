@@ -143,31 +143,34 @@ def main() -> None:
     if args.node_worker:
         node_worker(args)
         return
-    rows = []
+    per = ("all of a node's workers in one process" if not args.hooks_per_process
+           else f"{args.hooks_per_process} worker(s) per process")
+    # The header first and each row as its run ends: a run cut short by a time limit keeps
+    # the rows it finished.
+    print(f"agreement latency on loopback, {os.cpu_count()} CPU cores, step {args.step_ms:g} ms, "
+          f"{per}, L={L} E={E} P={P}; PREPARE->COMMIT = leader sends PREPARE until every PROMISE "
+          "is in; leader CPU = the leader sidecar's CPU seconds per second over the epochs "
+          "(planning included: epochs are forced back to back)", flush=True)
+    print("| sidecars x workers | path | epochs committed/skipped/aborted | PREPARE->COMMIT p50 ms "
+          "| p99 ms | max ms | worst hold at S ms | leader CPU % |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for config in args.configs:
         nodes, workers = map(int, config.split("x"))
         for path in args.paths:
             print(f"running {nodes} sidecars x {workers} workers, {path} path ...",
                   file=sys.stderr, flush=True)
-            rows.append(run_config(nodes, workers, args.epochs, args.step_ms,
-                                   args.hooks_per_process or workers, path))
-    per = ("all of a node's workers in one process" if not args.hooks_per_process
-           else f"{args.hooks_per_process} worker(s) per process")
-    print(f"\nagreement latency on loopback, {os.cpu_count()} CPU cores, step {args.step_ms:g} ms, "
-          f"{per}, L={L} E={E} P={P}; PREPARE->COMMIT = leader sends PREPARE until every PROMISE "
-          "is in; leader CPU = the leader sidecar's CPU seconds per second over the epochs")
-    print("| sidecars x workers | path | epochs committed/skipped/aborted | PREPARE->COMMIT p50 ms "
-          "| p99 ms | max ms | worst hold at S ms | leader CPU % |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        agree = [c["agreement_ms"] for c in r["committed"] if c["agreement_ms"] is not None]
-        holds = [c["max_hold_ms"] for c in r["committed"]]
-        outcomes = [h["outcome"] for h in r["history"]]
-        print(f"| {r['nodes']} x {r['workers']} | {r['path']} | {outcomes.count('committed')}/"
-              f"{outcomes.count('skipped')}/{outcomes.count('aborted')} | {pct(agree, 0.5):.2f} | "
-              f"{pct(agree, 0.99):.2f} | {max(agree, default=float('nan')):.2f} | "
-              f"{max(holds, default=0.0):.2f} | {100 * r['leader_cpu']:.0f} |")
+            print_row(run_config(nodes, workers, args.epochs, args.step_ms,
+                                 args.hooks_per_process or workers, path))
 
+
+def print_row(r: dict) -> None:
+    agree = [c["agreement_ms"] for c in r["committed"] if c["agreement_ms"] is not None]
+    holds = [c["max_hold_ms"] for c in r["committed"]]
+    outcomes = [h["outcome"] for h in r["history"]]
+    print(f"| {r['nodes']} x {r['workers']} | {r['path']} | {outcomes.count('committed')}/"
+          f"{outcomes.count('skipped')}/{outcomes.count('aborted')} | {pct(agree, 0.5):.2f} | "
+          f"{pct(agree, 0.99):.2f} | {max(agree, default=float('nan')):.2f} | "
+          f"{max(holds, default=0.0):.2f} | {100 * r['leader_cpu']:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@
 #              a captured CUDA graph routes and counts by the maps the adapter switched in place
 #              (needs the SGLang wheels below in .whl)
 #   agreement  bench/agreement.py, 4x4 and 16x8 sidecars x workers, node and per-worker path (~6 min)
-#   agreement-procs  the same at 16x8 with a process per worker, as engines run (~6 min)
+#   agreement-procs  the same at 16x8 with a process per worker, as engines run (over 7 min on 16 cores)
 #   copy       bench/copy_gpu.py: the copy engine against the NCCL P2P ceiling (ring, and all-pairs on > 2 GPUs), every visible GPU
 #   decode     bench/decode_gpu.py: the decode loop in four modes, policy deepseek, every visible GPU
 #   decode-stable  the same with the stable policy (the sidecar's default)
@@ -44,7 +44,7 @@ for step in "$@"; do
             timeout 540 python3 bench/agreement.py --configs 4x4 16x8 --epochs 30 2>&1 | tee "$OUT/agreement.txt" ;;
         agreement-procs)
             # One process per worker, as engines run (one rank per process): 128 + 16 processes.
-            timeout 540 python3 bench/agreement.py --configs 16x8 --epochs 30 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt" ;;
+            timeout 540 python3 bench/agreement.py --configs 16x8 --epochs 20 --hooks-per-process 1 2>&1 | tee "$OUT/agreement_proc_per_worker.txt" ;;
         copy)
             timeout 300 python3 bench/copy_gpu.py --repeats 5 2>&1 | grep -v -i warn | tee "$OUT/copy_gpu.txt" ;;
         decode)
