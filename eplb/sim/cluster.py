@@ -723,11 +723,16 @@ class Simulation:
     # --- followers -----------------------------------------------------------------------------
 
     def _follower_charge(self, node: int, fn: Callable[[], Any]) -> tuple[Any, float]:
+        return self._charged(self.follower_cpu, node, fn)
+
+    def _charged(self, bucket: Any, key: Any, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run ``fn``; its cost (the thread time it took, or the fixed per-call cost when CPU
+        is not measured) is added to ``bucket[key]``."""
         c = self.sc.costs
         t0 = time.thread_time()
         out = fn()
         cost = time.thread_time() - t0 if c.measured else c.core_s
-        self.follower_cpu[node] += cost
+        bucket[key] += cost
         return out, cost
 
     def _follower_item(self, node: int, t: float, kind: str, payload: Any) -> float:
@@ -812,12 +817,7 @@ class Simulation:
         return defaultdict(lambda: small, table)
 
     def _charge(self, what: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-        c = self.sc.costs
-        t0 = time.thread_time()
-        out = fn()
-        cost = time.thread_time() - t0 if c.measured else c.core_s
-        self.cpu[what] += cost
-        return out, cost
+        return self._charged(self.cpu, what, fn)
 
     def _leader_item(self, t: float, kind: str, payload: Any) -> float:
         if kind == "control":

@@ -126,6 +126,18 @@ def planned(w: Wire) -> int:
     return plan.epoch
 
 
+def prepared(w: Wire) -> int:
+    """:func:`planned`, every rank acked, and rank 0 promised: the leader waits for node 1's
+    promises. Returns the epoch."""
+    epoch = planned(w)
+    w.local(PlanAck(rank=0, epoch=epoch, step=11))
+    for rank in NODE1:
+        w.send(PlanAck(rank=rank, epoch=epoch, step=11))
+    assert w.leader.agreement.phase is Phase.PREPARING
+    w.local(Promise(rank=0, epoch=epoch))
+    return epoch
+
+
 @pytest.mark.parametrize("aggregate", [True, False], ids=["per-node", "per-worker"])
 def test_an_epoch_commits_only_once_every_rank_promised(aggregate: bool) -> None:
     w = wired(aggregate)
@@ -169,11 +181,7 @@ def test_a_refusal_goes_up_at_once_and_aborts_the_epoch() -> None:
 
 def test_a_rank_that_leaves_is_no_longer_awaited_and_the_epoch_aborts() -> None:
     w = wired()
-    epoch = planned(w)
-    w.local(PlanAck(rank=0, epoch=epoch, step=11))
-    for rank in NODE1:
-        w.send(PlanAck(rank=rank, epoch=epoch, step=11))
-    w.local(Promise(rank=0, epoch=epoch))
+    epoch = prepared(w)
     w.send(Promise(rank=1, epoch=epoch), Promise(rank=2, epoch=epoch))
     assert w.up_types[-1] == "NODE_ACKS"  # the two promises wait for rank 3
     w.up(w.follower.worker_left(3, "BYE", w.now))
@@ -251,11 +259,7 @@ def test_a_restarted_leader_asks_the_ranks_a_node_reports_to_join_again() -> Non
 
 def test_node_answers_naming_a_rank_not_joined_there_go_rank_by_rank() -> None:
     w = wired()
-    epoch = planned(w)
-    w.local(PlanAck(rank=0, epoch=epoch, step=11))
-    for rank in NODE1:
-        w.send(PlanAck(rank=rank, epoch=epoch, step=11))
-    w.local(Promise(rank=0, epoch=epoch))
+    epoch = prepared(w)
     # node 1 claims rank 0's promise too (rank 0 joined through node 0): that one is not taken
     # from it, the rank is asked to join through node 1 again, the others' promises count
     claim = NodePromises(node=1, epoch=epoch, promised=(0, 1, 2), refused=())
