@@ -295,6 +295,9 @@ def check(results: list[Result], status: dict[str, Any] | None,
     if bad:
         problems.append(f"records neither committed, aborted nor skipped: {bad}")
     committed = {r["epoch"] for r in records if r["outcome"] == "committed"}
+    # An epoch whose request timed out here may still have been committed after (its retries
+    # outlasting --epoch-timeout): the leader's own history (its last 50 records) says so.
+    committed |= {r["epoch"] for r in status.get("history", []) if r["outcome"] == "committed"}
     aborted = {r["epoch"] for r in records if r["outcome"] == "aborted"}
     # Epochs the leader committed outside our requests' records (none expected): from its counters.
     for rank in range(world):
