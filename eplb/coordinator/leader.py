@@ -230,7 +230,7 @@ class LeaderCore:
             return self._on_worker_hello(node, msg, now, local_ranks)
         rank = getattr(msg, "rank", -1)
         if self.members.node_of(rank) != node:
-            return self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+            return self._stranger(node, rank, now)
         return self.on_message(msg, now)
 
     def _on_worker_hello(self, node: int, msg: Hello, now: float,
@@ -252,6 +252,16 @@ class LeaderCore:
         members.joined(msg.rank, node)
         return [SendTo(msg.rank, Welcome(rank=msg.rank, ok=True, error=""), node),
                 *self.on_joined(msg.rank)]
+
+    def _joined_through(self, node: int, rank: int) -> WorkerInfo | None:
+        """``rank``'s entry if it joined through ``node`` and has not left since, else None."""
+        info = self.workers.get(rank)
+        return info if info is not None and self.members.node_of(rank) == node else None
+
+    def _stranger(self, node: int, rank: int, now: float) -> list[Output]:
+        """``node`` spoke for ``rank``, which did not join through it (the leader restarted
+        since, or the rank moved): ask the rank to join again."""
+        return self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
 
     def _ask_rejoin(self, node: int, rank: int, why: str, now: float) -> list[Output]:
         """Tell ``rank`` (through ``node``) to say HELLO again, at most once a second."""
@@ -316,12 +326,12 @@ class LeaderCore:
             batch = msg.ranks
         elif isinstance(msg, NodePromises) and not msg.refused:
             batch = msg.promised
-        workers, node_of = self.workers, self.members.rank_node.get
-        if not batch or any(node_of(r) != node or r not in workers for r in batch):
+        if not batch or any(self._joined_through(node, r) is None for r in batch):
             out: list[Output] = []
             for m in expand(msg):  # refusals, DONEs, or a rank the leader does not know here
                 out += self.on_worker(node, m, now, local_ranks)
             return out
+        workers = self.workers
         for rank in batch:
             workers[rank].last_seen = now
         agreement = self.agreement
@@ -339,9 +349,9 @@ class LeaderCore:
         does not know through ``node`` (it restarted since) is asked to join again."""
         out: list[Output] = []
         for rank, step in progress:
-            info = self.workers.get(rank)
-            if info is None or self.members.node_of(rank) != node:
-                out += self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+            info = self._joined_through(node, rank)
+            if info is None:
+                out += self._stranger(node, rank, now)
                 continue
             info.last_seen = now
             self._progress(info, step, now)
@@ -353,14 +363,14 @@ class LeaderCore:
         ``node`` (the leader restarted since, or the rank moved): that rank is asked to join
         again, the others' progress still counts."""
         entry, progress = node_counts_for_window(msg)
-        strangers = [r for r in msg.ranks
-                     if self.members.node_of(r) != node or r not in self.workers]
+        joined = {rank: self._joined_through(node, rank) for rank in msg.ranks}
+        strangers = [rank for rank, info in joined.items() if info is None]
         out: list[Output] = []
         for rank in strangers:
-            out += self._ask_rejoin(node, rank, f"the leader does not know rank {rank}", now)
+            out += self._stranger(node, rank, now)
         for rank, step in progress.items():
-            info = self.workers.get(rank)
-            if info is not None and rank not in strangers:
+            info = joined[rank]
+            if info is not None:
                 info.last_seen = now
                 self._progress(info, step, now)
         if strangers:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -589,8 +590,7 @@ def _node_ranks(value: Any, name: str) -> tuple[int, ...]:
     """A node's ranks: a list of at most :data:`MAX_NODE_RANKS` distinct ranks (length checked
     before any element is read)."""
     ranks = _int_list(value, name, MAX_NODE_RANKS, 0, MAX_RANK)
-    if len(set(ranks)) != len(ranks):
-        raise InvalidField(f"{name} names a rank twice")
+    _unique_ranks(ranks, name)
     return ranks
 
 
@@ -605,7 +605,7 @@ def _rows(value: Any, name: str, width: int) -> list[list[Any]]:
     return value
 
 
-def _unique_ranks(ranks: list[int], what: str) -> None:
+def _unique_ranks(ranks: Sequence[int], what: str) -> None:
     if len(set(ranks)) != len(ranks):
         raise InvalidField(f"{what} names a rank twice")
 
